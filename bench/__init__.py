@@ -1,0 +1,1 @@
+"""facetool.bench."""

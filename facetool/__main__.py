@@ -1,0 +1,5 @@
+"""Allow ``python -m facetool``."""
+
+from facetool.cli import main
+
+main()
