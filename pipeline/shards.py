@@ -1,0 +1,518 @@
+"""RecordIO -> WebDataset tar shards (format v1, see docs/FORMAT.md): shuffled, indexed, parallel, resumable.
+
+The plan is a pure function of (record count, seed, samples per shard): shard ``s`` holds the records at positions
+``perm[s*S:(s+1)*S]`` of a seeded permutation, so shards can be written in any order, by any number of processes
+or cluster jobs (``part``), and a re-run after a kill writes exactly the bytes an uninterrupted run would have.
+Each shard is written under a temporary name and renamed; the tar is renamed last, so a shard under its final name
+is always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import struct
+import sys
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from facetool import __version__
+from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.recordio import RecordFile, RecordIOError, image_extension, read_property
+
+FORMAT_NAME = "facetool-shards"
+FORMAT_VERSION = 1
+LABEL_EXT = "label.i32"
+DEFAULT_SAMPLES_PER_SHARD = 30_000  # ~250 MB of 112x112 JPEGs (about 8 KB a sample with tar headers)
+STATE_DIR = ".facetool-convert"
+_BLOCK = 512
+_RECORD_SIZE = 20 * _BLOCK  # tar's record size: archives end on a multiple of it, as GNU tar and tarfile write
+_TAR_MTIME = 0
+_TAR_MODE = 0o444
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tar members, written without tarfile (it costs ~10 us a member; these headers cost ~1 us)
+# ---------------------------------------------------------------------------------------------------------------
+def _tar_header(name: bytes, size: int) -> bytes:
+    """A ustar header for a regular file, byte-identical to ``tarfile.TarInfo.tobuf(USTAR_FORMAT)`` with our fields."""
+    if len(name) > 100:
+        raise ValueError(f"member name too long for ustar: {name!r}")
+    header = bytearray(_BLOCK)
+    header[0 : len(name)] = name
+    header[100:108] = b"%07o\0" % _TAR_MODE
+    header[108:116] = b"0000000\0"  # uid
+    header[116:124] = b"0000000\0"  # gid
+    header[124:136] = b"%011o\0" % size
+    header[136:148] = b"%011o\0" % _TAR_MTIME
+    header[148:156] = b"        "  # checksum placeholder
+    header[156:157] = b"0"  # regular file
+    header[257:265] = b"ustar\x0000"
+    header[329:337] = b"0000000\0"  # devmajor
+    header[337:345] = b"0000000\0"  # devminor
+    checksum = sum(header)
+    header[148:156] = b"%06o\0 " % checksum
+    return bytes(header)
+
+
+class _ShardWriter:
+    """Streams members into one tar, hashing as it goes and collecting the DALI index (wds2idx v1.2)."""
+
+    def __init__(self, path: Path) -> None:
+        self._f = open(path, "wb")
+        self._hash = hashlib.sha256()
+        self._buf = bytearray()
+        self._pos = 0
+        self.lines: list[str] = []
+
+    def add_sample(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        """Write one sample's members (sorted by extension, adjacent) and its index line."""
+        parts = []
+        for ext, data in members:
+            name = f"{key}.{ext}"
+            header = _tar_header(name.encode(), len(data))
+            offset = self._pos + _BLOCK
+            self._buf += header
+            self._buf += data
+            pad = -len(data) % _BLOCK
+            if pad:
+                self._buf += b"\0" * pad
+            self._pos = offset + len(data) + pad
+            parts.append(f"{ext} {offset} {len(data)} {name}")
+        self.lines.append(" ".join(parts))
+        if len(self._buf) >= 1 << 22:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._hash.update(self._buf)
+        self._f.write(self._buf)
+        self._buf.clear()
+
+    def finish(self) -> tuple[int, str]:
+        """Close the archive (two zero blocks, padded to tar's record size); returns (bytes, sha256)."""
+        end = self._pos + 2 * _BLOCK
+        end += -end % _RECORD_SIZE
+        self._buf += b"\0" * (end - self._pos)
+        self._pos = end
+        self._flush()
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return self._pos, self._hash.hexdigest()
+
+    def abort(self) -> None:
+        self._f.close()
+
+    def index_text(self) -> str:
+        """The DALI index, as ``wds2idx`` writes it."""
+        return f"v1.2 {len(self.lines)}\n" + "".join(line + "\n" for line in self.lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What decides the output bytes (plus ``workers``, which does not)."""
+
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD
+    seed: int = 0
+    shuffle: bool = True
+    on_error: str = "fail"  # or "skip"
+    part: tuple[int, int] = (0, 1)  # (I, N): this job writes the I-th of N contiguous blocks of shards
+    workers: int = 1
+    use_index: bool = True
+
+    def output_arguments(self) -> dict:
+        """The arguments recorded in the manifest: those that change the shards (not workers, not the part)."""
+        return {
+            "samples_per_shard": self.samples_per_shard,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "on_error": self.on_error,
+        }
+
+
+@dataclass
+class Source:
+    """An InsightFace dataset folder (or a ``.rec`` with its ``.idx`` and ``property`` beside it)."""
+
+    rec: Path
+    idx: Path | None
+    property: Path | None
+
+    @classmethod
+    def locate(cls, src: str | os.PathLike, use_index: bool = True) -> Source:
+        """Find ``train.rec``/``train.idx``/``property``; a missing ``.idx`` is an error unless ``use_index`` is off."""
+        src = Path(src)
+        if src.is_dir():
+            rec = src / "train.rec"
+        elif src.suffix == ".rec":
+            rec = src
+        else:
+            raise FacetoolError(f"{src}: not a dataset folder (with train.rec) nor a .rec file")
+        if not rec.is_file():
+            raise FacetoolError(f"{rec}: not found")
+        idx = rec.with_suffix(".idx")
+        if use_index and not idx.is_file():
+            raise FacetoolError(
+                f"{idx}: index file not found (pass --no-index to scan {rec.name} sequentially instead)"
+            )
+        prop = rec.parent / "property"
+        return cls(rec, idx if use_index else None, prop if prop.is_file() else None)
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}"
+
+
+def plan_permutation(num_records: int, seed: int, shuffle: bool) -> np.ndarray:
+    """Positions of the image records in write order: a seeded global permutation (or identity order)."""
+    if not shuffle:
+        return np.arange(num_records, dtype=np.int64)
+    return np.random.default_rng(seed).permutation(num_records).astype(np.int64)
+
+
+def part_shards(num_shards: int, part: tuple[int, int]) -> range:
+    """The contiguous block of shard numbers that job ``I`` of ``N`` writes."""
+    i, n = part
+    return range(num_shards * i // n, num_shards * (i + 1) // n)
+
+
+@dataclass
+class ShardStats:
+    """What the manifest says of one finished shard."""
+
+    name: str
+    index: str
+    samples: int
+    masked: int
+    bytes: int
+    sha256: str
+    skipped: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one shard (runs in a worker process)
+# ---------------------------------------------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(reader: RecordFile | None, source: Source, counter, num_classes: int | None) -> None:
+    """Process-pool initializer: reuse the parent's mapped reader after fork, or open our own after spawn."""
+    _WORKER["reader"] = reader if reader is not None else RecordFile(source.rec, source.idx)
+    _WORKER["num_classes"] = num_classes
+
+    _WORKER["tick"] = lambda n: _increment(counter, n)
+
+
+def _sample_members(record, num_classes: int | None, rec_path: Path) -> list[tuple[str, bytes]]:
+    """The members of one sample: original image bytes, int32 label, and the full label vector when it has one."""
+    ext = image_extension(record.image)
+    if ext is None:
+        raise RecordIOError(f"{rec_path}: record {record.key}: image bytes are neither JPEG nor PNG")
+    cls = record.class_id
+    if cls < 0 or (num_classes is not None and cls >= num_classes) or cls > 2**31 - 1:
+        raise RecordIOError(
+            f"{rec_path}: record {record.key}: label {cls} outside [0, {num_classes}) given by property"
+        )
+    members = [(ext, record.image), (LABEL_EXT, struct.pack("<i", cls))]
+    if record.label.size > 1:
+        meta = json.dumps({"label": [float(v) for v in record.label]}, separators=(",", ":")).encode()
+        members.append(("json", meta))
+    members.sort(key=lambda m: m[0])
+    return members
+
+
+def write_shard(out: Path, shard: int, positions: np.ndarray, on_error: str) -> ShardStats:
+    """Write one shard (tar, DALI index, stats) under temporary names, then publish it, tar last."""
+    reader: RecordFile = _WORKER["reader"]
+    tick = _WORKER["tick"]
+    num_classes = _WORKER["num_classes"]
+    name = shard_name(shard)
+    tar_path, idx_path = out / f"{name}.tar", out / f"{name}.idx"
+    stats_path = out / STATE_DIR / f"{name}.json"
+    tmp_tar, tmp_idx = tar_path.with_name(tar_path.name + ".tmp"), idx_path.with_name(idx_path.name + ".tmp")
+    writer = _ShardWriter(tmp_tar)
+    skipped: list[dict] = []
+    pending = 0
+    try:
+        for pos in positions:
+            try:
+                record = reader[int(pos)]
+                members = _sample_members(record, num_classes, reader.path)
+            except RecordIOError as err:
+                if on_error != "skip":
+                    raise
+                skipped.append({"key": int(reader.keys[int(pos)]), "error": str(err)})
+            else:
+                writer.add_sample(f"{record.key:09d}", members)
+            pending += 1
+            if pending == 512:
+                tick(pending)
+                pending = 0
+        size, digest = writer.finish()
+    except BaseException:
+        writer.abort()
+        tmp_tar.unlink(missing_ok=True)
+        raise
+    tick(pending)
+    stats = ShardStats(f"{name}.tar", f"{name}.idx", len(writer.lines), 0, size, digest, skipped)
+    _atomic_write(tmp_idx, writer.index_text(), final=idx_path)
+    _atomic_write(stats_path.with_name(stats_path.name + ".tmp"), json.dumps(asdict(stats)), final=stats_path)
+    os.replace(tmp_tar, tar_path)
+    return stats
+
+
+def _atomic_write(tmp: Path, text: str, final: Path) -> None:
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------------------------
+def _manifest_name(part: tuple[int, int]) -> str:
+    return "manifest.json" if part == (0, 1) else f"manifest.part-{part[0]:04d}-of-{part[1]:04d}.json"
+
+
+def _check_output_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / STATE_DIR).mkdir(exist_ok=True)
+        probe = out / STATE_DIR / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise FacetoolError(f"{out}: output folder is not writable ({err.strerror})") from None
+
+
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    options: ConvertOptions = ConvertOptions(),
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Convert an InsightFace RecordIO dataset into shards in ``out``; returns the manifest it wrote.
+
+    ``progress(done, total)`` is called as records are processed. Re-running after an interruption skips the
+    shards already complete and gives the same bytes as an uninterrupted run.
+    """
+    if options.samples_per_shard < 1:
+        raise FacetoolError(f"--samples-per-shard must be >= 1, got {options.samples_per_shard}")
+    if options.on_error not in ("fail", "skip"):
+        raise FacetoolError(f"--on-error must be 'fail' or 'skip', got {options.on_error!r}")
+    pi, pn = options.part
+    if not (pn >= 1 and 0 <= pi < pn):
+        raise FacetoolError(f"--part must be I/N with 0 <= I < N, got {pi}/{pn}")
+    source = Source.locate(src, options.use_index)
+    out = Path(out)
+    reader = RecordFile(source.rec, source.idx)
+    try:
+        num_classes = _num_classes(reader, source)
+        total = len(reader)
+        if total == 0:
+            raise FacetoolError(f"{source.rec}: no image records to convert")
+        perm = plan_permutation(total, options.seed, options.shuffle)
+        num_shards = -(-total // options.samples_per_shard)
+        mine = part_shards(num_shards, options.part)
+        manifest_path = out / _manifest_name(options.part)
+        plan = {
+            "source": str(source.rec.resolve()),
+            "source_bytes": reader.size,
+            "records": total,
+            "arguments": options.output_arguments(),
+            "part": list(options.part),
+        }
+        if manifest_path.is_file() and not (out / STATE_DIR / _plan_name(options.part)).is_file():
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("arguments") != plan["arguments"] or manifest["source"]["path"] != plan["source"]:
+                raise FacetoolError(f"{manifest_path}: this folder holds a conversion with other arguments or source")
+            if progress:
+                progress(total, total)
+            return manifest  # already complete: nothing to do
+        _check_output_dir(out)
+        _claim_plan(out, plan)
+
+        S = options.samples_per_shard
+        todo = [s for s in mine if not (out / f"{shard_name(s)}.tar").is_file()]
+        mine_records = sum(len(perm[s * S : (s + 1) * S]) for s in mine)
+        done_records = mine_records - sum(len(perm[s * S : (s + 1) * S]) for s in todo)
+        if progress:
+            progress(done_records, mine_records)
+        _run_shards(out, todo, perm, S, options, reader, source, num_classes, done_records, mine_records, progress)
+
+        shards = [_load_stats(out, s) for s in mine]
+        manifest = _manifest(source, reader, num_classes, options, shards, num_shards)
+        _atomic_write(manifest_path.with_name(manifest_path.name + ".tmp"), _dump(manifest), final=manifest_path)
+        for s in mine:
+            (out / STATE_DIR / f"{shard_name(s)}.json").unlink(missing_ok=True)
+        (out / STATE_DIR / _plan_name(options.part)).unlink(missing_ok=True)
+        try:
+            (out / STATE_DIR).rmdir()
+        except OSError:
+            pass  # other parts still at work
+        return manifest
+    finally:
+        reader.close()
+
+
+def _num_classes(reader: RecordFile, source: Source) -> int | None:
+    """Classes from ``property``, cross-checked against layout A's identity records."""
+    if source.property is None:
+        return reader.num_identities
+    num_classes, _, _ = read_property(source.property)
+    if reader.num_identities is not None and reader.num_identities != num_classes:
+        raise FacetoolError(
+            f"{source.property}: says {num_classes} classes but {source.rec} holds {reader.num_identities} "
+            "identity records"
+        )
+    return num_classes
+
+
+def _plan_name(part: tuple[int, int]) -> str:
+    return f"plan.part-{part[0]:04d}-of-{part[1]:04d}.json"
+
+
+def _claim_plan(out: Path, plan: dict) -> None:
+    """Record what this output folder is being made from; refuse to mix two different conversions in it."""
+    path = out / STATE_DIR / _plan_name(tuple(plan["part"]))
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != plan:
+            diff = sorted(k for k in plan if old.get(k) != plan[k])
+            raise FacetoolError(
+                f"{out}: holds an unfinished conversion that differs in {', '.join(diff)}; "
+                "re-run it with the same arguments or use another output folder"
+            )
+        return
+    _atomic_write(path.with_name(path.name + ".tmp"), json.dumps(plan, indent=1), final=path)
+
+
+def _load_stats(out: Path, shard: int) -> ShardStats:
+    path = out / STATE_DIR / f"{shard_name(shard)}.json"
+    try:
+        return ShardStats(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        raise FacetoolError(
+            f"{out / (shard_name(shard) + '.tar')}: exists but its record {path} is missing; "
+            "delete the shard and re-run"
+        ) from None
+
+
+def _run_shards(out, todo, perm, S, options, reader, source, num_classes, done, total, progress) -> None:
+    """Write the given shards, in this process or a pool of ``options.workers``, reporting progress."""
+    if not todo:
+        return
+    workers = max(1, min(options.workers, len(todo)))
+    fork = "fork" in mp.get_all_start_methods() and sys.platform != "darwin"
+    ctx = mp.get_context("fork" if fork else "spawn")
+    counter = ctx.Value("q", 0)
+    if workers == 1:
+        _init_worker(reader, source, counter, num_classes)
+        if progress:
+            _WORKER["tick"] = lambda n: (_increment(counter, n), progress(done + counter.value, total))
+        for s in todo:
+            write_shard(out, s, perm[s * S : (s + 1) * S], options.on_error)
+        return
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(reader if fork else None, source, counter, num_classes),
+    ) as pool:
+        pending = {pool.submit(write_shard, out, s, perm[s * S : (s + 1) * S], options.on_error) for s in todo}
+        while pending:
+            finished, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+            if progress:
+                progress(done + counter.value, total)
+            for f in finished:
+                if f.exception() is not None:
+                    for p in pending:
+                        p.cancel()
+                    raise f.exception()
+
+
+def _increment(counter, n: int) -> None:
+    with counter.get_lock():
+        counter.value += n
+
+
+def _manifest(source, reader, num_classes, options, shards: list[ShardStats], num_shards: int) -> dict:
+    skipped = [s for st in shards for s in st.skipped]
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "source": {
+            "path": str(source.rec.resolve()),
+            "layout": reader.layout,
+            "records": len(reader),
+            "classes": num_classes,
+        },
+        "arguments": options.output_arguments(),
+        "part": {"index": options.part[0], "count": options.part[1], "total_shards": num_shards},
+        "members": {"image": "jpg|png", "label": LABEL_EXT, "label_dtype": "int32-le", "meta": "json"},
+        "samples": sum(st.samples for st in shards),
+        "masked": sum(st.masked for st in shards),
+        "skipped": len(skipped),
+        "skipped_records": skipped,
+        "shards": [{k: v for k, v in asdict(st).items() if k != "skipped"} for st in shards],
+    }
+
+
+def _dump(obj: dict) -> str:
+    return json.dumps(obj, indent=1, sort_keys=False) + "\n"
+
+
+def merge_parts(out: str | os.PathLike) -> dict:
+    """Merge the ``manifest.part-I-of-N.json`` files of a cluster conversion into one ``manifest.json``."""
+    out = Path(out)
+    parts = sorted(out.glob("manifest.part-*-of-*.json"))
+    if not parts:
+        raise FacetoolError(f"{out}: no manifest.part-*-of-*.json files to merge")
+    manifests = [json.loads(p.read_text()) for p in parts]
+    count = manifests[0]["part"]["count"]
+    indices = sorted(m["part"]["index"] for m in manifests)
+    if indices != list(range(count)):
+        missing = sorted(set(range(count)) - set(indices))
+        raise FacetoolError(f"{out}: parts {missing} of {count} are missing; finish them before merging")
+    for key in ("source", "arguments", "format_version"):
+        if any(m[key] != manifests[0][key] for m in manifests):
+            raise FacetoolError(f"{out}: the parts disagree on {key!r}; they are not one conversion")
+    manifests.sort(key=lambda m: m["part"]["index"])
+    merged = dict(manifests[0])
+    merged["part"] = {"index": 0, "count": 1, "total_shards": manifests[0]["part"]["total_shards"]}
+    merged["shards"] = [s for m in manifests for s in m["shards"]]
+    merged["skipped_records"] = [s for m in manifests for s in m["skipped_records"]]
+    for key in ("samples", "masked", "skipped"):
+        merged[key] = sum(m[key] for m in manifests)
+    if len(merged["shards"]) != merged["part"]["total_shards"]:
+        expected = merged["part"]["total_shards"]
+        raise FacetoolError(f"{out}: the parts list {len(merged['shards'])} shards, expected {expected}")
+    path = out / "manifest.json"
+    _atomic_write(path.with_name(path.name + ".tmp"), _dump(merged), final=path)
+    return merged
+
+
+def read_manifest(shards_dir: str | os.PathLike) -> dict:
+    """Load ``manifest.json`` from a shard folder, with a clear error if it is not one."""
+    path = Path(shards_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except OSError:
+        raise FacetoolError(f"{path}: not found (is {shards_dir} a facetool shard folder?)") from None
+    except ValueError as err:
+        raise FacetoolError(f"{path}: not valid JSON ({err})") from None
+    if manifest.get("format") != FORMAT_NAME:
+        raise FacetoolError(f"{path}: not a facetool shard manifest")
+    return manifest
