@@ -174,6 +174,39 @@ def merge_parts(out: Path) -> None:
     click.echo(f"merge-parts: {manifest['samples']} samples in {len(manifest['shards'])} shards -> {out}/manifest.json")
 
 
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+def inspect(paths: tuple[Path, ...]) -> None:
+    """Describe datasets: a verification .bin (pairs, positives, image format), an InsightFace folder or .rec
+    (layout, images, classes) or a shard folder (samples, shards, masked). Reads .bin files with the safe loader."""
+    from facetool.pipeline.recordio import RecordFile, image_extension
+    from facetool.pipeline.shards import Source, read_manifest
+    from facetool.pipeline.verification_bin import load_bin
+
+    for path in paths:
+        if path.suffix == ".bin":
+            vs = load_bin(path)
+            kinds = sorted({image_extension(b) or "unknown" for b in vs.images})
+            click.echo(
+                f"{path}: verification set {vs.name!r}: {vs.num_pairs} pairs ({int(vs.issame.sum())} same), "
+                f"{len(vs.images)} images ({', '.join(kinds)})"
+            )
+        elif (path / "manifest.json").is_file():
+            m = read_manifest(path)
+            click.echo(
+                f"{path}: shards v{m['format_version']}: {m['samples']} samples in {len(m['shards'])} shards, "
+                f"{m['masked']} masked, {m['skipped']} skipped; source layout {m['source']['layout']}, "
+                f"{m['source']['classes']} classes"
+            )
+        else:
+            source = Source.locate(path, use_index=(path / "train.idx").is_file() or path.suffix == ".rec")
+            with RecordFile(source.rec, source.idx) as rf:
+                click.echo(
+                    f"{source.rec}: RecordIO layout {rf.layout}: {len(rf)} image records"
+                    + (f", {rf.num_identities} identity records" if rf.num_identities is not None else "")
+                )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 @main.group(cls=_Group)
 def bench() -> None:
