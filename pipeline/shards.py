@@ -54,8 +54,7 @@ def _tar_header(name: bytes, size: int) -> bytes:
     header[148:156] = b"        "  # checksum placeholder
     header[156:157] = b"0"  # regular file
     header[257:265] = b"ustar\x0000"
-    header[329:337] = b"0000000\0"  # devmajor
-    header[337:345] = b"0000000\0"  # devminor
+    # devmajor/devminor stay NUL for regular files, as tarfile leaves them
     checksum = sum(header)
     header[148:156] = b"%06o\0 " % checksum
     return bytes(header)
