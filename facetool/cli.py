@@ -223,14 +223,17 @@ def bench() -> None:
     default=None,
     help="Where to write (default: a temporary folder beside SRC, on the same disk).",
 )
+@click.option("--repeats", default=3, show_default=True, help="Runs of each contender; the fastest is reported.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON.")
 def bench_convert(
-    src: Path, workers: int, samples_per_shard: int, tmp_dir: Path | None, json_path: Path | None
+    src: Path, workers: int, samples_per_shard: int, tmp_dir: Path | None, repeats: int, json_path: Path | None
 ) -> None:
     """Records/s of `facetool convert` on SRC against, in the same run, a plain copy of the same bytes."""
     from facetool.bench.convert import run_convert_benchmark
 
-    result = run_convert_benchmark(src, workers=workers, samples_per_shard=samples_per_shard, tmp_dir=tmp_dir)
+    result = run_convert_benchmark(
+        src, workers=workers, samples_per_shard=samples_per_shard, tmp_dir=tmp_dir, repeats=repeats
+    )
     click.echo(f"{'':24}{'seconds':>10}{'records/s':>14}{'MB/s':>10}")
     click.echo(
         f"{'plain copy':24}{result['copy_seconds']:>10.2f}{result['copy_records_per_s']:>14,.0f}"

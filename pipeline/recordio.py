@@ -237,6 +237,7 @@ class RecordFile:
             self._file.close()
             raise RecordIOError(f"{self.path}: empty file, no records")
         self._buf = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        self._view = memoryview(self._buf)
         if self.idx_path is not None:
             if not self.idx_path.is_file():
                 self.close()
@@ -341,11 +342,31 @@ class RecordFile:
         a, b = int(self.header_label[0]), int(self.header_label[1])
         return np.array([self.read_key(k).label[:2] for k in range(a, b)], dtype=np.int64).reshape(-1, 2)
 
+    def read_at(self, key: int, offset: int) -> tuple[tuple[float, ...], bytes | memoryview]:
+        """Labels and image of the record at ``offset``, for bulk readers: a single-part record's image comes back
+        as a zero-copy view of the mapping (valid until ``close``); anything else takes the checked path."""
+        buf = self._buf
+        if offset + 8 <= self.size:
+            magic, lrecord = _FRAME.unpack_from(buf, offset)
+            length, start = lrecord & _LENGTH_MASK, offset + 8
+            if magic == MAGIC and lrecord >> 29 == 0 and length >= IR_HEADER.size and start + length <= self.size:
+                flag, label, _, _ = IR_HEADER.unpack_from(buf, start)
+                first = start + IR_HEADER.size + 4 * flag
+                if first <= start + length:
+                    labels = (label,) if flag == 0 else struct.unpack_from(f"<{flag}f", buf, start + IR_HEADER.size)
+                    return labels, self._view[first : start + length]
+        _, labels, image = self._unpack(key, offset)
+        return tuple(labels.tolist()), image
+
     def close(self) -> None:
         """Release the mapping and the file."""
         buf = getattr(self, "_buf", None)
         if buf is not None:
-            buf.close()
+            try:
+                self._view.release()
+                buf.close()
+            except BufferError:
+                pass  # a caller still holds a view of a record; the mapping goes when the last view does
             self._buf = None
         self._file.close()
 

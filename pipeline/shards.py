@@ -24,7 +24,7 @@ import numpy as np
 
 from facetool import __version__
 from facetool.pipeline.errors import FacetoolError
-from facetool.pipeline.recordio import RecordFile, RecordIOError, image_extension, read_property
+from facetool.pipeline.recordio import JPEG_SIGNATURE, PNG_SIGNATURE, RecordFile, RecordIOError, read_property
 
 FORMAT_NAME = "facetool-shards"
 FORMAT_VERSION = 1
@@ -35,29 +35,38 @@ _BLOCK = 512
 _RECORD_SIZE = 20 * _BLOCK  # tar's record size: archives end on a multiple of it, as GNU tar and tarfile write
 _TAR_MTIME = 0
 _TAR_MODE = 0o444
+_ZEROS = bytes(_BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # tar members, written without tarfile (it costs ~10 us a member; these headers cost ~1 us)
 # ---------------------------------------------------------------------------------------------------------------
-def _tar_header(name: bytes, size: int) -> bytes:
-    """A ustar header for a regular file, byte-identical to ``tarfile.TarInfo.tobuf(USTAR_FORMAT)`` with our fields."""
-    if len(name) > 100:
-        raise ValueError(f"member name too long for ustar: {name!r}")
+def _header_template() -> tuple[bytes, int]:
+    """The fixed fields of our ustar headers, and their byte sum (the checksum counts it as 8 spaces)."""
     header = bytearray(_BLOCK)
-    header[0 : len(name)] = name
     header[100:108] = b"%07o\0" % _TAR_MODE
     header[108:116] = b"0000000\0"  # uid
     header[116:124] = b"0000000\0"  # gid
-    header[124:136] = b"%011o\0" % size
     header[136:148] = b"%011o\0" % _TAR_MTIME
     header[148:156] = b"        "  # checksum placeholder
     header[156:157] = b"0"  # regular file
     header[257:265] = b"ustar\x0000"
-    # devmajor/devminor stay NUL for regular files, as tarfile leaves them
-    checksum = sum(header)
-    header[148:156] = b"%06o\0 " % checksum
-    return bytes(header)
+    # uname/gname empty, devmajor/devminor NUL for regular files, as tarfile leaves them
+    return bytes(header), sum(header)
+
+
+_HEADER, _HEADER_SUM = _header_template()
+
+
+def _tar_header(name: bytes, size: int) -> bytes:
+    """A ustar header for a regular file, byte-identical to ``tarfile.TarInfo.tobuf(USTAR_FORMAT)`` with our fields."""
+    if len(name) > 100:
+        raise ValueError(f"member name too long for ustar: {name!r}")
+    size_field = b"%011o\0" % size
+    checksum = _HEADER_SUM + sum(name) + sum(size_field)
+    return b"".join(
+        (name, _HEADER[len(name) : 124], size_field, _HEADER[136:148], b"%06o\0 " % checksum, _HEADER[156:])
+    )
 
 
 class _ShardWriter:
@@ -70,22 +79,22 @@ class _ShardWriter:
         self._pos = 0
         self.lines: list[str] = []
 
-    def add_sample(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        """Write one sample's members (sorted by extension, adjacent) and its index line."""
-        parts = []
+    def add_sample(self, key: str, members: list[tuple[str, bytes | memoryview]]) -> None:
+        """Write one sample's members (adjacent, in the given order) and its index line."""
+        buf, pos, parts = self._buf, self._pos, []
         for ext, data in members:
             name = f"{key}.{ext}"
-            header = _tar_header(name.encode(), len(data))
-            offset = self._pos + _BLOCK
-            self._buf += header
-            self._buf += data
-            pad = -len(data) % _BLOCK
+            size = len(data)
+            buf += _tar_header(name.encode(), size)
+            buf += data
+            pad = -size % _BLOCK
             if pad:
-                self._buf += b"\0" * pad
-            self._pos = offset + len(data) + pad
-            parts.append(f"{ext} {offset} {len(data)} {name}")
+                buf += _ZEROS[:pad]
+            parts.append(f"{ext} {pos + _BLOCK} {size} {name}")
+            pos += _BLOCK + size + pad
+        self._pos = pos
         self.lines.append(" ".join(parts))
-        if len(self._buf) >= 1 << 22:
+        if len(buf) >= 1 << 22:
             self._flush()
 
     def _flush(self) -> None:
@@ -194,6 +203,7 @@ class ShardStats:
     masked: int
     bytes: int
     sha256: str
+    max_label: int = -1
     skipped: list[dict] = field(default_factory=list)
 
 
@@ -211,22 +221,24 @@ def _init_worker(reader: RecordFile | None, source: Source, counter, num_classes
     _WORKER["tick"] = lambda n: _increment(counter, n)
 
 
-def _sample_members(record, num_classes: int | None, rec_path: Path) -> list[tuple[str, bytes]]:
-    """The members of one sample: original image bytes, int32 label, and the full label vector when it has one."""
-    ext = image_extension(record.image)
+def _sample_members(
+    key: int, labels: tuple[float, ...], image: bytes | memoryview, num_classes: int | None, rec_path: Path
+) -> list[tuple[str, bytes | memoryview]]:
+    """The members of one sample, sorted by extension: original image bytes, int32 label, and the full label
+    vector (``json``) when the record has one."""
+    head = bytes(image[:8])
+    ext = "jpg" if head.startswith(JPEG_SIGNATURE) else "png" if head.startswith(PNG_SIGNATURE) else None
     if ext is None:
-        raise RecordIOError(f"{rec_path}: record {record.key}: image bytes are neither JPEG nor PNG")
-    cls = record.class_id
-    if cls < 0 or (num_classes is not None and cls >= num_classes) or cls > 2**31 - 1:
-        raise RecordIOError(
-            f"{rec_path}: record {record.key}: label {cls} outside [0, {num_classes}) given by property"
-        )
-    members = [(ext, record.image), (LABEL_EXT, struct.pack("<i", cls))]
-    if record.label.size > 1:
-        meta = json.dumps({"label": [float(v) for v in record.label]}, separators=(",", ":")).encode()
-        members.append(("json", meta))
-    members.sort(key=lambda m: m[0])
-    return members
+        what = "no image bytes" if not len(image) else "image bytes are neither JPEG nor PNG"
+        raise RecordIOError(f"{rec_path}: record {key}: {what}")
+    cls = int(labels[0])
+    if cls < 0 or cls > 2**31 - 1 or (num_classes is not None and cls >= num_classes):
+        raise RecordIOError(f"{rec_path}: record {key}: label {cls} outside [0, {num_classes}) given by property")
+    label = struct.pack("<i", cls)
+    if len(labels) == 1:
+        return [(ext, image), (LABEL_EXT, label)] if ext == "jpg" else [(LABEL_EXT, label), (ext, image)]
+    meta = json.dumps({"label": [float(v) for v in labels]}, separators=(",", ":")).encode()
+    return sorted([(ext, image), (LABEL_EXT, label), ("json", meta)], key=lambda m: m[0])
 
 
 def write_shard(out: Path, shard: int, positions: np.ndarray, on_error: str) -> ShardStats:
@@ -240,18 +252,20 @@ def write_shard(out: Path, shard: int, positions: np.ndarray, on_error: str) -> 
     tmp_tar, tmp_idx = tar_path.with_name(tar_path.name + ".tmp"), idx_path.with_name(idx_path.name + ".tmp")
     writer = _ShardWriter(tmp_tar)
     skipped: list[dict] = []
-    pending = 0
+    pending, max_label = 0, -1
     try:
-        for pos in positions:
+        keys, offsets = reader.keys[positions].tolist(), reader.offsets[positions].tolist()
+        for key, offset in zip(keys, offsets, strict=True):
             try:
-                record = reader[int(pos)]
-                members = _sample_members(record, num_classes, reader.path)
+                labels, image = reader.read_at(key, offset)
+                members = _sample_members(key, labels, image, num_classes, reader.path)
             except RecordIOError as err:
                 if on_error != "skip":
                     raise
-                skipped.append({"key": int(reader.keys[int(pos)]), "error": str(err)})
+                skipped.append({"key": key, "error": str(err)})
             else:
-                writer.add_sample(f"{record.key:09d}", members)
+                writer.add_sample(f"{key:09d}", members)
+                max_label = max(max_label, int(labels[0]))
             pending += 1
             if pending == 512:
                 tick(pending)
@@ -262,7 +276,7 @@ def write_shard(out: Path, shard: int, positions: np.ndarray, on_error: str) -> 
         tmp_tar.unlink(missing_ok=True)
         raise
     tick(pending)
-    stats = ShardStats(f"{name}.tar", f"{name}.idx", len(writer.lines), 0, size, digest, skipped)
+    stats = ShardStats(f"{name}.tar", f"{name}.idx", len(writer.lines), 0, size, digest, max_label, skipped)
     _atomic_write(tmp_idx, writer.index_text(), final=idx_path)
     _atomic_write(stats_path.with_name(stats_path.name + ".tmp"), json.dumps(asdict(stats)), final=stats_path)
     os.replace(tmp_tar, tar_path)
@@ -456,7 +470,8 @@ def _manifest(source, reader, num_classes, options, shards: list[ShardStats], nu
             "path": str(source.rec.resolve()),
             "layout": reader.layout,
             "records": len(reader),
-            "classes": num_classes,
+            # from property (or layout A's identity records); else the largest label seen + 1
+            "classes": num_classes if num_classes is not None else max(st.max_label for st in shards) + 1,
         },
         "arguments": options.output_arguments(),
         "part": {"index": options.part[0], "count": options.part[1], "total_shards": num_shards},
@@ -465,7 +480,7 @@ def _manifest(source, reader, num_classes, options, shards: list[ShardStats], nu
         "masked": sum(st.masked for st in shards),
         "skipped": len(skipped),
         "skipped_records": skipped,
-        "shards": [{k: v for k, v in asdict(st).items() if k != "skipped"} for st in shards],
+        "shards": [{k: v for k, v in asdict(st).items() if k not in ("skipped", "max_label")} for st in shards],
     }
 
 
