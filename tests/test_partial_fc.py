@@ -1,0 +1,199 @@
+"""Partial FC: two gloo ranks with the classes sharded equal one process with the whole classifier."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from facetool.train.heads import class_shard, create_head
+
+torch.set_num_threads(1)
+
+E, C, B_LOCAL, WORLD = 8, 7, 3, 2  # C = 7 over 2 ranks: rank 0 holds classes 0-3, rank 1 classes 4-6
+CONFIGS = [
+    ("softmax", {}),
+    ("cosface", {}),
+    ("arcface", {}),
+    ("curricularface", {}),
+    ("magface", {}),
+    ("multiface", {"spheres": 2, "base": "arcface", "m": 0.3}),
+    ("multiface", {"spheres": 4, "base": "cosface"}),
+    ("multiface", {"spheres": 2, "base": "softmax"}),
+]
+STEPS = 2  # two steps: CurricularFace's t must stay in sync
+SAMPLED_C = 40
+
+
+def problem(name: str, opts: dict, seed: int, step: int):
+    """The global batch (labels from both ranks' classes) and the whole class weights, the same on every rank."""
+    gen = torch.Generator().manual_seed(1000 * seed + step)
+    x = torch.randn(WORLD * B_LOCAL, E, generator=gen)
+    if name == "magface":
+        x = F.normalize(x, dim=1) * torch.linspace(5.0, 120.0, x.shape[0])[:, None]
+    y = torch.tensor([0, 5, 3, 6, 4, 1]).roll(step)  # rank 0's rows hold classes of rank 1 and back
+    spheres = opts.get("spheres", 1)
+    weights = [torch.randn(C, E // spheres, generator=gen) for _ in range(spheres)]
+    return x, y, weights
+
+
+def run_steps(head, name, opts, seed, rank, world):
+    """Loss, logits and gradients of each step; ``rank``'s rows of the global batch only."""
+    out = []
+    for step in range(STEPS):
+        x, y, _ = problem(name, opts, seed, step)
+        rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL) if world > 1 else slice(None)
+        xl = x[rows].clone().requires_grad_()
+        logits = head.logits(xl, y[rows])
+        logits = logits if isinstance(logits, list) else [logits]
+        loss = head(xl, y[rows])
+        loss.backward()
+        out.append({
+            "loss": loss.detach(),
+            "logits": [z.detach() for z in logits],
+            "x_grad": xl.grad,
+            "w_grad": [p.grad.clone() for p in head.class_weights()],
+            "t": head.t.clone() if hasattr(head, "t") else None,
+        })
+        for p in head.class_weights():
+            p.grad = None
+    return out
+
+
+def load_weights(head, weights):
+    shard = head.shard
+    with torch.no_grad():
+        for p, w in zip(head.class_weights(), weights, strict=True):
+            p.copy_(w[shard.start : shard.start + shard.size])
+
+
+def sampled_run(rank: int, seed: int, sample_rate: float):
+    head = create_head("arcface", E, SAMPLED_C, partial_fc=True, sample_rate=sample_rate, seed=seed)
+    gen = torch.Generator().manual_seed(7)
+    full = torch.randn(SAMPLED_C, E, generator=gen)
+    x = torch.randn(WORLD * B_LOCAL, E, generator=gen)
+    y = torch.tensor([0, 25, 3, 39, 3, 21])
+    load_weights(head, [full])
+    rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+    loss = head(x[rows].clone().requires_grad_(), y[rows])
+    return {"loss": loss.detach(), "index": head.last_index + head.shard.start, "start": head.shard.start,
+            "size": head.shard.size, "x": x, "y": y, "full": full}
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for seed, (name, opts) in enumerate(CONFIGS):
+            head = create_head(name, E, C, partial_fc=True, **opts)
+            load_weights(head, problem(name, opts, seed, 0)[2])
+            results[seed] = {"start": head.shard.start, "size": head.shard.size,
+                             "steps": run_steps(head, name, opts, seed, rank, WORLD)}
+        results["sampled"] = [sampled_run(rank, seed=3, sample_rate=0.5) for _ in range(2)]
+        results["sampled_other_seed"] = sampled_run(rank, seed=4, sample_rate=0.5)
+        results["positives_only"] = sampled_run(rank, seed=3, sample_rate=0.0)
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pfc")
+    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("seed", range(len(CONFIGS)), ids=[f"{n}-{o}" for n, o in CONFIGS])
+def test_two_ranks_equal_one_process(two_ranks, seed):
+    name, opts = CONFIGS[seed]
+    head = create_head(name, E, C, **opts)
+    load_weights(head, problem(name, opts, seed, 0)[2])
+    whole = run_steps(head, name, opts, seed, 0, 1)
+    for rank, result in enumerate(two_ranks):
+        start, size = result[seed]["start"], result[seed]["size"]
+        assert (start, size) == ((0, 4) if rank == 0 else (4, 3))
+        rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+        for got, want in zip(result[seed]["steps"], whole, strict=True):
+            torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-5, atol=1e-5)
+            for zg, zw in zip(got["logits"], want["logits"], strict=True):
+                torch.testing.assert_close(zg, zw[:, start : start + size], rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(got["x_grad"], want["x_grad"][rows], rtol=1e-4, atol=1e-6)
+            for wg, ww in zip(got["w_grad"], want["w_grad"], strict=True):
+                torch.testing.assert_close(wg, ww[start : start + size], rtol=1e-4, atol=1e-6)
+            if want["t"] is not None:
+                torch.testing.assert_close(got["t"], want["t"])
+
+
+def test_sampling_keeps_positives_and_is_exact_on_the_sampled_classes(two_ranks):
+    first = [two_ranks[r]["sampled"][0] for r in range(WORLD)]
+    again = [two_ranks[r]["sampled"][1] for r in range(WORLD)]
+    x, y, full = first[0]["x"], first[0]["y"], first[0]["full"]
+    kept = []
+    for run in first:
+        start, size = run["start"], run["size"]
+        assert run["index"].numel() == int(0.5 * size)  # 20 classes per rank, 10 sampled
+        positives = {int(c) for c in y if start <= c < start + size}
+        assert positives <= set(run["index"].tolist())
+        kept.append(run["index"])
+        assert torch.isfinite(run["loss"])
+    # deterministic for a seed; another seed samples otherwise
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["loss"], b["loss"])
+    other = [two_ranks[r]["sampled_other_seed"]["index"] for r in range(WORLD)]
+    assert any(not torch.equal(a, b) for a, b in zip(kept, other, strict=True))
+    # the loss is ArcFace's cross-entropy over exactly the sampled classes
+    classes = torch.cat(kept)
+    head = create_head("arcface", E, classes.numel())
+    with torch.no_grad():
+        head.weight.copy_(full[classes])
+    remap = {int(c): i for i, c in enumerate(classes)}
+    torch.testing.assert_close(head(x, torch.tensor([remap[int(c)] for c in y])), first[0]["loss"])
+    for r in range(WORLD):
+        assert torch.equal(first[r]["loss"], first[0]["loss"])
+
+
+def test_sample_rate_zero_keeps_positives_only(two_ranks):
+    for run in (two_ranks[r]["positives_only"] for r in range(WORLD)):
+        start, size = run["start"], run["size"]
+        positives = sorted({int(c) for c in run["y"] if start <= c < start + size})
+        assert run["index"].tolist() == positives
+        assert torch.isfinite(run["loss"])
+
+
+def test_class_shard_remainder_rule():
+    shards = [class_shard(2_059_906, r, 8) for r in range(8)]
+    assert [s.size for s in shards] == [257_489] * 2 + [257_488] * 6
+    assert [s.start for s in shards] == [0, 257_489, 514_978, 772_466, 1_029_954, 1_287_442, 1_544_930, 1_802_418]
+    assert shards[-1].start + shards[-1].size == 2_059_906
+    with pytest.raises(ValueError, match="cannot be sharded"):
+        class_shard(3, 0, 4)
+
+
+def test_one_rank_partial_fc_sampling():
+    """Without torch.distributed, Partial FC is one rank: exact at r = 1, positives kept at r < 1."""
+    torch.manual_seed(0)
+    whole = create_head("cosface", E, 50)
+    pfc = create_head("cosface", E, 50, partial_fc=True)
+    pfc.load_state_dict(whole.state_dict())
+    x, y = torch.randn(6, E), torch.tensor([1, 7, 7, 30, 49, 0])
+    torch.testing.assert_close(pfc(x, y), whole(x, y))
+    sampled = create_head("cosface", E, 50, partial_fc=True, sample_rate=0.2, seed=1)
+    index = sampled.sample_classes(y)
+    assert index.numel() == 10 and set(y.tolist()) <= set(index.tolist())
+    assert torch.equal(index, torch.sort(index).values)
+    logits = sampled.logits(x, y)
+    assert logits.shape == (6, 10)
+    sampled.eval()  # evaluation uses every class
+    assert sampled.logits(x, y).shape == (6, 50)
