@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from facetool import __version__
+from facetool.cli_models import bench_models_command, export_command
 from facetool.pipeline.errors import FacetoolError
 
 
@@ -246,3 +247,7 @@ def bench_convert(
     click.echo(f"ratio convert / copy: {result['ratio_to_copy']:.2f}  ({result['records']:,} records)")
     if json_path:
         json_path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+main.add_command(export_command)
+bench.add_command(bench_models_command)
