@@ -234,3 +234,27 @@ def test_registry_and_options():
             register_head("test-plain")(Plain)
     finally:
         heads_module._HEADS.pop("test-plain")
+
+
+@pytest.mark.parametrize("name", ["arcface", "curricularface", "magface"])
+def test_gradients_finite_where_cos_is_plus_or_minus_one(name):
+    head = create_head(name, 8, 4)
+    y = torch.tensor([0, 1, 2, 3])
+    x = head.weight.detach().clone() * torch.tensor([20.0, -20.0, 20.0, -20.0])[:, None]
+    x.requires_grad_()
+    head(x, y).backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(head.weight.grad).all()
+
+
+def test_bfloat16_autocast_and_inputs():
+    torch.manual_seed(4)
+    head = create_head("multiface", 16, 9, spheres=2, base="arcface")
+    x, y = torch.randn(6, 16), torch.randint(0, 9, (6,))
+    full = head(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = head(x, y)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, full, rtol=2e-2, atol=0.5)
+    xb = x.bfloat16().requires_grad_()
+    head(xb, y).backward()
+    assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad.float()).all()

@@ -193,7 +193,7 @@ class Head(nn.Module):
     def _logits(self, embeddings: Tensor, labels: Tensor) -> tuple[list[Tensor], Batch]:
         batch = self._batch(embeddings, labels)
         self.last_index = batch.index
-        x = F.normalize(batch.embeddings, dim=1)
+        x = F.normalize(batch.embeddings.float(), dim=1)
         chunks = x.chunk(self.num_spheres, dim=1)
         out = []
         for chunk, weight in zip(chunks, self.class_weights(), strict=True):
