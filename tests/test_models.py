@@ -299,3 +299,45 @@ def test_checkpoint_errors(tmp_path) -> None:
     unknown = tmp_path / "unknown.pt"
     save_backbone(unknown, model, "vit_huge", {})
     _one_line_error(unknown, "unknown backbone 'vit_huge'")
+
+
+def _vit_macs(tokens: int, dim: int, depth: int, prompt_tokens: int = 0, prompt_layers: int = 0) -> int:
+    def block(t: int) -> int:
+        return t * dim * dim * 12 + 2 * t * t * dim  # qkv, proj, MLP x4; q.k and attn.v
+
+    macs = 196 * 192 * dim + dim * 512  # patch embedding, head
+    macs += sum(block(tokens + (prompt_tokens if i < prompt_layers else 0)) for i in range(depth))
+    if prompt_layers:
+        macs += tokens * dim * dim + 2 * prompt_tokens * tokens * dim  # pooling keys; q.k and attn.v
+    return macs
+
+
+def test_bench_counts_multiply_adds() -> None:
+    from facetool.bench.models import count_macs
+
+    assert count_macs(create_backbone("facet_tiny", prompt_layers=0)) == _vit_macs(196, 192, 4)
+    assert count_macs(create_backbone("facet_tiny", prompt_layers=3)) == _vit_macs(196, 192, 4, 8, 3)
+    # arcface_torch quotes IResNet-50 at 6.3 GFLOPs, which are multiply-adds.
+    assert count_macs(create_backbone("ir50")) / 1e9 == pytest.approx(6.31, abs=0.005)
+
+
+def test_bench_models_command(tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from facetool.cli import main
+
+    out = tmp_path / "models.json"
+    args = ["bench", "models", "--backbone", "facet_tiny", "--iters", "1", "--batch-size", "2", "--json", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "GMACs (multiply-adds)" in result.output and "facet_tiny" in result.output
+    report = json.loads(out.read_text())
+    assert report["batch_size"] == 2 and report["iters"] == 1
+    (row,) = report["results"]
+    assert row["backbone"] == "facet_tiny" and row["params"] == 2_005_376
+    assert row["gmacs"] == pytest.approx(_vit_macs(196, 192, 4, 8, 4) / 1e9)
+    assert row["images_per_s"] > 0
+    bad = CliRunner().invoke(main, ["bench", "models", "--backbone", "resnet9"])
+    assert bad.exit_code == 2 and "unknown resnet9" in bad.output

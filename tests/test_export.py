@@ -1,0 +1,113 @@
+"""ONNX export: every backbone's graph, run by onnxruntime on the CPU, reproduces torch's embeddings within 1e-4."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from facetool.cli import main
+from facetool.train.models import create_backbone, list_backbones, save_backbone
+from facetool.train.models.export import export_onnx
+
+
+def images(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 112, 112, generator=g) * 2 - 1
+
+
+def calibrated(name: str, **options) -> nn.Module:
+    """A fresh backbone whose BatchNorm statistics come from one batch, so its embeddings are of order 1
+    (a fresh IResNet's default running statistics overflow) and a 1e-4 tolerance means something."""
+    torch.manual_seed(0)
+    model = create_backbone(name, **options)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # running statistics = this batch's
+    model.train()
+    with torch.no_grad():
+        model(images(4, seed=1), torch.tensor([False, True, False, True]))
+    return model.eval()
+
+
+def session(path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_both(model: nn.Module, path, batch: int) -> tuple[np.ndarray, np.ndarray, ort.InferenceSession]:
+    x = images(batch, seed=2)
+    flags = torch.arange(batch) % 2 == 1
+    sess = session(path)
+    feed = {"images": x.numpy()}
+    if "masked" in {i.name for i in sess.get_inputs()}:
+        feed["masked"] = flags.numpy()
+    with torch.no_grad():
+        expected = model(x, flags).numpy()
+    return sess.run(["embeddings"], feed)[0], expected, sess
+
+
+# The large backbones run once with batch 1 (exported at batch 2: the batch axis is dynamic); the small ones with 3.
+BATCH = {"ir100": 1, "irse100": 1, "facet_base": 1, "ir50": 2, "irse50": 2}
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_onnx_reproduces_torch(name: str, tmp_path) -> None:
+    model = calibrated(name)
+    path = tmp_path / f"{name}.onnx"
+    inputs = export_onnx(model, path)
+    assert inputs == (["images", "masked"] if name.startswith("facet") else ["images"])
+    got, expected, sess = run_both(model, path, BATCH.get(name, 3))
+    assert [o.name for o in sess.get_outputs()] == ["embeddings"]
+    assert got.shape == expected.shape == (BATCH.get(name, 3), 512)
+    assert expected.std() > 0.3  # embeddings of order 1: the tolerance below is not trivially met
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+def test_onnx_masked_input_picks_the_prompts(tmp_path) -> None:
+    model = calibrated("facet_tiny", prompt_layers=2)
+    path = tmp_path / "f.onnx"
+    export_onnx(model, path)
+    sess = session(path)
+    x = images(2, seed=3).numpy()
+    holistic = sess.run(None, {"images": x, "masked": np.array([False, False])})[0]
+    masked = sess.run(None, {"images": x, "masked": np.array([True, True])})[0]
+    mixed = sess.run(None, {"images": x, "masked": np.array([True, False])})[0]
+    assert np.abs(holistic - masked).max() > 1e-2
+    np.testing.assert_allclose(mixed, np.stack([masked[0], holistic[1]]), rtol=0, atol=1e-5)
+
+
+def test_facet_without_prompts_exports_images_only(tmp_path) -> None:
+    model = calibrated("facet_tiny", prompt_layers=0, norm="prenorm")
+    assert export_onnx(model, tmp_path / "f.onnx") == ["images"]
+    got, expected, sess = run_both(model, tmp_path / "f.onnx", 2)
+    assert [i.name for i in sess.get_inputs()] == ["images"]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+def test_export_command(tmp_path) -> None:
+    options = {"prompt_layers": 3, "norm": "deepnorm"}
+    model = calibrated("facet_tiny", **options)
+    ckpt = tmp_path / "backbone.pt"
+    save_backbone(ckpt, model, "facet_tiny", options)
+    out = tmp_path / "facet.onnx"
+    result = CliRunner().invoke(main, ["export", str(ckpt), str(out)])
+    assert result.exit_code == 0, result.output
+    assert "inputs images, masked" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.pt", "facet.onnx"]
+    got, expected, _ = run_both(model, out, 3)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+def test_export_command_refuses_a_foreign_file(tmp_path) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00not a checkpoint" * 8)
+    result = CliRunner().invoke(main, ["export", str(junk), str(tmp_path / "out.onnx")])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output and str(junk) in result.output
+    assert result.output.strip().count("\n") == 0
+    assert not (tmp_path / "out.onnx").exists()
