@@ -1,19 +1,21 @@
 """Procedurally drawn synthetic faces, ArcFace-aligned, written as an InsightFace layout-A dataset.
 
-The built-in dataset of the project (``facetool synth``, ``make demo``, the tests). Every identity is a frozen set
-of strong, stable traits (face shape, skin tone, hair colour and style, brows, eyes, nose, lips, ears, beard,
-glasses, moles); every image adds pose, expression, lighting, background, noise, blur and JPEG variation. Faces are
-drawn as polygons at 2x with PIL, the pose applied to the polygon points (no image resampling), then averaged
-2x2 down to 112 (supersampling anti-aliasing; a LANCZOS resize would cost 15x as much), so the five landmarks stay on the ArcFace 112x112 template up to the per-identity offset (<= 1.5 px)
+The built-in dataset of the project (``facetool synth``, ``make demo``, the tests). Every identity is a
+frozen set of strong, stable traits (face shape, skin tone, hair colour and style, brows, eyes, nose, lips,
+ears, beard, glasses, moles); every image adds pose, expression, lighting, background, noise, blur and JPEG
+variation. Faces are drawn as polygons at 2x with PIL, the pose applied to the polygon points (no image
+resampling), then averaged 2x2 down to 112 (supersampling anti-aliasing; a LANCZOS resize would cost 15x as
+much), so the five landmarks stay on the ArcFace 112x112 template up to the per-identity offset (<= 1.2 px)
 and the per-image pose.
 
 Determinism: identity ``i``'s traits come from ``default_rng([seed, 1, i])`` and its image ``k`` from
-``default_rng([seed, 2, i, k])`` (the middle word keeps the two streams apart), so the output bytes do not depend
-on the number of worker processes.
+``default_rng([seed, 2, i, k])`` (the middle word keeps the two streams apart), so the output bytes do not
+depend on the number of worker processes.
 
-Verification set (``synth.bin``): made of held-out identities ``C .. C+E-1`` (``E = max(50, pairs // 10)``, never
-among the ``C`` training identities); pair ``p`` uses image indices ``2p`` and ``2p+1`` of its identities; the
-same/different flags are a seeded permutation of ``pairs // 2`` positives and the rest negatives.
+Verification set (``synth.bin``): made of held-out identities ``C .. C+E-1`` (``E = max(50, pairs // 10)``,
+never among the ``C`` training identities); pair ``p`` uses image indices ``2p`` and ``2p+1`` of its
+identities; the same/different flags are a seeded permutation of ``pairs // 2`` positives and the rest
+negatives.
 """
 
 from __future__ import annotations
@@ -52,9 +54,9 @@ _SKIN = np.array(
      [180, 126, 88], [150, 98, 66], [118, 74, 48], [88, 56, 38], [64, 42, 30]], dtype=np.float64,
 )  # fmt: skip
 _HAIR = np.array(
-    [[22, 18, 16], [48, 32, 22], [88, 58, 36], [130, 92, 58], [176, 136, 86], [222, 196, 140], [238, 228, 200],
-     [128, 52, 26], [184, 88, 40], [128, 128, 128], [214, 214, 210], [44, 70, 160], [210, 84, 150], [40, 130, 90],
-     [110, 50, 140]], dtype=np.float64,
+    [[22, 18, 16], [48, 32, 22], [88, 58, 36], [130, 92, 58], [176, 136, 86], [222, 196, 140],
+     [238, 228, 200], [128, 52, 26], [184, 88, 40], [128, 128, 128], [214, 214, 210], [44, 70, 160],
+     [210, 84, 150], [40, 130, 90], [110, 50, 140]], dtype=np.float64,
 )  # fmt: skip
 _HAIR_P = np.array([14, 14, 12, 9, 7, 5, 3, 5, 5, 6, 5, 2, 2, 1, 2], dtype=np.float64)
 _IRIS = np.array(
@@ -139,7 +141,7 @@ class FaceIdentity:
         """Draw one identity's traits from ``rng`` (call with ``default_rng([seed, 1, i])``)."""
         u = rng.uniform
         lm = TEMPLATE + rng.uniform(-1.2, 1.2, size=(5, 2))
-        lm[1, 1] = lm[0, 1] + (TEMPLATE[1, 1] - TEMPLATE[0, 1]) + u(-0.6, 0.6)  # eyes stay level
+        lm[1, 1] = TEMPLATE[1, 1] + np.clip(lm[0, 1] - TEMPLATE[0, 1] + u(-0.4, 0.4), -1.2, 1.2)  # level eyes
         j = int(rng.integers(len(_SKIN) - 1))
         skin = (
             _SKIN[j] + (_SKIN[j + 1] - _SKIN[j]) * u() + rng.uniform(-10, 10, 3) * np.array([1.0, 0.8, 0.8])
@@ -228,7 +230,7 @@ _Group = tuple[np.ndarray, list[tuple[int, tuple[int, int, int], float]]]
 
 
 class _Shapes:
-    """Collects polygons and polylines in template coordinates, to be posed and drawn in one go by ``_Painter``."""
+    """Polygons and polylines in template coordinates, to be posed and drawn in one go by ``_Painter``."""
 
     def __init__(self) -> None:
         self.items: list[tuple[np.ndarray, tuple[int, int, int], float]] = []
@@ -254,7 +256,7 @@ class _Shapes:
 
 
 class _Painter:
-    """Draws shape groups on the 2x canvas with the image's pose (rotation, scale, shift) applied to the points."""
+    """Draws shape groups on the 2x canvas, the pose (rotation, scale, shift) applied to the points."""
 
     def __init__(self, draw: ImageDraw.ImageDraw, angle: float, scale: float, shift: np.ndarray) -> None:
         c, s = np.cos(angle), np.sin(angle)
@@ -278,7 +280,7 @@ class _Painter:
 
 
 def _face_outline(idn: FaceIdentity) -> np.ndarray:
-    """Closed outline of the face (skull above y=50, superellipse jaw below), clockwise from the left temple."""
+    """Closed outline of the face (skull above y=50, superellipse jaw below), from the left temple."""
     cx, w = 56.0, idn.face_w
     top = np.linspace(np.pi, 2 * np.pi, 17)
     upper = np.stack([cx + w * 0.96 * np.cos(top), 50.0 + (50.0 - idn.face_top) * np.sin(top)], axis=1)
@@ -343,8 +345,8 @@ def _draw_hair_top(p: _Shapes, idn: FaceIdentity, outline: np.ndarray) -> None:
         for side in (-1.0, 1.0):
             x0 = 56.0 + side * w * 0.97
             patch = np.array(
-                [[x0 + side * 1.5, 38.0], [x0 + side * 2.5, idn.sideburn + 4.0], [x0 - side * 4.0, idn.sideburn],
-                 [x0 - side * 3.0, 42.0]]
+                [[x0 + side * 1.5, 38.0], [x0 + side * 2.5, idn.sideburn + 4.0],
+                 [x0 - side * 4.0, idn.sideburn], [x0 - side * 3.0, 42.0]]
             )  # fmt: skip
             p.poly(patch, color)
         return
@@ -457,8 +459,8 @@ def _draw_mouth(p: _Shapes, idn: FaceIdentity, lm: np.ndarray, smile: float, ope
     if open_ > 0.05:
         inside = np.concatenate([np.stack([x, upper_bot], 1), np.stack([x, lower_top], 1)[::-1]])
         p.poly(inside, (60, 20, 24))
-        teeth = np.concatenate([np.stack([x[2:-2], upper_bot[2:-2]], 1),
-                                np.stack([x[2:-2], upper_bot[2:-2] + gap[2:-2] * 0.45], 1)[::-1]])  # fmt: skip
+        xt, yt = x[2:-2], upper_bot[2:-2]
+        teeth = np.concatenate([np.stack([xt, yt], 1), np.stack([xt, yt + gap[2:-2] * 0.45], 1)[::-1]])
         p.poly(teeth, (238, 236, 226))
     lip = _rgb(idn.lip_color)
     p.poly(
@@ -494,7 +496,7 @@ def _draw_glasses(p: _Shapes, idn: FaceIdentity, lm: np.ndarray) -> None:
 
 
 def _background(rng: np.random.Generator) -> Image.Image:
-    """A low-frequency coloured background at 2x: a bilinear blow-up of a random 3x3 grid of related colours."""
+    """A low-frequency background at 2x: a bilinear blow-up of a random 3x3 grid of related colours."""
     grey = rng.uniform(30, 225)
     base = grey + (rng.uniform(20, 235, 3) - grey) * rng.uniform(0.1, 0.6)
     grid = np.clip(base + rng.normal(0, 22, (3, 3, 3)), 0, 255).astype(np.uint8)
@@ -530,8 +532,8 @@ def _static_geometry(idn: FaceIdentity) -> tuple[_Group, _Group, _Group, _Group]
     back, head, brows, glasses = _Shapes(), _Shapes(), _Shapes(), _Shapes()
     _draw_hair_back(back, idn)
     neck_w = idn.face_w * 0.62
-    back.poly(np.array([[56 - neck_w, 80.0], [56 + neck_w, 80.0], [56 + neck_w, 130.0], [56 - neck_w, 130.0]]),
-              _rgb(idn.skin, 0.78))  # fmt: skip
+    neck = np.array([[56 - neck_w, 80.0], [56 + neck_w, 80.0], [56 + neck_w, 130.0], [56 - neck_w, 130.0]])
+    back.poly(neck, _rgb(idn.skin, 0.78))
     _draw_ears(head, idn)
     head.poly(outline, _rgb(idn.skin, 0.84))
     head.poly((outline - (56.0, 60.0)) * (0.93, 0.95) + (56.0, 59.0), _rgb(idn.skin))
@@ -585,9 +587,11 @@ def draw_face(identity: FaceIdentity, rng: np.random.Generator) -> np.ndarray:
     p.paint(back)
     neck_w = idn.face_w * 0.62
     cloth = _Shapes()
-    cloth.poly(np.array([[-20.0, 112.0], [56 - neck_w * 0.9, 106.0], [56.0, 118.0], [56 + neck_w * 0.9, 106.0],
-                         [132.0, 112.0], [132.0, 140.0], [-20.0, 140.0]]),
-               tuple(int(v) for v in rng.integers(10, 240, 3)))  # fmt: skip
+    shirt = np.array(
+        [[-20.0, 112.0], [56 - neck_w * 0.9, 106.0], [56.0, 118.0], [56 + neck_w * 0.9, 106.0],
+         [132.0, 112.0], [132.0, 140.0], [-20.0, 140.0]]
+    )  # fmt: skip
+    cloth.poly(shirt, tuple(int(v) for v in rng.integers(10, 240, 3)))
     p.paint(cloth.group())
     p.paint(head)
     p.paint(brows, dy=-brow_raise)
@@ -598,7 +602,7 @@ def draw_face(identity: FaceIdentity, rng: np.random.Generator) -> np.ndarray:
     p.paint(glasses)
 
     # 2x2 box average (the anti-aliasing of supersampling), optional slight blur, then light: brightness,
-    # contrast, colour cast and a directional gradient (as one multiplier per row of 112*3 values), sensor noise
+    # contrast, colour cast, a directional gradient (one multiplier per row of 112*3 values), sensor noise
     x = np.asarray(img.reduce(_SS), dtype=np.float32)
     if rng.random() < 0.4:
         x = _blur(x, float(rng.uniform(0.08, 0.25)))
