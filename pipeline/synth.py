@@ -190,11 +190,11 @@ class FaceIdentity:
             brow_arch=u(0.5, 4.5),
             brow_tilt=u(-2.5, 3.5),
             brow_gap=u(7.0, 12.0),
-            eye_w=u(12.0, 17.0),
-            eye_h=u(3.6, 6.6),
+            eye_w=u(13.5, 18.0),
+            eye_h=u(4.6, 7.4),
             eye_tilt=u(-2.0, 2.5),
             iris=_color(_IRIS[rng.integers(len(_IRIS))] + rng.uniform(-12, 12, 3)),
-            iris_r=u(2.6, 3.8),
+            iris_r=u(2.9, 4.0),
             nose_w=u(10.0, 19.0),
             nose_len=u(10.0, 20.0),
             lip_color=_color(np.clip(lip, 20, 240)),
@@ -405,19 +405,20 @@ def _draw_eyes(p: _Shapes, idn: FaceIdentity, lm: np.ndarray, blink: float, gaze
                 c[:, 1] = np.clip(c[:, 1], up, lo)
                 p.poly(c, col)
             p.ellipse(ix + 0.9, iy - 0.9, 0.7, 0.7, (250, 250, 250), 12)
-        p.line(np.stack([x, upper], 1), (30, 22, 20), 1.1)
+        p.line(np.stack([x, upper], 1), (30, 22, 20), 1.3)
+        p.line(np.stack([x, lower], 1)[2:-2], _rgb(idn.skin, 0.7), 0.6)
 
 
 def _draw_nose(p: _Shapes, idn: FaceIdentity, lm: np.ndarray) -> None:
     nx, ny = lm[2]
     w = idn.nose_w
-    shade = _rgb(idn.skin, 0.8)
+    shade = _rgb(idn.skin, 0.7)
     p.ellipse(nx, ny + 0.5, w * 0.5, 4.0, _rgb(idn.skin, 0.9))
     for side in (-1.0, 1.0):
         bridge = np.array([[nx + side * 3.0, ny - idn.nose_len], [nx + side * 3.5, ny - idn.nose_len * 0.4],
                            [nx + side * w * 0.45, ny + 0.5]])  # fmt: skip
         p.line(bridge, shade, 1.0)
-        p.ellipse(nx + side * w * 0.22, ny + 2.2, w * 0.1 + 0.6, 1.1, _rgb(idn.skin, 0.45), 12)
+        p.ellipse(nx + side * w * 0.22, ny + 2.2, w * 0.1 + 0.7, 1.3, _rgb(idn.skin, 0.35), 12)
     p.ellipse(nx, ny - 0.6, w * 0.16 + 1.0, 2.2, _rgb(idn.skin, 1.06), 12)
 
 
