@@ -735,7 +735,8 @@ def write_synth(
 ) -> dict:
     """Write the synthetic dataset to ``out``: train.rec/.idx/property (layout A), synth.bin, synth_meta.json.
 
-    Returns a summary: records, identities, pairs, seconds, images_per_s.
+    Returns a summary: records (training images), identities, pairs, seconds, images_per_s (every image
+    rendered, training and verification, over the wall time of the whole call).
     """
     if identities < 1 or images_per_identity < 1 or pairs < 2 or workers < 1:
         raise ValueError("identities and images_per_identity must be >= 1, pairs >= 2, workers >= 1")
