@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -65,6 +66,7 @@ def run_convert_benchmark(
         "copy_records_per_s": records / copy_seconds,
         "copy_mb_per_s": rec_bytes / copy_seconds / 1e6,
         "ratio_to_copy": copy_seconds / seconds,
+        "median_ratio_to_copy": statistics.median(copy_times) / statistics.median(convert_times),
         "workers": workers,
         "samples_per_shard": samples_per_shard,
         "repeats": repeats,

@@ -244,7 +244,10 @@ def bench_convert(
         f"{'convert (' + str(workers) + ' workers)':24}{result['seconds']:>10.2f}{result['records_per_s']:>14,.0f}"
         f"{result['mb_per_s']:>10.0f}"
     )
-    click.echo(f"ratio convert / copy: {result['ratio_to_copy']:.2f}  ({result['records']:,} records)")
+    click.echo(
+        f"ratio convert / copy: {result['ratio_to_copy']:.2f} (fastest runs), {result['median_ratio_to_copy']:.2f} "
+        f"(medians of {repeats})  ({result['records']:,} records)"
+    )
     if json_path:
         json_path.write_text(json.dumps(result, indent=1) + "\n")
 

@@ -238,6 +238,7 @@ class RecordFile:
             raise RecordIOError(f"{self.path}: empty file, no records")
         self._buf = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         self._view = memoryview(self._buf)
+        self._bytes = np.frombuffer(self._buf, dtype=np.uint8)
         if self.idx_path is not None:
             if not self.idx_path.is_file():
                 self.close()
@@ -358,10 +359,43 @@ class RecordFile:
         _, labels, image = self._unpack(key, offset)
         return tuple(labels.tolist()), image
 
+    @property
+    def view(self) -> memoryview:
+        """The whole file as a read-only, zero-copy view (valid until ``close``)."""
+        return self._view
+
+    def simple_jpegs(self, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Vectorised parse of the records at ``offsets``: which are plain single-part JPEG records with a scalar
+        label (the common case), and for those the image's start, length and the label. Anything else (multi-part,
+        vector label, PNG, corrupt) is left to the checked per-record path.
+        Returns (ok, image_start, image_length, label)."""
+        offsets = np.asarray(offsets, dtype=np.int64)
+        head_bytes = 8 + IR_HEADER.size + 4  # frame, IRHeader, the image's first 4 bytes
+        inside = offsets + head_bytes <= self.size
+        idx = np.where(inside, offsets, 0)[:, None] + np.arange(head_bytes)
+        head = self._bytes[idx]
+        words = head.view("<u4")
+        magic, lrecord, flag = words[:, 0], words[:, 1], words[:, 2]
+        label = head.view("<f4")[:, 3]
+        length = (lrecord & _LENGTH_MASK).astype(np.int64)
+        ok = (
+            inside
+            & (magic == MAGIC)
+            & (lrecord >> 29 == 0)
+            & (flag == 0)
+            & (length >= IR_HEADER.size + 3)
+            & (offsets + 8 + length <= self.size)
+            & (head[:, 32] == 0xFF)
+            & (head[:, 33] == 0xD8)
+            & (head[:, 34] == 0xFF)
+        )
+        return ok, offsets + 8 + IR_HEADER.size, length - IR_HEADER.size, label
+
     def close(self) -> None:
         """Release the mapping and the file."""
         buf = getattr(self, "_buf", None)
         if buf is not None:
+            self._bytes = None
             try:
                 self._view.release()
                 buf.close()

@@ -71,9 +71,7 @@ _IRIS = np.array(
     ],
     dtype=np.float64,
 )
-_FRAMES = np.array(
-    [[20, 20, 22], [92, 58, 30], [196, 166, 80], [184, 186, 196], [160, 30, 40], [40, 60, 150]]
-)
+_FRAMES = np.array([[20, 20, 22], [92, 58, 30], [196, 166, 80], [184, 186, 196], [160, 30, 40], [40, 60, 150]])
 
 # Hair styles (top of the head): how the hairline runs over the forehead.
 _STYLES = ("short", "fringe", "side_part", "receding", "bald", "buzz", "widow_peak", "curly")
@@ -143,17 +141,13 @@ class FaceIdentity:
         lm = TEMPLATE + rng.uniform(-1.2, 1.2, size=(5, 2))
         lm[1, 1] = TEMPLATE[1, 1] + np.clip(lm[0, 1] - TEMPLATE[0, 1] + u(-0.4, 0.4), -1.2, 1.2)  # level eyes
         j = int(rng.integers(len(_SKIN) - 1))
-        skin = (
-            _SKIN[j] + (_SKIN[j + 1] - _SKIN[j]) * u() + rng.uniform(-10, 10, 3) * np.array([1.0, 0.8, 0.8])
-        )
+        skin = _SKIN[j] + (_SKIN[j + 1] - _SKIN[j]) * u() + rng.uniform(-10, 10, 3) * np.array([1.0, 0.8, 0.8])
         skin = np.clip(skin, 30, 255)
         hair = _HAIR[rng.choice(len(_HAIR), p=_HAIR_P / _HAIR_P.sum())] + rng.uniform(-14, 14, 3)
         hair = np.clip(hair, 8, 245)
         style = int(rng.integers(len(_STYLES)))
         female_ish = u() < 0.5
-        hairline = {"fringe": u(30, 38), "receding": u(14, 20), "bald": u(8, 14)}.get(
-            _STYLES[style], u(17, 27)
-        )
+        hairline = {"fringe": u(30, 38), "receding": u(14, 20), "bald": u(8, 14)}.get(_STYLES[style], u(17, 27))
         brow_dark = u(0.45, 0.95)
         brow = np.clip(hair * brow_dark + skin * (1 - brow_dark) * 0.35, 10, 230)
         if _STYLES[style] == "bald" or hair.mean() > 150:
@@ -241,9 +235,7 @@ class _Shapes:
     def line(self, p: np.ndarray, fill: tuple[int, int, int], width: float, closed: bool = False) -> None:
         self.items.append((np.concatenate([p, p[:2]]) if closed else p, fill, width))
 
-    def ellipse(
-        self, cx: float, cy: float, rx: float, ry: float, fill: tuple[int, int, int], n: int = 24
-    ) -> None:
+    def ellipse(self, cx: float, cy: float, rx: float, ry: float, fill: tuple[int, int, int], n: int = 24) -> None:
         circle = _CIRCLE24 if n == 24 else _CIRCLE12
         self.items.append((circle * (rx, ry) + (cx, cy), fill, 0.0))
 
@@ -372,13 +364,7 @@ def _draw_ears(p: _Shapes, idn: FaceIdentity) -> None:
 def _draw_brows(p: _Shapes, idn: FaceIdentity, lm: np.ndarray, raise_: float) -> None:
     for side, (ex, ey) in ((-1.0, lm[0]), (1.0, lm[1])):
         x = ex + side * (-idn.eye_w * 0.6 + _T9 * idn.eye_w * 1.3)
-        y = (
-            ey
-            - idn.brow_gap
-            - raise_
-            - idn.brow_arch * np.sin(np.pi * _T9**0.8)
-            - idn.brow_tilt * (_T9 - 0.3)
-        )
+        y = ey - idn.brow_gap - raise_ - idn.brow_arch * np.sin(np.pi * _T9**0.8) - idn.brow_tilt * (_T9 - 0.3)
         th = idn.brow_thick * (1.0 - 0.55 * _T9)
         top = np.stack([x, y - th / 2], axis=1)
         bottom = np.stack([x, y + th / 2], axis=1)[::-1]
@@ -501,9 +487,7 @@ def _background(rng: np.random.Generator) -> Image.Image:
     grey = rng.uniform(30, 225)
     base = grey + (rng.uniform(20, 235, 3) - grey) * rng.uniform(0.1, 0.6)
     grid = np.clip(base + rng.normal(0, 22, (3, 3, 3)), 0, 255).astype(np.uint8)
-    return (
-        Image.fromarray(grid).resize((56, 56), Image.BILINEAR).resize((SIZE * _SS, SIZE * _SS), Image.NEAREST)
-    )
+    return Image.fromarray(grid).resize((56, 56), Image.BILINEAR).resize((SIZE * _SS, SIZE * _SS), Image.NEAREST)
 
 
 def _noise_bank() -> np.ndarray:
@@ -515,9 +499,7 @@ def _noise_bank() -> np.ndarray:
 
 _NOISE: np.ndarray | None = None
 # light-gradient coordinates in -1..1, laid out as rows of 112*3 values (RGB interleaved) for fast arithmetic
-_YY3, _XX3 = (
-    np.repeat(g, 3, axis=1) for g in np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / np.float32(SIZE / 2) - 1
-)
+_YY3, _XX3 = (np.repeat(g, 3, axis=1) for g in np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / np.float32(SIZE / 2) - 1)
 
 
 _STATIC: dict[FaceIdentity, tuple[_Group, _Group, _Group, _Group]] = {}
@@ -540,9 +522,7 @@ def _static_geometry(idn: FaceIdentity) -> tuple[_Group, _Group, _Group, _Group]
     head.poly((outline - (56.0, 60.0)) * (0.93, 0.95) + (56.0, 59.0), _rgb(idn.skin))
     if idn.blush > 0.05:
         for side in (-1.0, 1.0):
-            head.ellipse(
-                56.0 + side * idn.face_w * 0.55, 78.0, 7.0, 5.0, _mix(idn.skin, (214, 90, 96), idn.blush)
-            )
+            head.ellipse(56.0 + side * idn.face_w * 0.55, 78.0, 7.0, 5.0, _mix(idn.skin, (214, 90, 96), idn.blush))
     for mx, my, mr in idn.moles:
         head.ellipse(mx, my, mr, mr, _rgb(idn.skin, 0.45), 12)
     _draw_beard(head, idn, outline, lm)
@@ -615,9 +595,7 @@ def draw_face(identity: FaceIdentity, rng: np.random.Generator) -> np.ndarray:
     light = np.float32(g * np.cos(theta)) * _XX3 + np.float32(g * np.sin(theta)) * _YY3 + np.float32(1.0)
     light *= np.tile(gain.astype(np.float32), SIZE)
     oy, ox = rng.integers(0, 256 - SIZE, 2)
-    noise = _noise_bank()[oy : oy + SIZE, ox : ox + SIZE].reshape(SIZE, 3 * SIZE) * np.float32(
-        rng.uniform(1.0, 6.0)
-    )
+    noise = _noise_bank()[oy : oy + SIZE, ox : ox + SIZE].reshape(SIZE, 3 * SIZE) * np.float32(rng.uniform(1.0, 6.0))
     noise += np.float32(offset)
     x = x.reshape(SIZE, 3 * SIZE)
     x *= light
