@@ -317,3 +317,39 @@ def test_bench_convert_reports_both_rates(small_dataset, tmp_path):
     assert result["ratio_to_copy"] == pytest.approx(result["records_per_s"] / result["copy_records_per_s"])
     assert "ratio convert / copy" in r.output
     assert not list(src.glob(".facetool-bench-*"))
+
+
+def test_vectorised_headers_equal_single_headers():
+    from facetool.pipeline.shards import _tar_headers
+
+    rng = np.random.default_rng(5)
+    sizes = np.concatenate([rng.integers(0, 10**7, 200), [0, 1, 511, 512, 8**11 - 1]])
+    names = [f"{int(k):09d}.label.i32".encode() for k in rng.integers(0, 10**9, sizes.size)]
+    block = _tar_headers(np.frombuffer(b"".join(names), np.uint8).reshape(len(names), -1), sizes)
+    for row, name, size in zip(block, names, sizes.tolist(), strict=True):
+        assert row.tobytes() == _tar_header(name, size)
+
+
+def test_shard_mixing_fast_and_checked_records(tmp_path):
+    """Layout A fixture: plain JPEGs (vectorised path), a PNG and a split record (checked path) in one shard."""
+    import webdataset as wds
+    from wds2idx import IndexCreator
+
+    convert(MXNET_FIXTURES / "layout_a", tmp_path, ConvertOptions(samples_per_shard=100))
+    expected = json.loads((MXNET_FIXTURES / "expected.json").read_text())["layout_a"]["images"]
+    got = Counter()
+    for s in wds.WebDataset([str(tmp_path / "shard-000000.tar")], shardshuffle=False, empty_check=False):
+        image = s.get("jpg", s.get("png"))
+        got[(hashlib.sha256(image).hexdigest(), int(np.frombuffer(s["label.i32"], "<i4")[0]))] += 1
+    assert got == Counter((e["sha256"], int(e["label"][0])) for e in expected)
+    with IndexCreator(str(tmp_path / "shard-000000.tar"), str(tmp_path / "ref.idx"), verbose=False) as ic:
+        ic.create_index()
+    assert (tmp_path / "ref.idx").read_bytes() == (tmp_path / "shard-000000.idx").read_bytes()
+
+
+def test_label_beyond_property_classes_is_an_error(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(MXNET_FIXTURES / "layout_b", src)
+    (src / "property").write_text("3,112,112\n")
+    line = _error_line(["convert", str(src), str(tmp_path / "out"), "--quiet"])
+    assert "train.rec" in line and "outside [0, 3)" in line and "record" in line
