@@ -71,18 +71,47 @@ def _parse_part(value: str) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------------------
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--identities", default=200, show_default=True, help="Training identities (classes).")
-@click.option("--images-per-identity", default=40, show_default=True, help="Images drawn per training identity.")
-@click.option("--pairs", default=1000, show_default=True, help="Pairs in the held-out verification set synth.bin.")
+@click.option(
+    "--identities", type=click.IntRange(min=1), default=200, show_default=True, help="Training identities (classes)."
+)
+@click.option(
+    "--images-per-identity",
+    type=click.IntRange(min=1),
+    default=40,
+    show_default=True,
+    help="Images drawn per training identity.",
+)
+@click.option(
+    "--pairs",
+    type=click.IntRange(min=2),
+    default=1000,
+    show_default=True,
+    help="Pairs in the held-out verification set synth.bin.",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed: the same seed gives byte-identical files.")
-@click.option("--workers", default=os.cpu_count() or 1, show_default="all cores", help="Drawing processes.")
-def synth(out: Path, identities: int, images_per_identity: int, pairs: int, seed: int, workers: int) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=os.cpu_count() or 1,
+    show_default="all cores",
+    help="Drawing processes.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def synth(
+    out: Path, identities: int, images_per_identity: int, pairs: int, seed: int, workers: int, quiet: bool
+) -> None:
     """Draw a synthetic face dataset into OUT: train.rec/train.idx/property (InsightFace layout A) plus a
     verification set synth.bin of held-out identities. It is the built-in dataset of `make demo` and the tests."""
     from facetool.pipeline.synth import write_synth
 
     summary = write_synth(
-        out, identities=identities, images_per_identity=images_per_identity, pairs=pairs, seed=seed, workers=workers
+        out,
+        identities=identities,
+        images_per_identity=images_per_identity,
+        pairs=pairs,
+        seed=seed,
+        workers=workers,
+        progress=not quiet,
     )
     click.echo(
         f"synth: {summary['records']} images of {summary['identities']} identities and {summary['pairs']} "
@@ -96,11 +125,14 @@ def synth(out: Path, identities: int, images_per_identity: int, pairs: int, seed
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--samples-per-shard",
+    type=click.IntRange(min=1),
     default=30_000,
     show_default=True,
     help="Samples per tar shard; the default gives ~250 MB shards of 112x112 JPEGs.",
 )
-@click.option("--workers", default=1, show_default=True, help="Processes writing shards in parallel.")
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes writing shards in parallel."
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the global shuffle.")
 @click.option(
     "--no-shuffle", is_flag=True, help="Keep the source's record order (InsightFace files are sorted by identity)."
@@ -216,15 +248,23 @@ def bench() -> None:
 
 @bench.command("convert")
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
-@click.option("--workers", default=2, show_default=True, help="Convert processes.")
-@click.option("--samples-per-shard", default=30_000, show_default=True, help="Samples per shard.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Convert processes.")
+@click.option(
+    "--samples-per-shard", type=click.IntRange(min=1), default=30_000, show_default=True, help="Samples per shard."
+)
 @click.option(
     "--tmp-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Where to write (default: a temporary folder beside SRC, on the same disk).",
 )
-@click.option("--repeats", default=3, show_default=True, help="Runs of each contender; the fastest is reported.")
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Runs of each contender; the fastest is reported.",
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON.")
 def bench_convert(
     src: Path, workers: int, samples_per_shard: int, tmp_dir: Path | None, repeats: int, json_path: Path | None

@@ -738,7 +738,7 @@ def write_synth(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n_img + len(pair_jobs), unit="img", desc="synth")
+        bar = tqdm(total=n_img + len(pair_jobs), unit="img", desc="synth", disable=None)
     t0 = time.perf_counter()
     results = _ordered_map(_render_many, train_chunks + pair_chunks, workers)
     key = 1
