@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from facetool.pipeline.shards import ConvertOptions, Source, convert
+from facetool.pipeline.shards import DEFAULT_SAMPLES_PER_SHARD, ConvertOptions, Source, convert
 
 
 def _drop_tree(path: Path) -> None:
@@ -19,7 +19,7 @@ def _drop_tree(path: Path) -> None:
 def run_convert_benchmark(
     src: str | os.PathLike,
     workers: int = 2,
-    samples_per_shard: int = 30_000,
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
     tmp_dir: str | os.PathLike | None = None,
     repeats: int = 3,
 ) -> dict:

@@ -14,6 +14,7 @@ import click
 
 from facetool import __version__
 from facetool.cli_models import bench_models_command, export_command
+from facetool.pipeline import DEFAULT_SAMPLES_PER_SHARD
 from facetool.pipeline.errors import FacetoolError
 
 
@@ -126,7 +127,7 @@ def synth(
 @click.option(
     "--samples-per-shard",
     type=click.IntRange(min=1),
-    default=30_000,
+    default=DEFAULT_SAMPLES_PER_SHARD,
     show_default=True,
     help="Samples per tar shard; the default gives ~250 MB shards of 112x112 JPEGs.",
 )
@@ -250,7 +251,11 @@ def bench() -> None:
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Convert processes.")
 @click.option(
-    "--samples-per-shard", type=click.IntRange(min=1), default=30_000, show_default=True, help="Samples per shard."
+    "--samples-per-shard",
+    type=click.IntRange(min=1),
+    default=DEFAULT_SAMPLES_PER_SHARD,
+    show_default=True,
+    help="Samples per shard.",
 )
 @click.option(
     "--tmp-dir",

@@ -65,11 +65,12 @@ class Record:
         return int(self.label[0])
 
 
-def image_extension(image: bytes) -> str | None:
+def image_extension(image: bytes | memoryview) -> str | None:
     """``"jpg"`` or ``"png"`` from the payload's signature; None for anything else."""
-    if image.startswith(JPEG_SIGNATURE):
+    head = bytes(image[:8])
+    if head.startswith(JPEG_SIGNATURE):
         return "jpg"
-    if image.startswith(PNG_SIGNATURE):
+    if head.startswith(PNG_SIGNATURE):
         return "png"
     return None
 
@@ -343,19 +344,9 @@ class RecordFile:
         a, b = int(self.header_label[0]), int(self.header_label[1])
         return np.array([self.read_key(k).label[:2] for k in range(a, b)], dtype=np.int64).reshape(-1, 2)
 
-    def read_at(self, key: int, offset: int) -> tuple[tuple[float, ...], bytes | memoryview]:
-        """Labels and image of the record at ``offset``, for bulk readers: a single-part record's image comes back
-        as a zero-copy view of the mapping (valid until ``close``); anything else takes the checked path."""
-        buf = self._buf
-        if offset + 8 <= self.size:
-            magic, lrecord = _FRAME.unpack_from(buf, offset)
-            length, start = lrecord & _LENGTH_MASK, offset + 8
-            if magic == MAGIC and lrecord >> 29 == 0 and length >= IR_HEADER.size and start + length <= self.size:
-                flag, label, _, _ = IR_HEADER.unpack_from(buf, start)
-                first = start + IR_HEADER.size + 4 * flag
-                if first <= start + length:
-                    labels = (label,) if flag == 0 else struct.unpack_from(f"<{flag}f", buf, start + IR_HEADER.size)
-                    return labels, self._view[first : start + length]
+    def read_at(self, key: int, offset: int) -> tuple[tuple[float, ...], bytes]:
+        """Labels (as a tuple) and image bytes of the record at ``offset``, fully checked; for bulk writers that
+        already hold the key and offset."""
         _, labels, image = self._unpack(key, offset)
         return tuple(labels.tolist()), image
 

@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from facetool import __version__
+from facetool.pipeline import DEFAULT_SAMPLES_PER_SHARD
 from facetool.pipeline.errors import FacetoolError
-from facetool.pipeline.recordio import JPEG_SIGNATURE, PNG_SIGNATURE, RecordFile, RecordIOError, read_property
+from facetool.pipeline.recordio import RecordFile, RecordIOError, image_extension, read_property
 
 FORMAT_NAME = "facetool-shards"
 FORMAT_VERSION = 1
 LABEL_EXT = "label.i32"
-DEFAULT_SAMPLES_PER_SHARD = 30_000  # ~250 MB of 112x112 JPEGs (about 8 KB a sample with tar headers)
 STATE_DIR = ".facetool-convert"
 _BLOCK = 512
 _RECORD_SIZE = 20 * _BLOCK  # tar's record size: archives end on a multiple of it, as GNU tar and tarfile write
@@ -261,8 +261,7 @@ def _sample_members(
 ) -> list[tuple[str, bytes | memoryview]]:
     """The members of one sample, sorted by extension: original image bytes, int32 label, and the full label
     vector (``json``) when the record has one."""
-    head = bytes(image[:8])
-    ext = "jpg" if head.startswith(JPEG_SIGNATURE) else "png" if head.startswith(PNG_SIGNATURE) else None
+    ext = image_extension(image)
     if ext is None:
         what = "no image bytes" if not len(image) else "image bytes are neither JPEG nor PNG"
         raise RecordIOError(f"{rec_path}: record {key}: {what}")
