@@ -361,13 +361,15 @@ class RecordFile:
         vector label, PNG, corrupt) is left to the checked per-record path.
         Returns (ok, image_start, image_length, label)."""
         offsets = np.asarray(offsets, dtype=np.int64)
-        head_bytes = 8 + IR_HEADER.size + 4  # frame, IRHeader, the image's first 4 bytes
-        inside = offsets + head_bytes <= self.size
-        idx = np.where(inside, offsets, 0)[:, None] + np.arange(head_bytes)
-        head = self._bytes[idx]
-        words = head.view("<u4")
-        magic, lrecord, flag = words[:, 0], words[:, 1], words[:, 2]
-        label = head.view("<f4")[:, 3]
+        # MXNet pads records to 4 bytes, so a record's words are aligned: gather the 5 we need, not 36 bytes
+        words = self._bytes[: self.size - self.size % 4].view("<u4")
+        head_words = (0, 1, 2, 3, 8)  # magic, lrecord, IRHeader flag, IRHeader label, the image's first 4 bytes
+        inside = (offsets % 4 == 0) & (offsets >= 0) & (offsets + 4 * (head_words[-1] + 1) <= words.size * 4)
+        if not inside.any():
+            inside, words = np.zeros_like(inside), np.zeros(head_words[-1] + 1, dtype="<u4")
+        head = words[np.where(inside, offsets // 4, 0)[:, None] + np.array(head_words)]
+        magic, lrecord, flag, image_start = head[:, 0], head[:, 1], head[:, 2], head[:, 4]
+        label = head[:, 3].view("<f4")
         length = (lrecord & _LENGTH_MASK).astype(np.int64)
         ok = (
             inside
@@ -376,9 +378,7 @@ class RecordFile:
             & (flag == 0)
             & (length >= IR_HEADER.size + 3)
             & (offsets + 8 + length <= self.size)
-            & (head[:, 32] == 0xFF)
-            & (head[:, 33] == 0xD8)
-            & (head[:, 34] == 0xFF)
+            & (image_start & 0xFFFFFF == 0xFFD8FF)  # the JPEG SOI marker and the next marker's first byte
         )
         return ok, offsets + 8 + IR_HEADER.size, length - IR_HEADER.size, label
 
