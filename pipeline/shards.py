@@ -103,6 +103,41 @@ def _ascii(text: str, n: int) -> np.ndarray:
     return np.broadcast_to(np.frombuffer(text.encode(), dtype=np.uint8), (n, len(text)))
 
 
+def _decimal(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ASCII decimal digits of non-negative values, right-aligned in as many columns as the largest needs, and
+    which of them to keep (each number without its leading zeros)."""
+    width = len(str(int(values.max()))) if values.size else 1
+    digits = (values[:, None] // 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)) % 10
+    keep = np.logical_or.accumulate(digits != 0, axis=1)
+    keep[:, -1] = True
+    return digits.astype(np.uint8) + ord("0"), keep
+
+
+def _plain_index_lines(
+    image_names: np.ndarray, image_pos: np.ndarray, lengths: np.ndarray, label_pos: np.ndarray
+) -> bytes:
+    """The DALI index lines (``jpg POS SIZE KEY.jpg label.i32 POS 4 KEY.label.i32``) of plain-JPEG samples, all
+    at once: laid out in fixed-width columns, then the numbers' leading zeros are dropped."""
+    n = image_names.shape[0]
+    fixed = np.ones(1, dtype=bool)
+    columns = [
+        (_ascii("jpg ", n), fixed),
+        _decimal(image_pos),
+        (_ascii(" ", n), fixed),
+        _decimal(lengths),
+        (_ascii(" ", n), fixed),
+        (image_names, fixed),
+        (_ascii(" label.i32 ", n), fixed),
+        _decimal(label_pos),
+        (_ascii(" 4 ", n), fixed),
+        (image_names[:, :9], fixed),
+        (_ascii(".label.i32\n", n), fixed),
+    ]
+    chars = np.concatenate([c for c, _ in columns], axis=1)
+    keep = np.concatenate([np.broadcast_to(k, c.shape) for c, k in columns], axis=1)
+    return chars[keep].tobytes()
+
+
 class _ShardWriter:
     """Streams members into one tar, hashing as it goes and collecting the DALI index (wds2idx v1.2)."""
 
@@ -112,7 +147,8 @@ class _ShardWriter:
         self.parts: list[bytes | memoryview] = []
         self.pos = 0
         self._flushed = 0
-        self.lines: list[str] = []
+        self.index: list[bytes] = []  # DALI index lines, newline-terminated (a sample's, or a block of them)
+        self.samples = 0
         # hashing and writing release the GIL: one thread does them while the caller builds the next chunk
         self._io = ThreadPoolExecutor(1, thread_name_prefix="shard-io")
         self._pending: Future | None = None
@@ -128,7 +164,8 @@ class _ShardWriter:
             entries.append(f"{ext} {pos + _BLOCK} {size} {name}")
             pos += _BLOCK + size + pad
         self.pos = pos
-        self.lines.append(" ".join(entries))
+        self.index.append((" ".join(entries) + "\n").encode())
+        self.samples += 1
         self.maybe_flush()
 
     def maybe_flush(self) -> None:
@@ -184,9 +221,9 @@ class _ShardWriter:
         self._io.shutdown(wait=True, cancel_futures=True)
         self._f.close()
 
-    def index_text(self) -> str:
+    def index_bytes(self) -> bytes:
         """The DALI index, as ``wds2idx`` writes it."""
-        return f"v1.2 {len(self.lines)}\n" + "".join(line + "\n" for line in self.lines)
+        return b"v1.2 %d\n" % self.samples + b"".join(self.index)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,8 +378,8 @@ def write_shard(out: Path, shard: int, positions: np.ndarray, on_error: str) -> 
         writer.abort()
         tmp_tar.unlink(missing_ok=True)
         raise
-    stats = ShardStats(f"{name}.tar", f"{name}.idx", len(writer.lines), 0, size, digest, max_label, skipped)
-    _atomic_write(tmp_idx, writer.index_text(), final=idx_path)
+    stats = ShardStats(f"{name}.tar", f"{name}.idx", writer.samples, 0, size, digest, max_label, skipped)
+    _atomic_write(tmp_idx, writer.index_bytes(), final=idx_path)
     _atomic_write(stats_path.with_name(stats_path.name + ".tmp"), json.dumps(asdict(stats)), final=stats_path)
     os.replace(tmp_tar, tar_path)
     return stats
@@ -374,8 +411,8 @@ def _write_plain_jpegs(
     glue_end[n] -= _BLOCK  # the gap after the last image has no header
     image_pos = writer.pos + np.cumsum(glue_end - glue_start)[:n] + np.concatenate([[0], np.cumsum(lengths)[:-1]])
     label_pos = image_pos + lengths + pads + _BLOCK
-    line = "jpg {} {} {:09d}.jpg label.i32 {} 4 {:09d}.label.i32".format
-    writer.lines += map(line, image_pos.tolist(), lengths.tolist(), keys.tolist(), label_pos.tolist(), keys.tolist())
+    writer.index.append(_plain_index_lines(image_names, image_pos, lengths, label_pos))
+    writer.samples += n
 
     glue = np.zeros((_FAST_BLOCK + 1, width), dtype=np.uint8)  # reused: only header and label bytes change
     flat = memoryview(glue.reshape(-1))
@@ -430,9 +467,9 @@ def _write_checked(
     return max_label
 
 
-def _atomic_write(tmp: Path, text: str, final: Path) -> None:
-    with open(tmp, "w") as f:
-        f.write(text)
+def _atomic_write(tmp: Path, text: str | bytes, final: Path) -> None:
+    with open(tmp, "wb") as f:
+        f.write(text.encode() if isinstance(text, str) else text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
