@@ -1,0 +1,536 @@
+"""Putting a mask on one aligned face: per-image parameters, illumination transfer, compositing, JPEG in and out.
+
+Per image, everything is drawn from ``default_rng([seed, 0x6D, key])``: the kind (by the configured weights), one
+of the kind's sprites, a mirror flip, a whole-pixel shift, colours (a palette per kind with hue, saturation and
+value jitter), a light direction and ambient level, and the contact shadow's strength. From the face itself come
+the illumination (a low-order fit of its luminance over a 7x7 grid of blocks, so its own light gradient and
+exposure carry over to the mask without imprinting its features), a colour cast, and the noise and blur levels the
+mask layer is given so that it is not the one crisp thing in a soft image. The composite is numpy arithmetic on the
+mask's rows only; the JPEG twin is encoded with the source's own quantisation tables and chroma subsampling.
+"""
+
+from __future__ import annotations
+
+import bisect
+import colorsys
+import hashlib
+import io
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, JpegImagePlugin
+
+from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.masks.sprites import (
+    BLUR_LEVELS,
+    KINDS,
+    TEMPLATE_SIZE,
+    VARIANTS,
+    Sprite,
+    eye_limit_row,
+    get_sprite,
+)
+
+#: Default share of each kind (loosely InsightFace's 0.4/0.4/0.1/0.1 colour mix, spread over four shapes).
+DEFAULT_WEIGHTS: dict[str, float] = {"surgical": 0.5, "kn95": 0.2, "n95": 0.15, "cloth": 0.15}
+_TAG_RENDER = 0x6D  # keeps the per-image stream apart from other uses of (seed, key)
+_TAG_SELECT = 0x5E1EC7
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_SKIN_CHROMA = np.array([1.17, 0.98, 0.85])  # typical skin RGB over its mean: the cast is measured against it
+_GRID = 7  # blocks per side of the illumination analysis
+
+
+class MaskError(FacetoolError):
+    """An image that cannot be masked (undecodable bytes, wrong shape)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parameters and results
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MaskParams:
+    """What was drawn for one image (all plain values, JSON-ready with ``to_dict``)."""
+
+    kind: str
+    variant: int
+    flip: bool
+    shift: tuple[int, int]  # (dx, dy) pixels
+    color: tuple[float, float, float]
+    second_color: tuple[float, float, float]
+    strap_color: tuple[float, float, float]
+    light: tuple[float, float, float]
+    ambient: float
+    shadow: float
+    noise_sigma: float
+    blur: float  # Gaussian sigma of the mask's edges and detail, pixels
+    exposure: float
+    cast: tuple[float, float, float]
+    geometry: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MaskResult:
+    """A masked face: ``image`` (H, W, 3) uint8, ``region`` (H, W) bool (the pixels the mask or its straps cover
+    at least half), and ``params`` (:class:`MaskParams`, built on first access: the JPEG path never needs it)."""
+
+    __slots__ = ("image", "region", "_raw", "_params")
+
+    def __init__(self, image: np.ndarray, region: np.ndarray, raw: dict) -> None:
+        self.image, self.region, self._raw, self._params = image, region, raw, None
+
+    @property
+    def params(self) -> MaskParams:
+        if self._params is None:
+            r = self._raw
+            self._params = MaskParams(
+                kind=r["kind"],
+                variant=r["variant"],
+                flip=r["flip"],
+                shift=r["shift"],
+                color=tuple(round(float(c), 1) for c in r["colors"][0]),
+                second_color=tuple(round(float(c), 1) for c in r["colors"][1]),
+                strap_color=tuple(round(float(c), 1) for c in r["colors"][2]),
+                light=tuple(round(float(c), 4) for c in r["light"]),
+                ambient=round(r["ambient"], 4),
+                shadow=round(r["shadow"], 4),
+                noise_sigma=round(r["sigma"], 3),
+                blur=BLUR_LEVELS[r["level"]],
+                exposure=round(r["exposure"], 4),
+                cast=tuple(round(float(c), 4) for c in r["cast"]),
+                geometry=dict(r["geometry"]),
+            )
+        return self._params
+
+
+def normalise_weights(weights: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Kind weights as probabilities in ``KINDS`` order (missing kinds get 0); ``None`` gives the defaults."""
+    if weights is None:
+        weights = DEFAULT_WEIGHTS
+    unknown = sorted(set(weights) - set(KINDS))
+    if unknown:
+        raise FacetoolError(f"unknown mask kind(s) {', '.join(unknown)}; expected some of {', '.join(KINDS)}")
+    values = [float(weights.get(k, 0.0)) for k in KINDS]
+    if any(not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
+        raise FacetoolError(f"mask weights must be non-negative with a positive sum, got {dict(weights)}")
+    total = sum(values)
+    return {k: v / total for k, v in zip(KINDS, values, strict=True)}
+
+
+_DEFAULT_PROBABILITIES = normalise_weights(DEFAULT_WEIGHTS)
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """``"surgical=0.5,kn95=0.2,n95=0.15,cloth=0.15"`` -> normalised weights (for the command line)."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name.strip().lower()] = float(value)
+        except ValueError:
+            raise FacetoolError(f"mask weights: expected KIND=WEIGHT[,KIND=WEIGHT...], got {part!r}") from None
+    return normalise_weights(out)
+
+
+def key_number(key: int | str) -> int:
+    """A non-negative integer for a sample key (ints as they are; strings by a stable hash)."""
+    if isinstance(key, int | np.integer):
+        if key < 0:
+            raise ValueError(f"mask keys must be >= 0, got {key}")
+        return int(key)
+    return int.from_bytes(hashlib.sha256(str(key).encode()).digest()[:8], "little")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# which samples get a mask
+# ---------------------------------------------------------------------------------------------------------------
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, vectorised (wrapping uint64 arithmetic)."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def select_masked(keys: Sequence[int] | np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Which of ``keys`` get a masked twin: each key independently with probability ``fraction``, decided by a
+    hash of (seed, key), so the choice does not depend on shard layout, worker count or order."""
+    if not 0.0 <= fraction <= 1.0:
+        raise FacetoolError(f"mask fraction must be in [0, 1], got {fraction}")
+    keys = np.atleast_1d(np.asarray(keys, dtype=np.uint64))
+    if fraction == 0.0:
+        return np.zeros(keys.shape, dtype=bool)
+    if fraction == 1.0:
+        return np.ones(keys.shape, dtype=bool)
+    with np.errstate(over="ignore"):
+        salt = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) ^ np.uint64(_TAG_SELECT))
+        u = (_mix64(keys ^ salt) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return u < fraction
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-size tables
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _SizeTables:
+    sample_rows: np.ndarray | slice  # a 28x28 grid of pixels: 7x7 blocks of 4x4 samples for the analysis
+    sample_cols: np.ndarray | slice
+    block_luma: np.ndarray  # (49, 784): block means of the samples
+    face_weights: np.ndarray  # (784,): mean over the samples of the face blocks
+    all_weights: np.ndarray  # (784,): mean over all samples
+    face_blocks: np.ndarray  # which of the 49 blocks lie on the face
+    fit: np.ndarray  # (4, n_face_blocks): least squares of [1, x, y, x^2] on those blocks
+    xn: np.ndarray  # (W,) normalised x of each column, and its square
+    xn2: np.ndarray
+    yn: np.ndarray  # (H,) normalised y of each row
+    patch_rows: np.ndarray  # cheek/nose patch whose noise and sharpness are measured
+    patch_cols: slice
+    noise: np.ndarray  # (2H, 2W) standard normal bank
+    limit_row: int
+
+
+def _normalised(t: np.ndarray, axis: str) -> np.ndarray:
+    return (t - 56.0) / 56.0 if axis == "x" else (t - 80.0) / 56.0
+
+
+@lru_cache(maxsize=8)
+def _tables(height: int, width: int) -> _SizeTables:
+    sx, sy = width / TEMPLATE_SIZE, height / TEMPLATE_SIZE
+    n = 4 * _GRID
+
+    def samples(size: int) -> np.ndarray | slice:
+        if size % n == 0:  # a strided view: cheaper than gathering
+            step = size // n
+            return slice(step // 2, size, step)
+        return ((np.arange(n) + 0.5) * size / n).astype(np.intp)
+
+    block_of = np.arange(n) // 4
+    block = (block_of[:, None] * _GRID + block_of[None, :]).ravel()  # the block of each of the 784 samples
+    block_luma = (block[None, :] == np.arange(_GRID * _GRID)[:, None]).astype(np.float32) / 16.0
+    centres = (np.arange(_GRID) + 0.5) * TEMPLATE_SIZE / _GRID  # template coordinates of the block centres
+    by, bx = np.meshgrid(centres, centres, indexing="ij")
+    face = ((bx >= 20) & (bx <= 92) & (by >= 36) & (by <= 96)).ravel()
+    xb, yb = _normalised(bx.ravel()[face], "x"), _normalised(by.ravel()[face], "y")
+    design = np.stack([np.ones_like(xb), xb, yb, xb * xb], axis=1)
+    fit = np.linalg.pinv(design).astype(np.float32)
+    face_weights = np.isin(block, np.nonzero(face)[0]).astype(np.float32)
+    face_weights /= face_weights.sum()
+    all_weights = np.full(n * n, 1.0 / (n * n), dtype=np.float32)
+    xn = _normalised((np.arange(width) + 0.5) / sx - 0.5, "x").astype(np.float32)
+    yn = _normalised((np.arange(height) + 0.5) / sy - 0.5, "y").astype(np.float32)
+    patch_rows = np.arange(round(58 * sy), round(84 * sy), 2)
+    patch_cols = slice(round(30 * sx), round(82 * sx))
+    noise = np.random.default_rng(0x6E6F697365).standard_normal((2 * height, 2 * width)).astype(np.float32)
+    return _SizeTables(
+        samples(height), samples(width), block_luma, face_weights, all_weights, np.nonzero(face)[0], fit, xn,
+        xn * xn, yn, patch_rows, patch_cols, noise, eye_limit_row(height),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# colours
+# ---------------------------------------------------------------------------------------------------------------
+_PALETTES: dict[str, tuple[list[tuple[int, int, int]], list[float]]] = {
+    "surgical": (
+        [(160, 205, 230), (238, 240, 242), (135, 200, 188), (40, 40, 44), (236, 184, 202), (192, 182, 226)],
+        [0.42, 0.2, 0.1, 0.15, 0.07, 0.06],
+    ),
+    "kn95": ([(242, 242, 240), (36, 36, 40), (172, 174, 178), (0, 0, 0)], [0.55, 0.2, 0.1, 0.15]),
+    "n95": ([(240, 240, 236), (208, 210, 213), (236, 228, 206), (172, 186, 202)], [0.55, 0.15, 0.15, 0.15]),
+}
+_STRAP_COLORS = [(232, 200, 64), (232, 132, 52), (74, 122, 204), (236, 236, 236), (92, 172, 96), (200, 180, 140)]
+_VALVE_COLORS = [(120, 122, 126), (236, 236, 236), (226, 140, 56), (72, 112, 172), (40, 40, 44)]
+
+
+def _hsv_jitter(rng: np.random.Generator, rgb: Sequence[float]) -> tuple[float, float, float]:
+    """Hue +-10 degrees, saturation x0.7..1.3, value x0.85..1.05."""
+    h, s, v = colorsys.rgb_to_hsv(*(c / 255.0 for c in rgb))
+    h = (h + rng.uniform(-10, 10) / 360.0) % 1.0
+    s = min(1.0, s * rng.uniform(0.7, 1.3))
+    v = min(1.0, v * rng.uniform(0.85, 1.05))
+    return tuple(255.0 * c for c in colorsys.hsv_to_rgb(h, s, v))
+
+
+def _random_hue(rng: np.random.Generator, s: tuple[float, float], v: tuple[float, float]) -> tuple[float, ...]:
+    return tuple(255.0 * c for c in colorsys.hsv_to_rgb(rng.random(), rng.uniform(*s), rng.uniform(*v)))
+
+
+def _colours(rng: np.random.Generator, kind: str) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """(main, second, strap) colours for ``kind``."""
+    if kind == "cloth":
+        main = _random_hue(rng, (0.15, 0.85), (0.18, 0.92))
+        pick = rng.random()
+        if pick < 0.35:
+            second = _hsv_jitter(rng, (236, 234, 228))
+        elif pick < 0.55:
+            second = _hsv_jitter(rng, (34, 34, 38))
+        else:
+            second = _random_hue(rng, (0.2, 0.9), (0.3, 0.95))
+        return main, second, tuple(0.9 * c for c in main)
+    colours, weights = _PALETTES[kind]
+    i = _pick(rng.random(), weights)
+    main = _random_hue(rng, (0.15, 0.35), (0.8, 0.95)) if colours[i] == (0, 0, 0) else _hsv_jitter(rng, colours[i])
+    dark = sum(main) < 240
+    if kind == "n95":
+        second = _hsv_jitter(rng, _VALVE_COLORS[_pick(rng.random(), [0.35, 0.3, 0.1, 0.15, 0.1])])
+        strap = _hsv_jitter(rng, _STRAP_COLORS[int(rng.integers(len(_STRAP_COLORS)))])
+    else:
+        second = main
+        strap = main if (dark or rng.random() < 0.3) else _hsv_jitter(rng, (240, 240, 240))
+    return main, second, strap
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rendering
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Analysis:
+    gain_rows: np.ndarray  # (H,) and (W,): the face's illumination relative to the mask's centre is
+    gain_cols: np.ndarray  # gain_rows[:, None] + gain_cols[None, :]
+    exposure: float
+    cast: tuple[float, float, float]  # colour cast of the light
+    sigma: float  # noise level, grey levels
+    level: int  # index into BLUR_LEVELS
+
+
+def _analyse(img: np.ndarray, t: _SizeTables) -> _Analysis:
+    """What the mask should inherit from the face: its low-frequency illumination (a fit of [1, x, y, x^2] to a
+    7x7 grid of block luminances over the face, so the light's direction and fall-off carry over but no feature
+    does), overall exposure, colour cast, noise level and sharpness. Scalars stay Python floats: numpy's per-call
+    overhead on scalars would cost more than the arithmetic on the arrays."""
+    small = img[t.sample_rows][:, t.sample_cols].astype(np.float32).reshape(-1, 3)  # 28x28 samples
+    luma = t.block_luma @ (small @ _LUMA)  # (49,) block means
+    c0, c1, c2, c3 = (t.fit @ luma[t.face_blocks]).tolist()
+    c0 = max(c0, 1.0)
+    gain_rows = (c2 / c0) * t.yn + 1.0
+    gain_cols = (c1 / c0) * t.xn + (c3 / c0) * t.xn2
+    face_rgb = (t.face_weights @ small).tolist()
+    all_rgb = (t.all_weights @ small).tolist()
+    face_luma = 0.299 * face_rgb[0] + 0.587 * face_rgb[1] + 0.114 * face_rgb[2]
+    all_luma = 0.299 * all_rgb[0] + 0.587 * all_rgb[1] + 0.114 * all_rgb[2]
+    exposure = min(max(((0.6 * face_luma + 0.4 * all_luma) / 135.0) ** 0.45, 0.55), 1.1)
+    fm, am = sum(face_rgb) / 3.0 + 1.0, sum(all_rgb) / 3.0 + 1.0
+    cast = [
+        ((f + 1.0) / fm / sk) ** 0.5 * ((a + 1.0) / am) ** 0.15
+        for f, a, sk in zip(face_rgb, all_rgb, _SKIN_CHROMA, strict=True)
+    ]
+    cm = sum(cast) / 3.0
+    cast = [min(max(c / cm, 0.88), 1.12) for c in cast]
+    g = img[t.patch_rows, t.patch_cols].astype(np.float32) @ _LUMA
+    d2 = np.abs(g[:, 2:] - 2.0 * g[:, 1:-1] + g[:, :-2]).ravel()
+    d1 = np.abs(g[:, 2:] - g[:, :-2])
+    mid = d2.size // 2
+    sigma = min(max(1.4826 * float(np.partition(d2, mid)[mid]) / math.sqrt(6.0), 0.5), 8.0)
+    sharp = float(np.add.reduce(d2)) / (float(np.add.reduce(d1, axis=None)) + 1e-3)  # ~1 sharp, lower when soft
+    level = 0 if sharp >= 0.75 else 1 if sharp >= 0.52 else 2
+    return _Analysis(gain_rows, gain_cols, exposure, tuple(cast), sigma, level)
+
+
+def _pick(u: float, probabilities: Sequence[float]) -> int:
+    """Index drawn from ``probabilities`` (need not sum to 1) by the uniform ``u``."""
+    i = bisect.bisect_right(list(itertools.accumulate(probabilities)), u * sum(probabilities))
+    return min(i, len(probabilities) - 1)
+
+
+def _draw_params(rng: np.random.Generator, weights: dict[str, float], kind: str | None) -> dict:
+    u = rng.random(12)
+    if kind is None:
+        kind = KINDS[_pick(u[0], [weights[k] for k in KINDS])]
+    elif kind not in KINDS:
+        raise FacetoolError(f"unknown mask kind {kind!r}; expected one of {', '.join(KINDS)}")
+    az, el = math.radians(120.0 * u[5] - 60.0), math.radians(45.0 * u[6])
+    return {
+        "kind": kind,
+        "variant": int(u[1] * VARIANTS),
+        "flip": bool(u[2] < 0.5),
+        "dx": 2.0 * u[3] - 1.0,  # scaled to the room around the sprite
+        "dy": 2.0 * u[4] - 1.0,
+        "light": (math.sin(az) * math.cos(el), -math.sin(el), math.cos(az) * math.cos(el)),
+        "ambient": 0.35 + 0.25 * float(u[7]),
+        "shadow": 0.12 + 0.16 * float(u[8]),
+        "noise_at": (float(u[9]), float(u[10])),
+        "colors": _colours(rng, kind),
+    }
+
+
+def render_mask(
+    image: np.ndarray,
+    seed: int,
+    key: int | str,
+    *,
+    weights: Mapping[str, float] | None = None,
+    kind: str | None = None,
+) -> MaskResult:
+    """Put a mask on an aligned face ``image`` ((H, W, 3) uint8 RGB, ArcFace-aligned at any size).
+
+    Deterministic in (image, seed, key, weights, kind): the same inputs give the same array. ``kind`` forces a kind
+    (the preview uses it); otherwise it is drawn with ``weights`` (default :data:`DEFAULT_WEIGHTS`).
+    """
+    w = _DEFAULT_PROBABILITIES if weights is None else normalise_weights(weights)
+    return _render(image, np.random.default_rng([seed, _TAG_RENDER, key_number(key)]), w, kind)
+
+
+def _render(img: np.ndarray, rng: np.random.Generator, weights: dict[str, float], kind: str | None) -> MaskResult:
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise MaskError(f"expected an (H, W, 3) uint8 RGB image, got {img.dtype} {img.shape}")
+    h, w, _ = img.shape
+    if h < 32 or w < 32:
+        raise MaskError(f"image of {w}x{h} is too small to mask (aligned faces are 112x112)")
+    t = _tables(h, w)
+    p = _draw_params(rng, weights, kind)
+    sp: Sprite = get_sprite(h, w, p["kind"], p["variant"])
+    an = _analyse(img, t)
+
+    # Everything is computed in the sprite's orientation; a mirrored mask is mirrored as its planes are written.
+    flip = p["flip"]
+    dx = round(p["dx"] * sp.pad_x)
+    dy = max(round(p["dy"] * sp.pad_y), t.limit_row - sp.row0)  # never above the nose bridge
+    r0 = sp.row0 + dy
+    n = h - r0
+    rows = slice(sp.pad_y, sp.pad_y + n)
+    cols = slice(sp.pad_x - dx, sp.pad_x - dx + w)
+    lx, ly, lz = p["light"]
+    amb = p["ambient"]
+    norm = 0.95 / (amb + (1.0 - amb) * (0.5 + 0.5 * lz))
+    k = (1.0 - amb) * norm
+    light = np.array([lx * k, ly * k, lz * k], dtype=np.float32)
+    # shading: Lambert on the sprite's normals, times its detail and the face's own illumination
+    shade = (sp.normals[rows].reshape(-1, 3) @ light).reshape(n, -1)[:, cols]
+    np.maximum(shade, 0.0, out=shade)
+    shade += np.float32(amb * norm)
+    shade *= sp.detail[an.level, rows, cols]
+    gain = an.gain_rows[r0:, None] + (an.gain_cols[::-1] if flip else an.gain_cols)
+    gain.clip(0.6, 1.4, out=gain)
+    shade *= gain
+    alpha = sp.alpha[an.level, rows, cols]
+    # colour: one small matrix product of the planes [alpha*shade, ...*mix, ...*strap, alpha*noise] and the colours
+    (m0, m1, m2), second, strap = p["colors"]
+    scale = [c * an.exposure for c in an.cast]
+    colours = [[m0 * scale[0], m1 * scale[1], m2 * scale[2]]]
+    if sp.mix is not None:
+        colours.append([(c - m) * f for c, m, f in zip(second, (m0, m1, m2), scale, strict=True)])
+    colours.append([(c - m) * f for c, m, f in zip(strap, (m0, m1, m2), scale, strict=True)])
+    colours.append([an.sigma] * 3)
+    planes = np.empty((len(colours), n, w), dtype=np.float32)
+    view = [q[:, ::-1] for q in planes] if flip else list(planes)  # written in the sprite's orientation
+    np.multiply(shade, alpha, out=view[0])
+    if sp.mix is not None:
+        np.multiply(view[0], sp.mix[rows, cols], out=view[1])
+    np.multiply(view[0], sp.strap[rows, cols], out=view[-2])
+    oy, ox = int(p["noise_at"][0] * h), int(p["noise_at"][1] * w)
+    np.multiply(alpha, t.noise[oy : oy + n, ox : ox + w], out=view[-1])
+    layer = planes.reshape(len(colours), -1).T @ np.array(colours, dtype=np.float32)
+    # what is left of the face: (1 - alpha), darkened by the contact shadow
+    keep = np.float32(-p["shadow"]) * sp.shadow[rows, cols]
+    keep += 1.0
+    keep -= alpha
+    if flip:
+        keep, alpha = keep[:, ::-1], alpha[:, ::-1]
+    result = img[r0:].astype(np.float32)
+    result *= keep.repeat(3).reshape(n, w, 3)
+    result += layer.reshape(n, w, 3)
+    result.clip(0.0, 255.0, out=result)
+    result += 0.5
+    out = img.copy()
+    out[r0:] = result
+    region = np.zeros((h, w), dtype=bool)
+    region[r0:] = alpha > 0.5
+    raw = {
+        **p,
+        "shift": (-dx if flip else dx, dy),
+        "light": (-lx if flip else lx, ly, lz),
+        "sigma": an.sigma,
+        "level": an.level,
+        "exposure": an.exposure,
+        "cast": an.cast,
+        "geometry": sp.geometry,
+    }
+    return MaskResult(out, region, raw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JPEG in, JPEG out
+# ---------------------------------------------------------------------------------------------------------------
+def decode_image(data: bytes | memoryview) -> tuple[np.ndarray, Image.Image]:
+    """Decode JPEG/PNG bytes to an (H, W, 3) uint8 RGB array (and the PIL image, for its JPEG settings)."""
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad bytes
+        raise MaskError(f"cannot decode the image ({type(err).__name__}: {err})") from None
+    arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    return arr, im
+
+
+def encode_like(arr: np.ndarray, source: Image.Image) -> bytes:
+    """JPEG-encode ``arr`` with the source JPEG's quantisation tables and subsampling (so the twin carries the
+    same compression artefacts); a grey source stays grey; a PNG source gets quality 95."""
+    out = Image.fromarray(arr)
+    if source.mode == "L":
+        out = out.convert("L")
+    buf = io.BytesIO()
+    if source.format == "JPEG" and getattr(source, "quantization", None):
+        tables = [source.quantization[k] for k in sorted(source.quantization)]
+        sampling = JpegImagePlugin.get_sampling(source)
+        out.save(buf, format="JPEG", qtables=tables, subsampling=sampling if sampling >= 0 else 2)
+    else:
+        out.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def mask_jpeg(
+    data: bytes | memoryview,
+    seed: int,
+    key: int | str,
+    *,
+    weights: Mapping[str, float] | None = None,
+    kind: str | None = None,
+) -> bytes:
+    """The masked twin of an encoded aligned face: decode, :func:`render_mask`, JPEG-encode like the source."""
+    arr, im = decode_image(data)
+    return encode_like(render_mask(arr, seed, key, weights=weights, kind=kind).image, im)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# verification sets
+# ---------------------------------------------------------------------------------------------------------------
+MODES = ("one", "both")
+
+
+def masked_positions(count: int, mode: str) -> range:
+    """The images of a verification list that get a mask: the second of each pair (``one``) or all (``both``)."""
+    if mode not in MODES:
+        raise FacetoolError(f"mask mode must be 'one' or 'both', got {mode!r}")
+    return range(1, count, 2) if mode == "one" else range(count)
+
+
+def mask_verification_images(
+    images: Sequence[bytes],
+    mode: str,
+    seed: int = 0,
+    *,
+    weights: Mapping[str, float] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[bytes]:
+    """SMFRD-style masked copy of a verification set's images (pair k = images 2k, 2k+1): ``mode="one"`` masks
+    the second image of every pair, ``"both"`` every image. Image ``i`` is masked with key ``i``, so the result
+    depends only on (images, mode, seed, weights); ``facetool masks bin`` and the masked benchmark share it."""
+    out = list(images)
+    w = normalise_weights(weights)
+    for n, i in enumerate(masked_positions(len(out), mode)):
+        try:
+            out[i] = mask_jpeg(out[i], seed, i, weights=w)
+        except MaskError as err:
+            raise MaskError(f"image {i}: {err}") from None
+        if progress is not None and n % 256 == 255:
+            progress(256)
+    if progress is not None:
+        progress(len(masked_positions(len(out), mode)) % 256)
+    return out
