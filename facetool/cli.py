@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from facetool import __version__
+from facetool.cli_masks import WEIGHTS_HELP, bench_masks_command, masks_group, parse_weights_option
 from facetool.cli_models import bench_models_command, export_command
 from facetool.pipeline import DEFAULT_SAMPLES_PER_SHARD
 from facetool.pipeline.errors import FacetoolError
@@ -41,6 +42,7 @@ def main() -> None:
       facetool synth data/                  # or use an InsightFace dataset folder
       facetool convert data/ shards/        # RecordIO -> WebDataset shards
       facetool bench convert data/          # convert speed against a plain copy
+      facetool masks preview masks.png      # what the synthetic masks look like
     """
 
 
@@ -153,6 +155,15 @@ def synth(
     help="On a corrupt record: stop with an error naming it, or skip it and list it in the manifest.",
 )
 @click.option("--no-index", is_flag=True, help="No train.idx: scan train.rec sequentially to find the records.")
+@click.option(
+    "--mask-fraction",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.0,
+    show_default=True,
+    help="Share of samples that also get a masked twin (member mask.jpg, same size as the image), chosen per "
+    "record by a hash of (--seed, key); rendered on the workers' CPUs.",
+)
+@click.option("--mask-weights", default=None, help=WEIGHTS_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def convert(
     src: Path,
@@ -164,13 +175,16 @@ def convert(
     part: str,
     on_error: str,
     no_index: bool,
+    mask_fraction: float,
+    mask_weights: str | None,
     quiet: bool,
 ) -> None:
     """Convert an InsightFace RecordIO dataset SRC (a folder with train.rec, train.idx, property; or a .rec file)
     into WebDataset tar shards in OUT, each with a DALI index, plus manifest.json (format: docs/FORMAT.md).
 
-    Image bytes pass through untouched; labels are stored as 4-byte int32. Interrupted? Run the same command
-    again: finished shards are kept and the result is byte-identical to an uninterrupted run."""
+    Image bytes pass through untouched; labels are stored as 4-byte int32; --mask-fraction adds masked twins.
+    Interrupted? Run the same command again: finished shards are kept and the result is byte-identical to an
+    uninterrupted run."""
     from facetool.pipeline.shards import ConvertOptions
     from facetool.pipeline.shards import convert as run_convert
 
@@ -182,6 +196,8 @@ def convert(
         part=_parse_part(part),
         workers=workers,
         use_index=not no_index,
+        mask_fraction=mask_fraction,
+        mask_weights=parse_weights_option(mask_weights),
     )
     update, close = _progress_bar("convert") if not quiet else (None, lambda: None)
     try:
@@ -190,8 +206,8 @@ def convert(
         close()
     name = "manifest.json" if options.part == (0, 1) else f"part {options.part[0]}/{options.part[1]} manifest"
     click.echo(
-        f"convert: {manifest['samples']} samples in {len(manifest['shards'])} shards, "
-        f"{manifest['skipped']} skipped; {name} in {out}"
+        f"convert: {manifest['samples']} samples ({manifest['masked']} with a masked twin) in "
+        f"{len(manifest['shards'])} shards, {manifest['skipped']} skipped; {name} in {out}"
     )
     if manifest["skipped"]:
         for s in manifest["skipped_records"][:10]:
@@ -298,4 +314,6 @@ def bench_convert(
 
 
 main.add_command(export_command)
+main.add_command(masks_group)
 bench.add_command(bench_models_command)
+bench.add_command(bench_masks_command)

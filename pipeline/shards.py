@@ -31,6 +31,7 @@ from facetool.pipeline.recordio import RecordFile, RecordIOError, image_extensio
 FORMAT_NAME = "facetool-shards"
 FORMAT_VERSION = 1
 LABEL_EXT = "label.i32"
+MASK_EXT = "mask.jpg"
 STATE_DIR = ".facetool-convert"
 _BLOCK = 512
 _RECORD_SIZE = 20 * _BLOCK  # tar's record size: archives end on a multiple of it, as GNU tar and tarfile write
@@ -240,6 +241,16 @@ class ConvertOptions:
     part: tuple[int, int] = (0, 1)  # (I, N): this job writes the I-th of N contiguous blocks of shards
     workers: int = 1
     use_index: bool = True
+    mask_fraction: float = 0.0  # share of samples that get a masked twin (``mask.jpg``), chosen by (seed, key)
+    mask_weights: tuple[tuple[str, float], ...] | None = None  # (kind, weight) pairs; None: the renderer's defaults
+
+    def mask_probabilities(self) -> dict[str, float] | None:
+        """The kinds' normalised weights, or None when no sample is masked."""
+        if self.mask_fraction <= 0:
+            return None
+        from facetool.pipeline.masks import normalise_weights
+
+        return normalise_weights(dict(self.mask_weights) if self.mask_weights is not None else None)
 
     def output_arguments(self) -> dict:
         """The arguments recorded in the manifest: those that change the shards (not workers, not the part)."""
@@ -248,6 +259,8 @@ class ConvertOptions:
             "seed": self.seed,
             "shuffle": self.shuffle,
             "on_error": self.on_error,
+            "mask_fraction": self.mask_fraction,
+            "mask_weights": self.mask_probabilities(),
         }
 
 
@@ -329,7 +342,7 @@ def _sample_members(
     key: int, labels: tuple[float, ...], image: bytes | memoryview, num_classes: int | None, rec_path: Path
 ) -> list[tuple[str, bytes | memoryview]]:
     """The members of one sample, sorted by extension: original image bytes, int32 label, and the full label
-    vector (``json``) when the record has one."""
+    vector (``json``) when the record has one (``_write_checked`` adds the masked twin)."""
     ext = image_extension(image)
     if ext is None:
         what = "no image bytes" if not len(image) else "image bytes are neither JPEG nor PNG"
@@ -346,12 +359,24 @@ def _sample_members(
     return sorted([(ext, image), (LABEL_EXT, label), ("json", meta)], key=lambda m: m[0])
 
 
-def write_shard(out: Path, shard: int, positions: np.ndarray, on_error: str) -> ShardStats:
+@dataclass(frozen=True)
+class MaskPlan:
+    """Which samples get a masked twin and how it is drawn (see ``facetool.pipeline.masks``)."""
+
+    fraction: float
+    seed: int
+    weights: dict[str, float]
+
+
+def write_shard(
+    out: Path, shard: int, positions: np.ndarray, on_error: str, masks: MaskPlan | None = None
+) -> ShardStats:
     """Write one shard (tar, DALI index, stats) under temporary names, then publish it, tar last.
 
     Plain JPEG records with scalar labels (nearly all of a real dataset) take a vectorised path: their tar headers
     and label members are built for the whole shard with numpy, leaving list appends in the per-record loop.
-    Every other record goes through the checked per-record path, which also produces the error messages.
+    Every other record, and every shard with a masked sample, goes through the checked per-record path, which
+    also produces the error messages; the mask rendering dominates that path's cost.
     """
     reader: RecordFile = _WORKER["reader"]
     tick = _WORKER["tick"]
@@ -364,21 +389,31 @@ def write_shard(out: Path, shard: int, positions: np.ndarray, on_error: str) -> 
     skipped: list[dict] = []
     try:
         keys, offsets = reader.keys[positions], reader.offsets[positions]
+        masked = None
+        if masks is not None:
+            from facetool.pipeline.masks import select_masked
+
+            masked = select_masked(keys, masks.fraction, masks.seed)
+            if not masked.any():
+                masked = None
         ok, starts, lengths, labels = reader.simple_jpegs(offsets)
         with np.errstate(invalid="ignore"):
             ok &= np.isfinite(labels) & (labels >= 0) & (labels < (num_classes or 2**31 - 1)) & (keys < 10**9)
-        if ok.all():
+        if ok.all() and masked is None:
             classes = labels.astype(np.int32)
             _write_plain_jpegs(writer, reader.view, keys, starts, lengths, classes, tick)
             max_label = int(classes.max())
+            num_masked = 0
         else:
-            max_label = _write_checked(writer, reader, keys, offsets, num_classes, on_error, skipped, tick)
+            max_label, num_masked = _write_checked(
+                writer, reader, keys, offsets, num_classes, on_error, skipped, tick, masked, masks
+            )
         size, digest = writer.finish()
     except BaseException:
         writer.abort()
         tmp_tar.unlink(missing_ok=True)
         raise
-    stats = ShardStats(f"{name}.tar", f"{name}.idx", writer.samples, 0, size, digest, max_label, skipped)
+    stats = ShardStats(f"{name}.tar", f"{name}.idx", writer.samples, num_masked, size, digest, max_label, skipped)
     _atomic_write(tmp_idx, writer.index_bytes(), final=idx_path)
     _atomic_write(stats_path.with_name(stats_path.name + ".tmp"), json.dumps(asdict(stats)), final=stats_path)
     os.replace(tmp_tar, tar_path)
@@ -445,15 +480,27 @@ def _write_checked(
     on_error: str,
     skipped: list[dict],
     tick: Callable[[int], None],
-) -> int:
-    """Write a shard record by record with every check (PNGs, vector labels, split records, bad records);
-    returns the largest label written. Errors name the file, record and offset; ``on_error="skip"`` collects them
-    in ``skipped`` instead of raising."""
-    max_label = -1
+    masked: np.ndarray | None = None,
+    masks: MaskPlan | None = None,
+) -> tuple[int, int]:
+    """Write a shard record by record with every check (PNGs, vector labels, split records, bad records), adding
+    the masked twin of the records ``masked`` selects; returns (largest label, masked samples written). Errors name
+    the file, record and offset; ``on_error="skip"`` collects them in ``skipped`` instead of raising."""
+    if masked is not None:
+        from facetool.pipeline.masks import MaskError, mask_jpeg
+    max_label, num_masked, pending = -1, 0, 0
+    every = 64 if masked is not None else 512
     for i, (key, offset) in enumerate(zip(keys.tolist(), offsets.tolist(), strict=True)):
         try:
             labels, image = reader.read_at(key, offset)
             members = _sample_members(key, labels, image, num_classes, reader.path)
+            twin = None
+            if masked is not None and masked[i]:
+                try:
+                    twin = mask_jpeg(image, masks.seed, key, weights=masks.weights)
+                except MaskError as err:
+                    raise RecordIOError(f"{reader.path}: record {key}: cannot render its masked twin: {err}") from None
+                members = sorted([*members, (MASK_EXT, twin)], key=lambda m: m[0])
         except RecordIOError as err:
             if on_error != "skip":
                 raise
@@ -461,10 +508,13 @@ def _write_checked(
         else:
             writer.add_sample(f"{key:09d}", members)
             max_label = max(max_label, int(labels[0]))
-        if i % 512 == 511:
-            tick(512)
-    tick(keys.size % 512)
-    return max_label
+            num_masked += twin is not None
+        pending += 1
+        if pending == every:
+            tick(pending)
+            pending = 0
+    tick(pending)
+    return max_label, num_masked
 
 
 def _atomic_write(tmp: Path, text: str | bytes, final: Path) -> None:
@@ -508,6 +558,11 @@ def convert(
         raise FacetoolError(f"--samples-per-shard must be >= 1, got {options.samples_per_shard}")
     if options.on_error not in ("fail", "skip"):
         raise FacetoolError(f"--on-error must be 'fail' or 'skip', got {options.on_error!r}")
+    if not 0.0 <= options.mask_fraction <= 1.0:
+        raise FacetoolError(f"--mask-fraction must be in [0, 1], got {options.mask_fraction}")
+    if options.mask_fraction > 0 and options.seed < 0:
+        raise FacetoolError(f"--seed must be >= 0 with --mask-fraction, got {options.seed}")
+    options.mask_probabilities()  # unknown kinds or bad weights: a clear error before any work
     pi, pn = options.part
     if not (pn >= 1 and 0 <= pi < pn):
         raise FacetoolError(f"--part must be I/N with 0 <= I < N, got {pi}/{pn}")
@@ -611,6 +666,8 @@ def _run_shards(out, todo, perm, S, options, reader, source, num_classes, done, 
     if not todo:
         return
     workers = max(1, min(options.workers, len(todo)))
+    weights = options.mask_probabilities()
+    masks = MaskPlan(options.mask_fraction, options.seed, weights) if weights is not None else None
     fork = "fork" in mp.get_all_start_methods() and sys.platform != "darwin"
     ctx = mp.get_context("fork" if fork else "spawn")
     counter = ctx.Value("q", 0)
@@ -619,7 +676,7 @@ def _run_shards(out, todo, perm, S, options, reader, source, num_classes, done, 
         if progress:
             _WORKER["tick"] = lambda n: (_increment(counter, n), progress(done + counter.value, total))
         for s in todo:
-            write_shard(out, s, perm[s * S : (s + 1) * S], options.on_error)
+            write_shard(out, s, perm[s * S : (s + 1) * S], options.on_error, masks)
         return
     with ProcessPoolExecutor(
         workers,
@@ -627,7 +684,7 @@ def _run_shards(out, todo, perm, S, options, reader, source, num_classes, done, 
         initializer=_init_worker,
         initargs=(reader if fork else None, source, counter, num_classes),
     ) as pool:
-        pending = {pool.submit(write_shard, out, s, perm[s * S : (s + 1) * S], options.on_error) for s in todo}
+        pending = {pool.submit(write_shard, out, s, perm[s * S : (s + 1) * S], options.on_error, masks) for s in todo}
         while pending:
             finished, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
             if progress:
@@ -659,7 +716,13 @@ def _manifest(source, reader, num_classes, options, shards: list[ShardStats], nu
         },
         "arguments": options.output_arguments(),
         "part": {"index": options.part[0], "count": options.part[1], "total_shards": num_shards},
-        "members": {"image": "jpg|png", "label": LABEL_EXT, "label_dtype": "int32-le", "meta": "json"},
+        "members": {
+            "image": "jpg|png",
+            "label": LABEL_EXT,
+            "label_dtype": "int32-le",
+            "meta": "json",
+            "masked": MASK_EXT,
+        },
         "samples": sum(st.samples for st in shards),
         "masked": sum(st.masked for st in shards),
         "skipped": len(skipped),

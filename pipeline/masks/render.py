@@ -17,7 +17,7 @@ import hashlib
 import io
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
@@ -40,7 +40,7 @@ DEFAULT_WEIGHTS: dict[str, float] = {"surgical": 0.5, "kn95": 0.2, "n95": 0.15, 
 _TAG_RENDER = 0x6D  # keeps the per-image stream apart from other uses of (seed, key)
 _TAG_SELECT = 0x5E1EC7
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-_SKIN_CHROMA = np.array([1.17, 0.98, 0.85])  # typical skin RGB over its mean: the cast is measured against it
+_SKIN_CHROMA = (1.17, 0.98, 0.85)  # typical skin RGB over its mean: the cast is measured against it
 _GRID = 7  # blocks per side of the illumination analysis
 
 
@@ -79,10 +79,19 @@ class MaskResult:
     """A masked face: ``image`` (H, W, 3) uint8, ``region`` (H, W) bool (the pixels the mask or its straps cover
     at least half), and ``params`` (:class:`MaskParams`, built on first access: the JPEG path never needs it)."""
 
-    __slots__ = ("image", "region", "_raw", "_params")
+    __slots__ = ("image", "_alpha", "_region", "_raw", "_params")
 
-    def __init__(self, image: np.ndarray, region: np.ndarray, raw: dict) -> None:
-        self.image, self.region, self._raw, self._params = image, region, raw, None
+    def __init__(self, image: np.ndarray, alpha: np.ndarray, raw: dict) -> None:
+        self.image, self._alpha, self._raw = image, alpha, raw  # alpha: the mask's coverage of the rows it touches
+        self._region = self._params = None
+
+    @property
+    def region(self) -> np.ndarray:
+        if self._region is None:
+            h, w, _ = self.image.shape
+            self._region = np.zeros((h, w), dtype=bool)
+            self._region[h - self._alpha.shape[0] :] = self._alpha > 0.5
+        return self._region
 
     @property
     def params(self) -> MaskParams:
@@ -182,11 +191,7 @@ def select_masked(keys: Sequence[int] | np.ndarray, fraction: float, seed: int =
 class _SizeTables:
     sample_rows: np.ndarray | slice  # a 28x28 grid of pixels: 7x7 blocks of 4x4 samples for the analysis
     sample_cols: np.ndarray | slice
-    block_luma: np.ndarray  # (49, 784): block means of the samples
-    face_weights: np.ndarray  # (784,): mean over the samples of the face blocks
-    all_weights: np.ndarray  # (784,): mean over all samples
-    face_blocks: np.ndarray  # which of the 49 blocks lie on the face
-    fit: np.ndarray  # (4, n_face_blocks): least squares of [1, x, y, x^2] on those blocks
+    analysis: np.ndarray  # (10, 28*28*3): samples -> illumination fit (4), mean RGB of the face (3) and all (3)
     xn: np.ndarray  # (W,) normalised x of each column, and its square
     xn2: np.ndarray
     yn: np.ndarray  # (H,) normalised y of each row
@@ -223,15 +228,21 @@ def _tables(height: int, width: int) -> _SizeTables:
     face_weights = np.isin(block, np.nonzero(face)[0]).astype(np.float32)
     face_weights /= face_weights.sum()
     all_weights = np.full(n * n, 1.0 / (n * n), dtype=np.float32)
+    # one linear map from the samples (28*28 pixels x RGB) to everything the analysis needs
+    luma = np.array([0.299, 0.587, 0.114])
+    to_fit = (fit @ block_luma[face])[:, :, None] * luma  # (4, 784, 3)
+    eye = np.eye(3)
+    to_face = face_weights[None, :, None] * eye[:, None, :]  # (3, 784, 3)
+    to_all = all_weights[None, :, None] * eye[:, None, :]
+    analysis = np.concatenate([to_fit, to_face, to_all]).reshape(10, -1).astype(np.float32)
     xn = _normalised((np.arange(width) + 0.5) / sx - 0.5, "x").astype(np.float32)
     yn = _normalised((np.arange(height) + 0.5) / sy - 0.5, "y").astype(np.float32)
-    patch_rows = np.arange(round(58 * sy), round(84 * sy), 2)
+    patch_rows = np.arange(round(58 * sy), round(84 * sy), 3)
     patch_cols = slice(round(30 * sx), round(82 * sx))
     noise = np.random.default_rng(0x6E6F697365).standard_normal((2 * height, 2 * width)).astype(np.float32)
     return _SizeTables(
-        samples(height), samples(width), block_luma, face_weights, all_weights, np.nonzero(face)[0], fit, xn,
-        xn * xn, yn, patch_rows, patch_cols, noise, eye_limit_row(height),
-    )  # fmt: skip
+        samples(height), samples(width), analysis, xn, xn * xn, yn, patch_rows, patch_cols, noise, eye_limit_row(height)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -246,44 +257,48 @@ _PALETTES: dict[str, tuple[list[tuple[int, int, int]], list[float]]] = {
     "n95": ([(240, 240, 236), (208, 210, 213), (236, 228, 206), (172, 186, 202)], [0.55, 0.15, 0.15, 0.15]),
 }
 _STRAP_COLORS = [(232, 200, 64), (232, 132, 52), (74, 122, 204), (236, 236, 236), (92, 172, 96), (200, 180, 140)]
-_VALVE_COLORS = [(120, 122, 126), (236, 236, 236), (226, 140, 56), (72, 112, 172), (40, 40, 44)]
+_VALVE_COLORS = [(186, 188, 192), (236, 236, 236), (226, 140, 56), (72, 112, 172), (92, 94, 98)]
+_VALVE_WEIGHTS = [0.35, 0.25, 0.1, 0.15, 0.15]
 
 
-def _hsv_jitter(rng: np.random.Generator, rgb: Sequence[float]) -> tuple[float, float, float]:
-    """Hue +-10 degrees, saturation x0.7..1.3, value x0.85..1.05."""
-    h, s, v = colorsys.rgb_to_hsv(*(c / 255.0 for c in rgb))
-    h = (h + rng.uniform(-10, 10) / 360.0) % 1.0
-    s = min(1.0, s * rng.uniform(0.7, 1.3))
-    v = min(1.0, v * rng.uniform(0.85, 1.05))
-    return tuple(255.0 * c for c in colorsys.hsv_to_rgb(h, s, v))
+def _hsv_jitter(u: Iterator[float], rgb: Sequence[float]) -> tuple[float, float, float]:
+    """Hue +-10 degrees, saturation x0.7..1.3, value x0.85..1.05 (``u``: uniforms in [0, 1))."""
+    h, s, v = colorsys.rgb_to_hsv(rgb[0] / 255.0, rgb[1] / 255.0, rgb[2] / 255.0)
+    h = (h + (20.0 * next(u) - 10.0) / 360.0) % 1.0
+    s = min(1.0, s * (0.7 + 0.6 * next(u)))
+    v = min(1.0, v * (0.85 + 0.2 * next(u)))
+    r, g, b = colorsys.hsv_to_rgb(h, s, v)
+    return 255.0 * r, 255.0 * g, 255.0 * b
 
 
-def _random_hue(rng: np.random.Generator, s: tuple[float, float], v: tuple[float, float]) -> tuple[float, ...]:
-    return tuple(255.0 * c for c in colorsys.hsv_to_rgb(rng.random(), rng.uniform(*s), rng.uniform(*v)))
+def _random_hue(u: Iterator[float], s: tuple[float, float], v: tuple[float, float]) -> tuple[float, float, float]:
+    h, sat, val = next(u), s[0] + (s[1] - s[0]) * next(u), v[0] + (v[1] - v[0]) * next(u)
+    r, g, b = colorsys.hsv_to_rgb(h, sat, val)
+    return 255.0 * r, 255.0 * g, 255.0 * b
 
 
-def _colours(rng: np.random.Generator, kind: str) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+def _colours(u: Iterator[float], kind: str) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
     """(main, second, strap) colours for ``kind``."""
     if kind == "cloth":
-        main = _random_hue(rng, (0.15, 0.85), (0.18, 0.92))
-        pick = rng.random()
+        main = _random_hue(u, (0.15, 0.85), (0.18, 0.92))
+        pick = next(u)
         if pick < 0.35:
-            second = _hsv_jitter(rng, (236, 234, 228))
+            second = _hsv_jitter(u, (236, 234, 228))
         elif pick < 0.55:
-            second = _hsv_jitter(rng, (34, 34, 38))
+            second = _hsv_jitter(u, (34, 34, 38))
         else:
-            second = _random_hue(rng, (0.2, 0.9), (0.3, 0.95))
-        return main, second, tuple(0.9 * c for c in main)
+            second = _random_hue(u, (0.2, 0.9), (0.3, 0.95))
+        return main, second, (0.9 * main[0], 0.9 * main[1], 0.9 * main[2])
     colours, weights = _PALETTES[kind]
-    i = _pick(rng.random(), weights)
-    main = _random_hue(rng, (0.15, 0.35), (0.8, 0.95)) if colours[i] == (0, 0, 0) else _hsv_jitter(rng, colours[i])
-    dark = sum(main) < 240
+    i = _pick(next(u), weights)
+    main = _random_hue(u, (0.15, 0.35), (0.8, 0.95)) if colours[i] == (0, 0, 0) else _hsv_jitter(u, colours[i])
     if kind == "n95":
-        second = _hsv_jitter(rng, _VALVE_COLORS[_pick(rng.random(), [0.35, 0.3, 0.1, 0.15, 0.1])])
-        strap = _hsv_jitter(rng, _STRAP_COLORS[int(rng.integers(len(_STRAP_COLORS)))])
+        second = _hsv_jitter(u, _VALVE_COLORS[_pick(next(u), _VALVE_WEIGHTS)])
+        strap = _hsv_jitter(u, _STRAP_COLORS[_pick(next(u), [1.0] * len(_STRAP_COLORS))])
     else:
         second = main
-        strap = main if (dark or rng.random() < 0.3) else _hsv_jitter(rng, (240, 240, 240))
+        dark = sum(main) < 240
+        strap = main if (dark or next(u) < 0.3) else _hsv_jitter(u, (240, 240, 240))
     return main, second, strap
 
 
@@ -305,24 +320,21 @@ def _analyse(img: np.ndarray, t: _SizeTables) -> _Analysis:
     7x7 grid of block luminances over the face, so the light's direction and fall-off carry over but no feature
     does), overall exposure, colour cast, noise level and sharpness. Scalars stay Python floats: numpy's per-call
     overhead on scalars would cost more than the arithmetic on the arrays."""
-    small = img[t.sample_rows][:, t.sample_cols].astype(np.float32).reshape(-1, 3)  # 28x28 samples
-    luma = t.block_luma @ (small @ _LUMA)  # (49,) block means
-    c0, c1, c2, c3 = (t.fit @ luma[t.face_blocks]).tolist()
+    small = img[t.sample_rows][:, t.sample_cols].astype(np.float32)  # 28x28 samples
+    c0, c1, c2, c3, fr, fg, fb, ar, ag, ab = (t.analysis @ small.ravel()).tolist()
     c0 = max(c0, 1.0)
     gain_rows = (c2 / c0) * t.yn + 1.0
     gain_cols = (c1 / c0) * t.xn + (c3 / c0) * t.xn2
-    face_rgb = (t.face_weights @ small).tolist()
-    all_rgb = (t.all_weights @ small).tolist()
-    face_luma = 0.299 * face_rgb[0] + 0.587 * face_rgb[1] + 0.114 * face_rgb[2]
-    all_luma = 0.299 * all_rgb[0] + 0.587 * all_rgb[1] + 0.114 * all_rgb[2]
+    face_luma = 0.299 * fr + 0.587 * fg + 0.114 * fb
+    all_luma = 0.299 * ar + 0.587 * ag + 0.114 * ab
     exposure = min(max(((0.6 * face_luma + 0.4 * all_luma) / 135.0) ** 0.45, 0.55), 1.1)
-    fm, am = sum(face_rgb) / 3.0 + 1.0, sum(all_rgb) / 3.0 + 1.0
+    fm, am = (fr + fg + fb) / 3.0 + 1.0, (ar + ag + ab) / 3.0 + 1.0
     cast = [
-        ((f + 1.0) / fm / sk) ** 0.5 * ((a + 1.0) / am) ** 0.15
-        for f, a, sk in zip(face_rgb, all_rgb, _SKIN_CHROMA, strict=True)
+        ((f + 1.0) / fm / sk) ** 0.35 * ((a + 1.0) / am) ** 0.1
+        for f, a, sk in zip((fr, fg, fb), (ar, ag, ab), _SKIN_CHROMA, strict=True)
     ]
     cm = sum(cast) / 3.0
-    cast = [min(max(c / cm, 0.88), 1.12) for c in cast]
+    cast = [min(max(c / cm, 0.92), 1.08) for c in cast]
     g = img[t.patch_rows, t.patch_cols].astype(np.float32) @ _LUMA
     d2 = np.abs(g[:, 2:] - 2.0 * g[:, 1:-1] + g[:, :-2]).ravel()
     d1 = np.abs(g[:, 2:] - g[:, :-2])
@@ -340,23 +352,26 @@ def _pick(u: float, probabilities: Sequence[float]) -> int:
 
 
 def _draw_params(rng: np.random.Generator, weights: dict[str, float], kind: str | None) -> dict:
-    u = rng.random(12)
+    """Everything drawn per image, from one call to the generator (24 uniforms, in a fixed order)."""
+    u = iter(rng.random(24).tolist())
+    first = next(u)
     if kind is None:
-        kind = KINDS[_pick(u[0], [weights[k] for k in KINDS])]
+        kind = KINDS[_pick(first, [weights[k] for k in KINDS])]
     elif kind not in KINDS:
         raise FacetoolError(f"unknown mask kind {kind!r}; expected one of {', '.join(KINDS)}")
-    az, el = math.radians(120.0 * u[5] - 60.0), math.radians(45.0 * u[6])
+    variant, flip, dx, dy = int(next(u) * VARIANTS), next(u) < 0.5, 2.0 * next(u) - 1.0, 2.0 * next(u) - 1.0
+    az, el = math.radians(120.0 * next(u) - 60.0), math.radians(45.0 * next(u))
     return {
         "kind": kind,
-        "variant": int(u[1] * VARIANTS),
-        "flip": bool(u[2] < 0.5),
-        "dx": 2.0 * u[3] - 1.0,  # scaled to the room around the sprite
-        "dy": 2.0 * u[4] - 1.0,
+        "variant": variant,
+        "flip": flip,
+        "dx": dx,  # -1..1, scaled to the room around the sprite
+        "dy": dy,
         "light": (math.sin(az) * math.cos(el), -math.sin(el), math.cos(az) * math.cos(el)),
-        "ambient": 0.35 + 0.25 * float(u[7]),
-        "shadow": 0.12 + 0.16 * float(u[8]),
-        "noise_at": (float(u[9]), float(u[10])),
-        "colors": _colours(rng, kind),
+        "ambient": 0.35 + 0.25 * next(u),
+        "shadow": 0.12 + 0.16 * next(u),
+        "noise_at": (next(u), next(u)),
+        "colors": _colours(u, kind),
     }
 
 
@@ -440,8 +455,6 @@ def _render(img: np.ndarray, rng: np.random.Generator, weights: dict[str, float]
     result += 0.5
     out = img.copy()
     out[r0:] = result
-    region = np.zeros((h, w), dtype=bool)
-    region[r0:] = alpha > 0.5
     raw = {
         **p,
         "shift": (-dx if flip else dx, dy),
@@ -452,7 +465,7 @@ def _render(img: np.ndarray, rng: np.random.Generator, weights: dict[str, float]
         "cast": an.cast,
         "geometry": sp.geometry,
     }
-    return MaskResult(out, region, raw)
+    return MaskResult(out, alpha, raw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
