@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import signal
@@ -268,28 +269,40 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     assert "a-file" in line
 
 
-def test_kill_minus_nine_then_resume_is_byte_identical(tmp_path):
+def _kill_then_resume(tmp_path: Path, classes: int, per_class: int, min_done: int, extra: list[str]) -> None:
+    """Convert into shards of 5, kill -9 once ``min_done`` shards exist, resume; compare with an uninterrupted run."""
     src = tmp_path / "src"
-    write_layout_a(src, 60, 50, seed=3)  # 3,000 records into 600 shards of 5: long enough to be killed mid-way
-    args = [sys.executable, "-m", "facetool", "convert", str(src), "--samples-per-shard", "5", "--quiet"]
+    write_layout_a(src, classes, per_class, seed=3)
+    args = [sys.executable, "-m", "facetool", "convert", str(src), "--samples-per-shard", "5", "--quiet", *extra]
+    total = classes * per_class // 5
     reference = tmp_path / "reference"
     subprocess.run([*args[:4], str(src), str(reference), *args[5:]], check=True, timeout=300)
 
     out = tmp_path / "out"
     proc = subprocess.Popen([*args[:4], str(src), str(out), *args[5:]])
     deadline = time.monotonic() + 120
-    while len(list(out.glob("*.tar"))) < 40 and time.monotonic() < deadline and proc.poll() is None:
+    while len(list(out.glob("*.tar"))) < min_done and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.005)
     assert proc.poll() is None, "convert finished before it could be killed; make the test dataset larger"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = sorted(out.glob("*.tar"))
-    assert 40 <= len(finished) < 600 and not (out / "manifest.json").exists()
+    assert min_done <= len(finished) < total and not (out / "manifest.json").exists()
     for tar in finished:  # nothing partial under a final name
         assert tar.read_bytes() == (reference / tar.name).read_bytes()
     subprocess.run([*args[:4], str(src), str(out), *args[5:]], check=True, timeout=300)
     assert _tree_bytes(out) == _tree_bytes(reference)
     assert not (out / ".facetool-convert").exists()
+
+
+def test_kill_minus_nine_then_resume_is_byte_identical(tmp_path):
+    _kill_then_resume(tmp_path, 60, 50, 40, [])  # 3,000 records into 600 shards: long enough to be killed mid-way
+
+
+def test_kill_minus_nine_then_resume_with_masks_is_byte_identical(tmp_path):
+    _kill_then_resume(tmp_path, 20, 40, 20, ["--mask-fraction", "0.5", "--workers", "2"])
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert 300 <= manifest["masked"] <= 500
 
 
 def test_rerun_of_finished_conversion_is_a_no_op_and_other_arguments_are_refused(small_dataset, tmp_path):
@@ -353,3 +366,151 @@ def test_label_beyond_property_classes_is_an_error(tmp_path):
     (src / "property").write_text("3,112,112\n")
     line = _error_line(["convert", str(src), str(tmp_path / "out"), "--quiet"])
     assert "train.rec" in line and "outside [0, 3)" in line and "record" in line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# masked twins
+# ---------------------------------------------------------------------------------------------------------------
+def _tar_members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+@pytest.fixture(scope="module")
+def masked(small_dataset, tmp_path_factory):
+    src, _ = small_dataset
+    out = tmp_path_factory.mktemp("masked")
+    manifest = convert(src, out, ConvertOptions(samples_per_shard=50, workers=2, mask_fraction=1.0))
+    return src, out, manifest
+
+
+def test_mask_fraction_one_gives_every_sample_a_decodable_twin(masked):
+    from PIL import Image
+
+    src, out, manifest = masked
+    assert manifest["samples"] == manifest["masked"] == 240
+    assert [s["masked"] for s in manifest["shards"]] == [s["samples"] for s in manifest["shards"]]
+    assert manifest["arguments"]["mask_fraction"] == 1.0 and manifest["members"]["masked"] == "mask.jpg"
+    originals = Counter()
+    for s in manifest["shards"]:
+        members = _tar_members(out / s["name"])
+        names = [name for name, _ in members]
+        keys = [name[:9] for name in names[::3]]
+        assert names == [f"{k}.{ext}" for k in keys for ext in ("jpg", "label.i32", "mask.jpg")]  # sorted members
+        for (_, jpg), (_, label), (_, twin) in zip(members[0::3], members[1::3], members[2::3], strict=True):
+            a, b = Image.open(io.BytesIO(jpg)), Image.open(io.BytesIO(twin))
+            b.load()  # decodable
+            assert b.format == "JPEG" and b.size == a.size and twin != jpg
+            originals[(hashlib.sha256(jpg).hexdigest(), int(np.frombuffer(label, "<i4")[0]))] += 1
+    assert originals == _source_multiset(src)  # the originals still pass through untouched
+
+
+def test_masked_index_files_identical_to_wds2idx(masked, tmp_path):
+    from wds2idx import IndexCreator
+
+    _, out, manifest = masked
+    jobs = [(out, s["name"], s["index"]) for s in manifest["shards"]]
+    for layout in ("layout_a", "layout_b"):  # PNGs, split records and vector labels (json) with their twins
+        dst = tmp_path / layout
+        m = convert(MXNET_FIXTURES / layout, dst, ConvertOptions(samples_per_shard=4, mask_fraction=1.0))
+        assert m["masked"] == m["samples"]
+        jobs += [(dst, s["name"], s["index"]) for s in m["shards"]]
+    for folder, tar, idx in jobs:
+        with IndexCreator(str(folder / tar), str(tmp_path / "ref.idx"), verbose=False) as ic:
+            ic.create_index()
+        assert (tmp_path / "ref.idx").read_bytes() == (folder / idx).read_bytes(), tar
+        for line in (folder / idx).read_text().splitlines()[1:]:
+            exts = line.split()[0::4]
+            assert exts == sorted(exts) and "mask.jpg" in exts
+
+
+def test_tenth_of_10000_faces_masked_and_counts_match_the_shards(tmp_path):
+    from facetool.pipeline.masks import select_masked
+
+    src = tmp_path / "src"
+    write_layout_a(src, 100, 100, seed=5)  # 10,000 small synthetic images, keys 1..10,000
+    out = tmp_path / "out"
+    r = CliRunner().invoke(
+        main,
+        ["convert", str(src), str(out), "--samples-per-shard", "2500", "--workers", "2", "--mask-fraction", "0.1",
+         "--quiet"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    masked_keys = []
+    for s in manifest["shards"]:
+        lines = (out / s["index"]).read_text().splitlines()[1:]
+        twins = [line.split()[3][:9] for line in lines if " mask.jpg " in line]
+        assert s["masked"] == len(twins)
+        masked_keys += [int(k) for k in twins]
+    assert manifest["masked"] == len(masked_keys) == sum(s["masked"] for s in manifest["shards"])
+    assert 0.08 * 10_000 <= manifest["masked"] <= 0.12 * 10_000
+    keys = np.arange(1, 10_001)
+    assert sorted(masked_keys) == keys[select_masked(keys, 0.1, seed=0)].tolist()
+    assert f"({manifest['masked']} with a masked twin)" in r.output
+
+
+def test_masked_conversion_deterministic_across_workers_and_fast_path_kept(small_dataset, converted, tmp_path):
+    src, _ = small_dataset
+    options = {"samples_per_shard": 50, "mask_fraction": 0.3, "mask_weights": (("kn95", 1.0), ("cloth", 1.0))}
+    a = convert(src, tmp_path / "w1", ConvertOptions(workers=1, **options))
+    convert(src, tmp_path / "w2", ConvertOptions(workers=2, **options))
+    assert _tree_bytes(tmp_path / "w1") == _tree_bytes(tmp_path / "w2")
+    assert 0 < a["masked"] < 240 and a["arguments"]["mask_weights"] == {
+        "surgical": 0.0,
+        "kn95": 0.5,
+        "n95": 0.0,
+        "cloth": 0.5,
+    }
+    # the same tar as the plain conversion once the twins are taken out; --mask-fraction 0 writes no twin at all
+    for s in converted[2]["shards"]:
+        with_twins = _tar_members(tmp_path / "w1" / s["name"])
+        assert [m for m in with_twins if not m[0].endswith(".mask.jpg")] == _tar_members(converted[1] / s["name"])
+    plain = _tree_bytes(converted[1])
+    assert converted[2]["masked"] == 0 and converted[2]["arguments"]["mask_fraction"] == 0.0
+    assert not any(b"mask.jpg" in v for k, v in plain.items() if k.endswith(".idx"))
+
+
+def test_dali_reads_masked_shards(tmp_path, small_dataset):
+    from nvidia.dali import fn, pipeline_def, types
+
+    src, _ = small_dataset
+    m = convert(src, tmp_path, ConvertOptions(samples_per_shard=240, mask_fraction=0.5))
+    twins = {
+        line.split()[3][:9]
+        for line in (tmp_path / m["shards"][0]["index"]).read_text().splitlines()[1:]
+        if " mask.jpg " in line
+    }
+    assert len(twins) == m["masked"]
+
+    @pipeline_def(batch_size=16, num_threads=1, device_id=None)
+    def pipe():
+        img, label, twin = fn.readers.webdataset(
+            paths=[str(tmp_path / m["shards"][0]["name"])],
+            index_paths=[str(tmp_path / m["shards"][0]["index"])],
+            ext=["jpg", "label.i32", "mask.jpg"],
+            dtypes=[types.UINT8, types.INT32, types.UINT8],
+            missing_component_behavior="empty",
+        )
+        return img, label, twin
+
+    p = pipe()
+    p.build()
+    with_twin = 0
+    for _ in range(15):
+        imgs, _, twin = p.run()
+        for i in range(16):
+            t = np.array(twin[i])
+            if t.size:
+                assert t[:2].tolist() == [0xFF, 0xD8]  # a JPEG
+                with_twin += 1
+    assert with_twin == len(twins)
+
+
+def test_other_mask_fraction_is_refused_on_resume(small_dataset, tmp_path):
+    src, _ = small_dataset
+    runner = CliRunner()
+    args = ["convert", str(src), str(tmp_path), "--samples-per-shard", "100", "--quiet"]
+    assert runner.invoke(main, args).exit_code == 0
+    r = runner.invoke(main, [*args, "--mask-fraction", "0.2"])
+    assert r.exit_code != 0 and "other arguments" in r.output
