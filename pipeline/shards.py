@@ -115,10 +115,15 @@ def _decimal(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _plain_index_lines(
-    image_names: np.ndarray, image_pos: np.ndarray, lengths: np.ndarray, label_pos: np.ndarray
+    image_names: np.ndarray,
+    image_pos: np.ndarray,
+    lengths: np.ndarray,
+    label_pos: np.ndarray,
+    twins: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> bytes:
     """The DALI index lines (``jpg POS SIZE KEY.jpg label.i32 POS 4 KEY.label.i32``) of plain-JPEG samples, all
-    at once: laid out in fixed-width columns, then the numbers' leading zeros are dropped."""
+    at once: laid out in fixed-width columns, then the numbers' leading zeros are dropped. ``twins`` = (which
+    samples have one, positions, sizes) adds ``mask.jpg POS SIZE KEY.mask.jpg`` to those lines."""
     n = image_names.shape[0]
     fixed = np.ones(1, dtype=bool)
     columns = [
@@ -132,8 +137,21 @@ def _plain_index_lines(
         _decimal(label_pos),
         (_ascii(" 4 ", n), fixed),
         (image_names[:, :9], fixed),
-        (_ascii(".label.i32\n", n), fixed),
+        (_ascii(".label.i32", n), fixed),
     ]
+    if twins is not None:
+        has, twin_pos, twin_len = twins[0][:, None], twins[1], twins[2]
+        (pos, pos_keep), (size, size_keep) = _decimal(twin_pos), _decimal(twin_len)
+        columns += [
+            (_ascii(" mask.jpg ", n), has),
+            (pos, pos_keep & has),
+            (_ascii(" ", n), has),
+            (size, size_keep & has),
+            (_ascii(" ", n), has),
+            (image_names[:, :9], has),
+            (_ascii(".mask.jpg", n), has),
+        ]
+    columns.append((_ascii("\n", n), fixed))
     chars = np.concatenate([c for c, _ in columns], axis=1)
     keep = np.concatenate([np.broadcast_to(k, c.shape) for c, k in columns], axis=1)
     return chars[keep].tobytes()
@@ -375,8 +393,8 @@ def write_shard(
 
     Plain JPEG records with scalar labels (nearly all of a real dataset) take a vectorised path: their tar headers
     and label members are built for the whole shard with numpy, leaving list appends in the per-record loop.
-    Every other record, and every shard with a masked sample, goes through the checked per-record path, which
-    also produces the error messages; the mask rendering dominates that path's cost.
+    With masks, the runs of such records between masked samples still take that path. Every other record goes
+    through the checked per-record path, which also produces the error messages.
     """
     reader: RecordFile = _WORKER["reader"]
     tick = _WORKER["tick"]
@@ -404,6 +422,11 @@ def write_shard(
             _write_plain_jpegs(writer, reader.view, keys, starts, lengths, classes, tick)
             max_label = int(classes.max())
             num_masked = 0
+        elif ok.all():
+            classes = labels.astype(np.int32)
+            max_label, num_masked = _write_plain_jpegs_with_twins(
+                writer, reader, keys, starts, lengths, classes, masked, masks, on_error, skipped, tick
+            )
         else:
             max_label, num_masked = _write_checked(
                 writer, reader, keys, offsets, num_classes, on_error, skipped, tick, masked, masks
@@ -469,6 +492,95 @@ def _write_plain_jpegs(
         writer.write_chunk(parts)
         tick(last - first)
     writer.pos = int(label_pos[-1]) + _BLOCK
+
+
+def _write_plain_jpegs_with_twins(
+    writer: _ShardWriter,
+    reader: RecordFile,
+    keys: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    classes: np.ndarray,
+    masked: np.ndarray,
+    masks: MaskPlan,
+    on_error: str,
+    skipped: list[dict],
+    tick: Callable[[int], None],
+) -> tuple[int, int]:
+    """``_write_plain_jpegs`` for a shard where the ``masked`` samples also get a twin (``mask.jpg``, after the
+    label); returns (largest label, twins written). A block of records at a time: render the block's twins, then
+    lay out its bytes with numpy as the plain path does, the twins' members spliced in after their labels. The tar
+    and index are the same as ``add_sample`` writes, byte for byte."""
+    from facetool.pipeline.masks import MaskError, mask_jpeg
+
+    view = reader.view
+    width = (_BLOCK - 1) + 3 * _BLOCK  # a gap: padding of image i-1, its label header and block, image i's header
+    glue = np.zeros((_FAST_BLOCK + 1, width), dtype=np.uint8)  # reused: only header and label bytes change
+    flat = memoryview(glue.reshape(-1))
+    max_label, num_masked = -1, 0
+    for first in range(0, keys.size, _FAST_BLOCK):
+        last = min(first + _FAST_BLOCK, keys.size)
+        rows_kept, twins = [], {}
+        for i in range(first, last):
+            if masked[i]:
+                key = int(keys[i])
+                try:
+                    twins[i] = mask_jpeg(view[int(starts[i]) : int(starts[i] + lengths[i])], masks.seed, key,
+                                         weights=masks.weights)  # fmt: skip
+                except MaskError as err:
+                    message = f"{reader.path}: record {key}: cannot render its masked twin: {err}"
+                    if on_error != "skip":
+                        raise RecordIOError(message) from None
+                    skipped.append({"key": key, "error": message})
+                    continue
+            rows_kept.append(i)
+        tick(last - first)
+        if not rows_kept:
+            continue
+        b = np.array(rows_kept)
+        n = b.size
+        k, lens, cls = keys[b], lengths[b], classes[b]
+        twin_list = [twins.get(i) for i in rows_kept]
+        twin_len = np.array([len(t) if t is not None else 0 for t in twin_list], dtype=np.int64)
+        has = np.array([t is not None for t in twin_list])
+        pads = -lens % _BLOCK
+        twin_extra = np.where(has, _BLOCK + twin_len + (-twin_len % _BLOCK), 0)
+        image_names = np.concatenate([_key_digits(k), _ascii(".jpg", n)], axis=1)
+        label_names = np.concatenate([image_names[:, :9], _ascii("." + LABEL_EXT, n)], axis=1)
+        glue_start = np.concatenate([[width - _BLOCK], _BLOCK - 1 - pads])  # gap 0 is a header alone
+        glue_end = np.full(n + 1, width)
+        glue_end[n] -= _BLOCK  # the closing gap has no header
+        gap_bytes = glue_end - glue_start + np.concatenate([[0], twin_extra])
+        image_pos = writer.pos + np.cumsum(gap_bytes)[:n] + np.concatenate([[0], np.cumsum(lens)[:-1]])
+        label_pos = image_pos + lens + pads + _BLOCK
+        mask_pos = label_pos + 2 * _BLOCK
+        writer.index.append(_plain_index_lines(image_names, image_pos, lens, label_pos, (has, mask_pos, twin_len)))
+        writer.samples += n
+
+        glue[:n, width - _BLOCK :] = _tar_headers(image_names, lens)
+        glue[1 : n + 1, _BLOCK - 1 : 2 * _BLOCK - 1] = _tar_headers(label_names, np.full(n, 4))
+        glue[1 : n + 1, 2 * _BLOCK - 1 : 2 * _BLOCK + 3] = cls.astype("<i4").view(np.uint8).reshape(n, 4)
+        rows = np.arange(n + 1) * width
+        glue_from, glue_to = (rows + glue_start).tolist(), (rows + glue_end).tolist()
+        parts: list[bytes | memoryview] = []
+        for g in range(n + 1):
+            twin = twin_list[g - 1] if g > 0 else None
+            if twin is None:
+                parts.append(flat[glue_from[g] : glue_to[g]])
+            else:  # the previous sample's twin goes between its label and this image's header
+                split = rows[g] + width - _BLOCK
+                name = image_names[g - 1, :9].tobytes() + b"." + MASK_EXT.encode()
+                parts += (flat[glue_from[g] : split], _tar_header(name, len(twin)), twin, _ZEROS[: -len(twin) % _BLOCK])
+                if g < n:
+                    parts.append(flat[split : glue_to[g]])
+            if g < n:
+                a = int(starts[b[g]])
+                parts.append(view[a : a + int(lens[g])])
+        writer.write_chunk(parts)
+        writer.pos = int(label_pos[-1]) + _BLOCK + int(twin_extra[-1])
+        max_label = max(max_label, int(cls.max()))
+        num_masked += int(has.sum())
+    return max_label, num_masked
 
 
 def _write_checked(
