@@ -39,7 +39,6 @@ from facetool.pipeline.masks.sprites import (
 DEFAULT_WEIGHTS: dict[str, float] = {"surgical": 0.5, "kn95": 0.2, "n95": 0.15, "cloth": 0.15}
 _TAG_RENDER = 0x6D  # keeps the per-image stream apart from other uses of (seed, key)
 _TAG_SELECT = 0x5E1EC7
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _SKIN_CHROMA = (1.17, 0.98, 0.85)  # typical skin RGB over its mean: the cast is measured against it
 _GRID = 7  # blocks per side of the illumination analysis
 
@@ -81,7 +80,7 @@ class MaskResult:
 
     __slots__ = ("image", "_alpha", "_region", "_raw", "_params")
 
-    def __init__(self, image: np.ndarray, alpha: np.ndarray, raw: dict) -> None:
+    def __init__(self, image: np.ndarray, alpha: np.ndarray, raw: tuple) -> None:
         self.image, self._alpha, self._raw = image, alpha, raw  # alpha: the mask's coverage of the rows it touches
         self._region = self._params = None
 
@@ -96,7 +95,19 @@ class MaskResult:
     @property
     def params(self) -> MaskParams:
         if self._params is None:
-            r = self._raw
+            p, an, geometry, dx, dy = self._raw
+            lx, ly, lz = p["light"]
+            flip = p["flip"]
+            r = {
+                **p,
+                "shift": (-dx if flip else dx, dy),
+                "light": (-lx if flip else lx, ly, lz),  # in image coordinates
+                "sigma": an.sigma,
+                "level": an.level,
+                "exposure": an.exposure,
+                "cast": an.cast,
+                "geometry": geometry,
+            }
             self._params = MaskParams(
                 kind=r["kind"],
                 variant=r["variant"],
@@ -197,6 +208,7 @@ class _SizeTables:
     yn: np.ndarray  # (H,) normalised y of each row
     patch_rows: np.ndarray  # cheek/nose patch whose noise and sharpness are measured
     patch_cols: slice
+    differences: np.ndarray  # (cols*3, 2*(cols-2)): RGB row -> second and first differences of its luminance
     noise: np.ndarray  # (2H, 2W) standard normal bank
     limit_row: int
 
@@ -239,9 +251,26 @@ def _tables(height: int, width: int) -> _SizeTables:
     yn = _normalised((np.arange(height) + 0.5) / sy - 0.5, "y").astype(np.float32)
     patch_rows = np.arange(round(58 * sy), round(84 * sy), 3)
     patch_cols = slice(round(30 * sx), round(82 * sx))
+    m = patch_cols.stop - patch_cols.start
+    second = np.zeros((m, m - 2))
+    first = np.zeros((m, m - 2))
+    for j in range(m - 2):
+        second[j : j + 3, j] = (1.0, -2.0, 1.0)
+        first[[j, j + 2], j] = (-1.0, 1.0)
+    differences = (np.concatenate([second, first], axis=1)[:, None, :] * luma[None, :, None]).reshape(3 * m, -1)
     noise = np.random.default_rng(0x6E6F697365).standard_normal((2 * height, 2 * width)).astype(np.float32)
     return _SizeTables(
-        samples(height), samples(width), analysis, xn, xn * xn, yn, patch_rows, patch_cols, noise, eye_limit_row(height)
+        samples(height),
+        samples(width),
+        analysis,
+        xn,
+        xn * xn,
+        yn,
+        patch_rows,
+        patch_cols,
+        differences.astype(np.float32),
+        noise,
+        eye_limit_row(height),
     )
 
 
@@ -323,8 +352,9 @@ def _analyse(img: np.ndarray, t: _SizeTables) -> _Analysis:
     small = img[t.sample_rows][:, t.sample_cols].astype(np.float32)  # 28x28 samples
     c0, c1, c2, c3, fr, fg, fb, ar, ag, ab = (t.analysis @ small.ravel()).tolist()
     c0 = max(c0, 1.0)
-    gain_rows = (c2 / c0) * t.yn + 1.0
-    gain_cols = (c1 / c0) * t.xn + (c3 / c0) * t.xn2
+    # clipped per axis (0.7..1.3 down the face, +-0.3 across it) so that no per-pixel clip is needed
+    gain_rows = ((c2 / c0) * t.yn + 1.0).clip(0.7, 1.3)
+    gain_cols = ((c1 / c0) * t.xn + (c3 / c0) * t.xn2).clip(-0.3, 0.3)
     face_luma = 0.299 * fr + 0.587 * fg + 0.114 * fb
     all_luma = 0.299 * ar + 0.587 * ag + 0.114 * ab
     exposure = min(max(((0.6 * face_luma + 0.4 * all_luma) / 135.0) ** 0.45, 0.55), 1.1)
@@ -335,12 +365,14 @@ def _analyse(img: np.ndarray, t: _SizeTables) -> _Analysis:
     ]
     cm = sum(cast) / 3.0
     cast = [min(max(c / cm, 0.92), 1.08) for c in cast]
-    g = img[t.patch_rows, t.patch_cols].astype(np.float32) @ _LUMA
-    d2 = np.abs(g[:, 2:] - 2.0 * g[:, 1:-1] + g[:, :-2]).ravel()
-    d1 = np.abs(g[:, 2:] - g[:, :-2])
+    patch = img[t.patch_rows, t.patch_cols].astype(np.float32)
+    d = np.abs(patch.reshape(patch.shape[0], -1) @ t.differences)  # |second| and |first| differences of luminance
+    half = d.shape[1] // 2
+    d2 = d[:, :half].ravel()
     mid = d2.size // 2
     sigma = min(max(1.4826 * float(np.partition(d2, mid)[mid]) / math.sqrt(6.0), 0.5), 8.0)
-    sharp = float(np.add.reduce(d2)) / (float(np.add.reduce(d1, axis=None)) + 1e-3)  # ~1 sharp, lower when soft
+    sums = d.reshape(-1, 2, half).sum(axis=(0, 2)).tolist()
+    sharp = sums[0] / (sums[1] + 1e-3)  # ~1 for a sharp face, lower the softer it is
     level = 0 if sharp >= 0.75 else 1 if sharp >= 0.52 else 2
     return _Analysis(gain_rows, gain_cols, exposure, tuple(cast), sigma, level)
 
@@ -422,7 +454,6 @@ def _render(img: np.ndarray, rng: np.random.Generator, weights: dict[str, float]
     shade += np.float32(amb * norm)
     shade *= sp.detail[an.level, rows, cols]
     gain = an.gain_rows[r0:, None] + (an.gain_cols[::-1] if flip else an.gain_cols)
-    gain.clip(0.6, 1.4, out=gain)
     shade *= gain
     alpha = sp.alpha[an.level, rows, cols]
     # colour: one small matrix product of the planes [alpha*shade, ...*mix, ...*strap, alpha*noise] and the colours
@@ -455,17 +486,7 @@ def _render(img: np.ndarray, rng: np.random.Generator, weights: dict[str, float]
     result += 0.5
     out = img.copy()
     out[r0:] = result
-    raw = {
-        **p,
-        "shift": (-dx if flip else dx, dy),
-        "light": (-lx if flip else lx, ly, lz),
-        "sigma": an.sigma,
-        "level": an.level,
-        "exposure": an.exposure,
-        "cast": an.cast,
-        "geometry": sp.geometry,
-    }
-    return MaskResult(out, alpha, raw)
+    return MaskResult(out, alpha, (p, an, sp.geometry, dx, dy))
 
 
 # ---------------------------------------------------------------------------------------------------------------
