@@ -136,7 +136,7 @@ def synth(
 @click.option(
     "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes writing shards in parallel."
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of the global shuffle.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the global shuffle (and of the masked twins).")
 @click.option(
     "--no-shuffle", is_flag=True, help="Keep the source's record order (InsightFace files are sorted by identity)."
 )

@@ -51,13 +51,16 @@ def masks_bin(src: Path, out: Path, mode: str, seed: int, weights: str | None, q
     from tqdm import tqdm
 
     from facetool.pipeline.masks import mask_bin
-    from facetool.pipeline.verification_bin import load_bin
 
     pairs = parse_weights_option(weights)
-    total = len(load_bin(src).images)  # refuses an unsafe file before anything else happens
-    bar = tqdm(total=total if mode == "both" else total // 2, desc="masks", unit="img", disable=quiet or None)
+    bar = tqdm(desc="masks", unit="img", disable=quiet or None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
     try:
-        summary = mask_bin(src, out, mode, seed, weights=dict(pairs) if pairs else None, progress=bar.update)
+        summary = mask_bin(src, out, mode, seed, weights=dict(pairs) if pairs else None, progress=progress)
     finally:
         bar.close()
     click.echo(

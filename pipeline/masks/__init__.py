@@ -59,7 +59,7 @@ def mask_bin(
     seed: int = 0,
     *,
     weights: Mapping[str, float] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Write a masked copy of the verification ``.bin`` ``src`` to ``dst`` (read with the restricted unpickler,
     written atomically); returns ``{"pairs", "images", "masked"}``."""

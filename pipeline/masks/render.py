@@ -551,20 +551,22 @@ def mask_verification_images(
     seed: int = 0,
     *,
     weights: Mapping[str, float] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[bytes]:
     """SMFRD-style masked copy of a verification set's images (pair k = images 2k, 2k+1): ``mode="one"`` masks
     the second image of every pair, ``"both"`` every image. Image ``i`` is masked with key ``i``, so the result
-    depends only on (images, mode, seed, weights); ``facetool masks bin`` and the masked benchmark share it."""
+    depends only on (images, mode, seed, weights); ``facetool masks bin`` and the masked benchmark share it.
+    ``progress(done, total)`` is called every 256 images and at the end."""
     out = list(images)
     w = normalise_weights(weights)
-    for n, i in enumerate(masked_positions(len(out), mode)):
+    positions = masked_positions(len(out), mode)
+    for n, i in enumerate(positions):
         try:
             out[i] = mask_jpeg(out[i], seed, i, weights=w)
         except MaskError as err:
             raise MaskError(f"image {i}: {err}") from None
         if progress is not None and n % 256 == 255:
-            progress(256)
+            progress(n + 1, len(positions))
     if progress is not None:
-        progress(len(masked_positions(len(out), mode)) % 256)
+        progress(len(positions), len(positions))
     return out
