@@ -428,8 +428,8 @@ def _render(img: np.ndarray, rng: np.random.Generator, weights: dict[str, float]
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise MaskError(f"expected an (H, W, 3) uint8 RGB image, got {img.dtype} {img.shape}")
     h, w, _ = img.shape
-    if h < 32 or w < 32:
-        raise MaskError(f"image of {w}x{h} is too small to mask (aligned faces are 112x112)")
+    if not (32 <= h <= 256 and 32 <= w <= 256):  # the sprite bank grows with the area (~39 MB at 112x112)
+        raise MaskError(f"image of {w}x{h}: masks are drawn on aligned faces of 32 to 256 pixels a side")
     t = _tables(h, w)
     p = _draw_params(rng, weights, kind)
     sp: Sprite = get_sprite(h, w, p["kind"], p["variant"])

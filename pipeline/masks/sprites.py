@@ -9,8 +9,8 @@ cheap arithmetic on these fields; the geometry never has to be evaluated per ima
 Geometry is set in the coordinates of the ArcFace 112x112 template and scaled to the image size, so the five
 template points are the landmarks. Each variant draws, from a generator that depends only on (kind, variant):
 the top edge between the nose bridge and the nose tip, the side edges at the cheeks, the bottom at or below the
-chin, a small tilt, scale, horizontal offset and left/right asymmetry (a yaw proxy). Every sprite leaves the rows
-above ``EYE_LIMIT_Y`` untouched (that is checked when the sprite is built).
+chin, a small tilt, scale, horizontal offset and left/right asymmetry (a yaw proxy). ``row0`` records the first
+row a sprite touches, so that the renderer never shifts it above ``EYE_LIMIT_Y`` (the eyes stay untouched).
 """
 
 from __future__ import annotations
@@ -211,12 +211,12 @@ def _surgical(rng: np.random.Generator, geo: dict, cv: _Canvas) -> dict:
     ny = -0.18 * (1.0 - np.clip(v / 0.3, 0, 1)) ** 2 + 0.55 * np.clip((v - 0.6) / 0.4, 0.0, 1.0) ** 1.5
     detail = np.ones_like(x)
     pleat_px = 1.6 * cv.px_per_unit
-    for k, v0 in enumerate((0.3, 0.5, 0.7)):
+    for v0 in (0.3, 0.5, 0.7):
         v_i = 0.5 + (v0 + rng.uniform(-0.03, 0.03) - 0.5) * (1.0 - 0.3 * u**2)  # pleats gather at the sides
         dist = (v - v_i) * np.maximum(ybot_x - ytop, 4.0) * cv.px_per_unit  # pixels below the fold line
         amp = rng.uniform(0.07, 0.12) * (0.45 + 0.55 * np.abs(u))
         detail *= 1.0 + amp * (0.8 * _gauss(dist + pleat_px, pleat_px) - 1.3 * _gauss(dist - 0.4, 0.8))
-        ny = ny + 0.25 * amp * np.sign(-dist) * _gauss(dist, 2 * pleat_px) * (k >= 0)
+        ny = ny + 0.25 * amp * np.sign(-dist) * _gauss(dist, 2 * pleat_px)  # each fold tilts the fabric
     inside_top, inside_side = -d_top, -d_side
     band = 2.2 * cv.px_per_unit
     detail *= 1.0 - 0.07 * ((inside_top > 0) & (inside_top < band)) - 0.1 * _gauss(inside_top - band, 0.5)
@@ -224,7 +224,7 @@ def _surgical(rng: np.random.Generator, geo: dict, cv: _Canvas) -> dict:
     detail *= 1.0 - 0.06 * ((inside_side > 0) & (inside_side < side_band)) - 0.08 * _gauss(inside_side - side_band, 0.5)
     wire = np.exp(-((x / 12.0) ** 4)) * _gauss(inside_top - 1.6 * cv.px_per_unit, 0.7 * cv.px_per_unit)
     detail *= 1.0 + 0.06 * wire
-    # ear loops: from the top and bottom corners to the ears, off the image
+    # ear loops: from the top and bottom corners to the ears
     straps = []
     for sgn in (-1.0, 1.0):
         f = 1.0 + geo["asym"] * (-sgn)
