@@ -8,6 +8,7 @@ mirrored), which checks the label against the source, the decoded pixels, the ma
 from __future__ import annotations
 
 import io
+import json
 import math
 import shutil
 from collections import Counter
@@ -351,3 +352,49 @@ def test_config_rejects_out_of_range_options():
         LoaderConfig(last_batch="pad")
     with pytest.raises(FacetoolError, match="batch_size"):
         LoaderConfig(batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_bench_contenders_measure_what_they_claim(data):
+    from facetool.bench.loader import ArcfaceRecDataset, _decode_loop, locate_rec, read_jpegs, run_dali, run_rec
+
+    shards = str(data["plain"])
+    out = run_dali(shards, "cpu", batch_size=16, threads=1, warmup=1, batches=3)
+    assert out["images"] == 48 and out["seconds"] > 0
+    rec, idx = locate_rec(shards, None)  # the manifest's source
+    assert rec == (data["src"] / "train.rec").resolve()
+    out = run_rec(str(rec), str(idx), "cpu", batch_size=16, workers=0, warmup=1, batches=20)  # wraps an epoch
+    assert out["images"] == 320
+    dataset = ArcfaceRecDataset(rec, idx)
+    with RecordFile(rec, idx) as rf:
+        first = rf[0]
+    image, label = dataset[0]
+    expected = _decode(first.image).transpose(2, 0, 1) / 127.5 - 1
+    assert int(label) == first.class_id and image.shape == (3, 112, 112)
+    flipped = expected[:, :, ::-1]
+    assert min(np.abs(image.numpy() - e).max() for e in (expected, flipped)) < 1e-5
+    jpegs = read_jpegs(shards, 70)
+    assert len(jpegs) == 70 and all(j[:3] == b"\xff\xd8\xff" for j in jpegs)
+    for decoder in ("pillow", "torchvision"):
+        n, t0, t1, cpu = _decode_loop((decoder, jpegs, 0.0))
+        assert n == 70 and t1 > t0
+
+
+def test_bench_loader_command_prints_a_table_and_writes_json(data, tmp_path):
+    from click.testing import CliRunner
+
+    from facetool.cli import main
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "loader", str(data["plain"]), "--loader", "decode", "--batch-size", "8", "--batches", "3"]
+    result = CliRunner().invoke(main, [*args, "--warmup", "1", "--threads", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "decode-limit (pillow)" in result.output and "x decode limit" in result.output
+    report = json.loads(out.read_text())
+    assert report["batch_size"] == 8 and report["cores"] == 1
+    rows = {r["decoder"]: r for r in report["results"]}
+    assert set(rows) == {"pillow", "torchvision"}
+    assert all(r["loader"] == "decode-limit" and r["device"] == "cpu" and r["images"] == 32 for r in rows.values())
+    assert max(r["ratio_to_decode_limit"] for r in rows.values()) == 1.0
+    bad = CliRunner().invoke(main, ["bench", "loader", str(tmp_path)])
+    assert bad.exit_code != 0 and "manifest.json" in bad.output

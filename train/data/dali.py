@@ -58,8 +58,9 @@ def build_pipeline(
     device: str = "cpu",
     device_id: int | None = None,
 ):
-    """The DALI pipeline (not yet built) for one rank: outputs images (NCHW), labels (int32, (1,)) and masked
-    (bool). ``device`` "gpu" decodes with ``device="mixed"`` on ``device_id``; "cpu" runs with ``device_id=None``."""
+    """The DALI pipeline (not yet built) for one rank: outputs images (NCHW), labels (int32, (1,)) and, when
+    ``masked_prob`` > 0, masked (bool). ``device`` "gpu" decodes with ``device="mixed"`` on ``device_id``; "cpu"
+    runs with ``device_id=None``."""
     from nvidia.dali import fn, pipeline_def, types
 
     if device not in ("cpu", "gpu"):
@@ -108,8 +109,7 @@ def build_pipeline(
             if masked:  # on the encoded bytes: only the chosen image is decoded
                 encoded = mask
         else:
-            encoded, label = outputs
-            masked = fn.random.coin_flip(probability=0.0, dtype=types.BOOL)
+            (encoded, label), masked = outputs, None  # nothing masked: the loader fills the flags itself
         if gpu:
             images = fn.decoders.image(
                 encoded,
@@ -133,8 +133,10 @@ def build_pipeline(
             output_layout="CHW",
         )
         if gpu:
-            label, masked = label.gpu(), masked.gpu()
-        return images, label, masked
+            label = label.gpu()
+        if masked is None:
+            return images, label
+        return images, label, masked.gpu() if gpu else masked
 
     return graph()
 
@@ -203,9 +205,10 @@ class DaliLoader:
         self.pipeline = build_pipeline(shards, config, rank, world_size, device, device_id)
         self.pipeline.build()
         policy = LastBatchPolicy.PARTIAL if config.last_batch == "partial" else LastBatchPolicy.DROP
+        self._with_masks = config.masked_prob > 0
         self._iterator = DALIGenericIterator(
             [self.pipeline],
-            ["images", "labels", "masked"],
+            ["images", "labels", "masked"] if self._with_masks else ["images", "labels"],
             reader_name=READER_NAME,
             last_batch_policy=policy,
             auto_reset=True,
@@ -219,7 +222,12 @@ class DaliLoader:
     def __iter__(self) -> Iterator[Batch]:
         for out in self._iterator:
             data = out[0]
-            yield Batch(data["images"], data["labels"].view(-1).long(), data["masked"].view(-1).bool())
+            labels = data["labels"].view(-1).long()
+            if self._with_masks:
+                masked = data["masked"].view(-1).bool()
+            else:
+                masked = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+            yield Batch(data["images"], labels, masked)
         self.epoch += 1
 
 

@@ -145,7 +145,7 @@ def process_sample(
     data = sample[MASK_EXT] if masked else next(sample[e] for e in IMAGE_EXTS if e in sample)
     try:
         image = Image.open(io.BytesIO(data))
-        image = image.convert("RGB")
+        image = image.convert("RGB") if image.mode != "RGB" else image
     except Exception as err:
         raise FacetoolError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: cannot decode: {err}") from None
     image = augment(image, cfg, rng)
