@@ -210,7 +210,7 @@ def test_drop_keeps_full_batches_and_equal_counts(data, kind):
     for _ in range(2):
         sizes = [[len(b.labels) for b in ld] for ld in loaders]
         assert sizes == [[50, 50], [50, 50]]  # 120 per rank: two full batches, 20 + 20 samples skipped
-    assert batches_per_epoch(240, 2, config) == 2
+    assert batches_per_epoch(240, 2, config.batch_size, config.last_batch) == 2
 
 
 def test_partial_gives_every_rank_the_same_batch_count(data):

@@ -17,7 +17,8 @@ import torch
 from facetool.pipeline.errors import FacetoolError
 from facetool.train.data.batch import Batch
 from facetool.train.data.config import LoaderConfig
-from facetool.train.data.dali import DaliLoader, batches_per_epoch, build_pipeline, dali_available
+from facetool.train.data.dali import DaliLoader, build_pipeline, dali_available
+from facetool.train.data.epochs import batches_per_epoch
 from facetool.train.data.fallback import WdsLoader
 from facetool.train.data.shardset import ShardSet, open_shards
 

@@ -46,14 +46,14 @@ class LoaderConfig:
     downup_scale: tuple[float, float] = (0.5, 0.8)  # ... to this fraction of image_size and back
 
     # DALI tuning (small faces: many tiny samples, so per-sample buffers small and batches prefetched)
-    threads: int = 0  # DALI CPU threads; 0: the cores of this machine divided by the local ranks
+    threads: int = 0  # DALI CPU threads; 0: the cores of this machine divided by its ranks (LOCAL_WORLD_SIZE)
     prefetch: int = 2  # batches DALI prepares ahead (pipeline prefetch_queue_depth)
     reader_prefetch: int = 1  # batches the reader reads ahead
     tensor_init_bytes: int = 32 * 1024  # first allocation per sample and output (DALI's default is 1 MiB)
     hw_decoder_load: float = 0.65  # GPU only: share of JPEGs sent to the hardware decoder (A100/H100 class)
 
     # webdataset fallback
-    workers: int = 0  # DataLoader worker processes; 0: the cores of this machine divided by the local ranks
+    workers: int = 0  # DataLoader worker processes; 0: the cores of this machine divided by its ranks
 
     def __post_init__(self) -> None:
         self.validate()
@@ -106,9 +106,15 @@ class LoaderConfig:
         """A copy with some options changed (validated)."""
         return dataclasses.replace(self, **changes)
 
-    def cpu_share(self, local_ranks: int = 1) -> int:
-        """This rank's share of the machine's cores (at least 1)."""
+    def cpu_share(self, local_ranks: int | None = None) -> int:
+        """This rank's share of the cores it may run on (at least 1): divided among the ranks of this machine
+        (``local_ranks``, default torchrun's LOCAL_WORLD_SIZE, else 1)."""
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if local_ranks is None:
+            try:
+                local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            except ValueError:
+                local_ranks = 1
         return max(1, cores // max(1, local_ranks))
 
 

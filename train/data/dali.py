@@ -26,7 +26,8 @@ import torch
 from facetool.pipeline.errors import FacetoolError
 from facetool.train.data.batch import Batch
 from facetool.train.data.config import LoaderConfig
-from facetool.train.data.shardset import IMAGE_EXTS, MASK_EXT, ShardSet
+from facetool.train.data.epochs import batches_per_epoch, derive_seed
+from facetool.train.data.shardset import MASK_EXT, ShardSet
 
 READER_NAME = "Reader"
 _MEAN = 127.5
@@ -40,14 +41,6 @@ def dali_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _seed(*parts: int) -> int:
-    """A 31-bit seed mixed from integers (DALI seeds are int32)."""
-    h = 0x345678
-    for p in parts:
-        h = (h * 1_000_003 ^ (p & 0xFFFFFFFF)) & 0xFFFFFFFFFFFF
-    return h % (2**31 - 1)
 
 
 def build_pipeline(
@@ -78,7 +71,7 @@ def build_pipeline(
         batch_size=config.batch_size,
         num_threads=threads,
         device_id=(device_id if device_id is not None else 0) if gpu else None,
-        seed=_seed(config.seed, rank),  # augmentation draws differ per rank; the file order is shared (below)
+        seed=derive_seed(config.seed, rank),  # augmentation draws differ per rank; the file order is shared (below)
         prefetch_queue_depth=config.prefetch,
         enable_conditionals=True,
     )
@@ -92,12 +85,12 @@ def build_pipeline(
             missing_component_behavior="empty",  # mask.jpg is optional; open_shards checked the rest
             random_shuffle=True,
             initial_fill=config.shuffle_buffer,
-            seed=_seed(config.seed, rank, 1),
+            seed=derive_seed(config.seed, rank, 1),
             shard_id=rank,
             num_shards=world_size,
             pad_last_batch=True,
             shuffle_after_epoch=True,
-            shuffle_after_epoch_seed=_seed(config.seed, 2),  # the same on every rank: one global tar order
+            shuffle_after_epoch_seed=derive_seed(config.seed, 2),  # the same on every rank: one global tar order
             prefetch_queue_depth=config.reader_prefetch,
             tensor_init_bytes=config.tensor_init_bytes,
             name=READER_NAME,
@@ -120,6 +113,7 @@ def build_pipeline(
                 preallocate_height_hint=size,
                 device_memory_padding=1 << 20,  # the 16 MiB default is sized for ImageNet photos
                 host_memory_padding=1 << 20,
+                jpeg_fancy_upsampling=True,  # chroma upsampled as libjpeg-turbo does on the CPU (and at evaluation)
             )
         else:
             images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
@@ -217,7 +211,7 @@ class DaliLoader:
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
-        return batches_per_epoch(self.shards.samples, self.world_size, self.config)
+        return batches_per_epoch(self.shards.samples, self.world_size, self.config.batch_size, self.config.last_batch)
 
     def __iter__(self) -> Iterator[Batch]:
         for out in self._iterator:
@@ -231,13 +225,4 @@ class DaliLoader:
         self.epoch += 1
 
 
-def batches_per_epoch(samples: int, world_size: int, config: LoaderConfig) -> int:
-    """Batches each rank yields per epoch: ceil(largest part / B) under "partial", floor(smallest part / B) under
-    "drop" (parts are the contiguous splits of the samples over ranks, as DALI's reader cuts them)."""
-    largest, smallest = -(-samples // world_size), samples // world_size
-    if config.last_batch == "partial":
-        return -(-largest // config.batch_size)
-    return smallest // config.batch_size
-
-
-__all__ = ["DaliLoader", "build_pipeline", "batches_per_epoch", "dali_available", "IMAGE_EXTS"]
+__all__ = ["DaliLoader", "build_pipeline", "dali_available"]

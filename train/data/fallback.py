@@ -29,7 +29,7 @@ from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.shards import LABEL_EXT
 from facetool.train.data.batch import Batch
 from facetool.train.data.config import LoaderConfig
-from facetool.train.data.dali import _seed, batches_per_epoch
+from facetool.train.data.epochs import batches_per_epoch, derive_seed
 from facetool.train.data.shardset import IMAGE_EXTS, MASK_EXT, ShardSet
 
 _SCALE = np.float32(1.0 / 127.5)
@@ -39,7 +39,7 @@ def epoch_segments(
     counts: list[int], seed: int, epoch: int, rank: int, world_size: int, worker: int, workers: int
 ) -> list[tuple[int, int, int]]:
     """The (shard, first sample in the shard, count) runs that a worker of a rank reads in an epoch."""
-    order = np.random.default_rng(_seed(seed, 2, epoch)).permutation(len(counts))
+    order = np.random.default_rng(derive_seed(seed, 2, epoch)).permutation(len(counts))
     n = sum(counts)
     part_lo, part_hi = rank * n // world_size, (rank + 1) * n // world_size
     size = part_hi - part_lo
@@ -70,11 +70,11 @@ class _SampleStream(IterableDataset):
         runs = epoch_segments(self.counts, cfg.seed, epoch, self.rank, self.world_size, worker, workers)
         samples = itertools.chain.from_iterable(self._read(s, first, count) for s, first, count in runs)
         bufsize = max(1, cfg.shuffle_buffer // workers)
-        shuffle_seed = _seed(cfg.seed, 3, epoch, self.rank, worker)
+        shuffle_seed = derive_seed(cfg.seed, 3, epoch, self.rank, worker)
         import webdataset as wds
 
         samples = wds.filters.shuffle(bufsize, initial=bufsize, seed=shuffle_seed)(samples)
-        rng = np.random.default_rng(_seed(cfg.seed, 4, epoch, self.rank, worker))
+        rng = np.random.default_rng(derive_seed(cfg.seed, 4, epoch, self.rank, worker))
         B, S = cfg.batch_size, cfg.image_size
         while True:
             chunk = list(itertools.islice(samples, B))
@@ -237,7 +237,7 @@ class WdsLoader:
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
-        return batches_per_epoch(self.shards.samples, self.world_size, self.config)
+        return batches_per_epoch(self.shards.samples, self.world_size, self.config.batch_size, self.config.last_batch)
 
     def __iter__(self) -> Iterator[Batch]:
         self._epoch.value = self.epoch
