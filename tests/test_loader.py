@@ -148,9 +148,16 @@ def test_same_seed_same_batches_other_seed_other_batches(data, kind):
     def run(seed):
         config = _config(seed=seed, masked_prob=0.3, flip_prob=0.5)
         loader = DaliLoader(shards, config) if kind == "dali" else WdsLoader(shards, config, workers=0)
-        return [[(b.images.clone(), b.labels.clone(), b.masked.clone()) for b in loader] for _ in range(2)]
+        kept, copies = [], []
+        for _ in range(2):
+            epoch = [(tuple(batch), tuple(t.clone() for t in batch)) for batch in loader]  # copies made at draw
+            kept.append([e[0] for e in epoch])
+            copies.append([e[1] for e in epoch])
+        return kept, copies
 
-    a, b, c = run(5), run(5), run(6)
+    (a, a_copies), (b, _), (c, _) = run(5), run(5), run(6)
+    for x, y in zip(sum(a, []), sum(a_copies, []), strict=True):  # batches stay valid after later ones are drawn
+        assert all(u.equal(v) for u, v in zip(x, y, strict=True))
     for ea, eb in zip(a, b, strict=True):
         assert len(ea) == len(eb)
         for x, y in zip(ea, eb, strict=True):
