@@ -1,0 +1,407 @@
+"""Training loaders (DALI on the CPU, the webdataset fallback) over synthetic shards: epochs, pixels, masks, errors.
+
+Two ranks are simulated by two loaders with rank 0 and 1 of world size 2. Every output image is identified by
+comparing it with Pillow decodes of the candidates of its label (each sample's jpg and mask.jpg, plain and
+mirrored), which checks the label against the source, the decoded pixels, the masked flag and the flip at once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixture_masked_shards import add_masks, read_samples, rewrite_shard, update_manifest_entry
+from PIL import Image
+
+from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.recordio import RecordFile
+from facetool.pipeline.shards import ConvertOptions, convert
+from facetool.pipeline.synth import write_synth
+from facetool.train.data import (
+    DaliLoader,
+    LoaderConfig,
+    WdsLoader,
+    batches_per_epoch,
+    build_pipeline,
+    create_loader,
+    open_shards,
+)
+
+# DALI's CPU decoder and Pillow both use libjpeg-turbo with the accurate integer IDCT and fancy upsampling: the
+# pixels agree exactly; the tolerance only absorbs the float round trip of the normalisation.
+PIXEL_TOLERANCE = 0.01
+BATCH = 32
+
+
+def _decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
+
+
+class Reference:
+    """Pillow decodes of every sample of a shard folder, grouped by the label the *source .rec* gives its key."""
+
+    def __init__(self, src: Path, shards: Path) -> None:
+        with RecordFile(src / "train.rec", src / "train.idx") as rf:
+            source_label = {f"{r.key:09d}": r.class_id for r in rf}
+        self.keys: set[str] = set()
+        self.has_mask: set[str] = set()
+        by_label: dict[int, list[tuple[tuple[str, bool, bool], np.ndarray]]] = {}
+        for tar in sorted(shards.glob("shard-*.tar")):
+            for key, members in read_samples(tar):
+                members = dict(members)
+                self.keys.add(key)
+                variants = [(False, members["jpg"])]
+                if "mask.jpg" in members:
+                    self.has_mask.add(key)
+                    variants.append((True, members["mask.jpg"]))
+                for masked, data in variants:
+                    pixels = _decode(data)
+                    for flipped, img in ((False, pixels), (True, pixels[:, ::-1])):
+                        by_label.setdefault(source_label[key], []).append(((key, masked, flipped), img))
+        self.candidates = {
+            label: ([c[0] for c in items], np.stack([c[1] for c in items])) for label, items in by_label.items()
+        }
+
+    def identify(self, image, label: int) -> tuple[str, bool, bool, float]:
+        """(key, masked, flipped, max abs pixel difference) of the best candidate with this label."""
+        assert label in self.candidates, f"label {label} is not a label of the source"
+        names, stack = self.candidates[label]
+        pixels = image.float().numpy().transpose(1, 2, 0) * 127.5 + 127.5
+        diff = np.abs(stack - pixels).max(axis=(1, 2, 3))
+        best = int(np.argmin(diff))
+        assert np.partition(diff, 1)[1] > 20, "two candidates look alike; the identification would be ambiguous"
+        return (*names[best], float(diff[best]))
+
+
+def _epoch(ref: Reference, loaders) -> list[list[tuple[str, bool, bool, float, int, bool]]]:
+    """One epoch of every rank's loader: per rank, per sample (key, masked, flipped, pixel diff, label, flag)."""
+    return [[(*ref.identify(img, int(lab)), int(lab), bool(m)) for img, lab, m in _samples(ld)] for ld in loaders]
+
+
+def _samples(loader):
+    for batch in loader:
+        yield from zip(batch.images, batch.labels, batch.masked, strict=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """240 synthetic faces (24 identities) as 5 shards (50 samples each, the last 40), and a copy in which about
+    half of the samples have a masked twin."""
+    root = tmp_path_factory.mktemp("loader")
+    src, plain, masked = root / "src", root / "shards", root / "masked"
+    write_synth(src, identities=24, images_per_identity=10, pairs=2, seed=3, workers=1, progress=False)
+    convert(src, plain, ConvertOptions(samples_per_shard=50))
+    shutil.copytree(plain, masked)
+    add_masks(masked, 0.5)
+    return {"src": src, "plain": plain, "masked": masked}
+
+
+@pytest.fixture(scope="module")
+def ref(data) -> Reference:
+    return Reference(data["src"], data["plain"])
+
+
+@pytest.fixture(scope="module")
+def ref_masked(data) -> Reference:
+    return Reference(data["src"], data["masked"])
+
+
+def _config(**kw) -> LoaderConfig:
+    return LoaderConfig(**{"batch_size": BATCH, "threads": 1, "shuffle_buffer": 64, **kw})
+
+
+def _two_ranks(kind, shards, config):
+    if kind == "dali":
+        return [DaliLoader(shards, config, rank=r, world_size=2) for r in range(2)]
+    return [WdsLoader(shards, config, rank=r, world_size=2, workers=0) for r in range(2)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["dali", "wds"])
+def test_two_ranks_see_every_sample_once_per_epoch_with_source_labels_and_exact_pixels(data, ref, kind):
+    shards = open_shards(data["plain"])
+    loaders = _two_ranks(kind, shards, _config(flip_prob=0.0))
+    orders = []
+    for _ in range(3):
+        per_rank = _epoch(ref, loaders)
+        assert [len(r) for r in per_rank] == [120, 120]
+        seen = per_rank[0] + per_rank[1]
+        keys = Counter(s[0] for s in seen)
+        assert set(keys) == ref.keys and set(keys.values()) == {1}
+        assert all(not s[1] and not s[2] and not s[5] for s in seen)  # no masks, no flips
+        assert max(s[3] for s in seen) <= PIXEL_TOLERANCE
+        orders.append([s[0] for s in seen])
+    assert orders[0] != orders[1] != orders[2], "each epoch must come in a new order"
+    assert [len(ld) for ld in loaders] == [4, 4]
+
+
+@pytest.mark.parametrize("kind", ["dali", "wds"])
+def test_same_seed_same_batches_other_seed_other_batches(data, kind):
+    shards = open_shards(data["masked"])
+
+    def run(seed):
+        config = _config(seed=seed, masked_prob=0.3, flip_prob=0.5)
+        loader = DaliLoader(shards, config) if kind == "dali" else WdsLoader(shards, config, workers=0)
+        kept, copies = [], []
+        for _ in range(2):
+            epoch = [(tuple(batch), tuple(t.clone() for t in batch)) for batch in loader]  # copies made at draw
+            kept.append([e[0] for e in epoch])
+            copies.append([e[1] for e in epoch])
+        return kept, copies
+
+    (a, a_copies), (b, _), (c, _) = run(5), run(5), run(6)
+    for x, y in zip(sum(a, []), sum(a_copies, []), strict=True):  # batches stay valid after later ones are drawn
+        assert all(u.equal(v) for u, v in zip(x, y, strict=True))
+    for ea, eb in zip(a, b, strict=True):
+        assert len(ea) == len(eb)
+        for x, y in zip(ea, eb, strict=True):
+            assert all(u.equal(v) for u, v in zip(x, y, strict=True))
+    assert [x[1].tolist() for x in a[0]] != [x[1].tolist() for x in a[1]]  # epochs differ
+    assert [x[1].tolist() for x in a[0]] != [x[1].tolist() for x in c[0]]  # seeds differ
+
+
+@pytest.mark.parametrize("kind", ["dali", "wds"])
+def test_masked_and_flip_shares_match_their_probabilities(data, ref_masked, kind):
+    shards = open_shards(data["masked"])
+    q, flip, epochs = 0.3, 0.5, 6
+    loaders = _two_ranks(kind, shards, _config(masked_prob=q, flip_prob=flip))
+    seen = [s for _ in range(epochs) for rank in _epoch(ref_masked, loaders) for s in rank]
+    n = len(seen)
+    assert n == epochs * len(ref_masked.keys)
+    assert max(s[3] for s in seen) <= PIXEL_TOLERANCE
+    assert all(s[1] == s[5] for s in seen), "the masked flag must say which image was decoded"
+    assert all(s[0] in ref_masked.has_mask for s in seen if s[1]), "only samples with a twin can be masked"
+    # masked: each sample with a twin is shown masked with probability q / f, so q of all samples on average
+    pick = shards.mask_pick_probability(q)
+    with_twin = sum(s[0] in ref_masked.has_mask for s in seen)
+    sigma = math.sqrt(with_twin * pick * (1 - pick))
+    masked = sum(s[1] for s in seen)
+    assert abs(masked - q * n) <= 3 * sigma, (masked, q * n, sigma)
+    flipped = sum(s[2] for s in seen)
+    assert abs(flipped - flip * n) <= 3 * math.sqrt(n * flip * (1 - flip)), (flipped, flip * n)
+
+
+def test_fallback_and_dali_give_the_same_label_masked_multiset(data):
+    shards = open_shards(data["masked"])
+    q = shards.rendered_fraction  # every twin is shown: the masked flag is then a property of the sample
+    config = _config(masked_prob=q)
+    dali, wds = _two_ranks("dali", shards, config), _two_ranks("wds", shards, config)
+    for _ in range(2):
+        a = Counter((int(lab), bool(m)) for ld in dali for _, lab, m in _samples(ld))
+        b = Counter((int(lab), bool(m)) for ld in wds for _, lab, m in _samples(ld))
+        assert a == b
+        assert sum(n for (_, m), n in a.items() if m) == shards.masked
+
+
+def test_fallback_workers_split_a_rank_without_overlap(data, ref):
+    shards = open_shards(data["plain"])
+    loaders = [WdsLoader(shards, _config(flip_prob=0.0), rank=r, world_size=2, workers=2) for r in range(2)]
+    for _ in range(2):
+        per_rank = _epoch(ref, loaders)
+        assert [len(r) for r in per_rank] == [120, 120]
+        keys = Counter(s[0] for r in per_rank for s in r)
+        assert set(keys) == ref.keys and set(keys.values()) == {1}
+
+
+@pytest.mark.parametrize("kind", ["dali", "wds"])
+def test_drop_keeps_full_batches_and_equal_counts(data, kind):
+    shards = open_shards(data["plain"])
+    config = _config(batch_size=50, last_batch="drop")
+    loaders = _two_ranks(kind, shards, config)
+    for _ in range(2):
+        sizes = [[len(b.labels) for b in ld] for ld in loaders]
+        assert sizes == [[50, 50], [50, 50]]  # 120 per rank: two full batches, 20 + 20 samples skipped
+    assert batches_per_epoch(240, 2, config.batch_size, config.last_batch) == 2
+
+
+def test_partial_gives_every_rank_the_same_batch_count(data):
+    shards = open_shards(data["plain"])
+    config = _config(batch_size=40)
+    loaders = {k: [*_two_ranks(k, shards, config)] for k in ("dali", "wds")}
+    for kind, (r0, r1) in loaders.items():
+        assert [len(b.labels) for b in r0] == [40, 40, 40], kind
+        assert [len(b.labels) for b in r1] == [40, 40, 40], kind
+    # 7 ranks: parts of 34 or 35 samples, batches of 34: the parts of 34 end with an empty batch
+    config = _config(batch_size=34)
+    for kind in ("dali", "wds"):
+        make = DaliLoader if kind == "dali" else lambda *a, **k: WdsLoader(*a, **k, workers=0)
+        sizes = [[len(b.labels) for b in make(shards, config, rank=r, world_size=7)] for r in range(7)]
+        assert sorted(sizes) == [[34, 0]] * 5 + [[34, 1]] * 2, (kind, sizes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_gpu_pipeline_is_the_same_graph_with_mixed_decoding(data):
+    """Without a GPU only the construction can be checked: the graph the GPU loader would build."""
+    shards = open_shards(data["masked"])
+    config = _config(masked_prob=0.2, crop_prob=0.5, color_prob=0.2, gray_prob=0.1, blur_prob=0.1, downup_prob=0.1)
+    devices = {}
+    for device in ("cpu", "gpu"):
+        pipe = build_pipeline(shards, config, rank=1, world_size=2, device=device, device_id=0)
+        pipe._build_graph()  # DALI's graph construction (no device needed); build() would start the executor
+        devices[device] = {op._op.__class__.__name__: op.spec.OutputDevice(0) for op in pipe._ops}
+    assert devices["cpu"].keys() == devices["gpu"].keys()
+    assert devices["gpu"]["Image"] == "gpu" and devices["cpu"]["Image"] == "cpu"  # decoders.image mixed vs cpu
+    for op in ("RandomResizedCrop", "ColorTwist", "Hsv", "GaussianBlur", "Resize", "CropMirrorNormalize"):
+        assert devices["gpu"][op] == "gpu" and devices["cpu"][op] == "cpu", op
+    assert devices["gpu"]["Webdataset"] == "cpu"  # the masked/holistic choice is made on encoded bytes, on CPU
+
+
+def test_loader_runs_every_augmentation(data):
+    shards = open_shards(data["masked"])
+    config = _config(
+        masked_prob=0.4, crop_prob=0.5, color_prob=0.5, hue=10.0, gray_prob=0.3, blur_prob=0.3, downup_prob=0.3
+    )
+    for kind in ("dali", "wds"):
+        for dtype in ("float32", "float16"):
+            loader = create_loader(shards, config.replace(dtype=dtype), backend=kind)
+            batch = next(iter(loader))
+            assert batch.images.shape == (BATCH, 3, 112, 112) and str(batch.images.dtype) == f"torch.{dtype}"
+            assert batch.images.min() >= -1 and batch.images.max() <= 1
+            assert str(batch.labels.dtype) == "torch.int64" and str(batch.masked.dtype) == "torch.bool"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def damaged(data, tmp_path) -> Path:
+    out = tmp_path / "shards"
+    shutil.copytree(data["plain"], out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dali", "wds"])
+def test_missing_index_is_an_error_naming_the_shard(damaged, kind):
+    (damaged / "shard-000002.idx").unlink()
+    with pytest.raises(FacetoolError, match=r"shard-000002\.idx.*missing"):
+        create_loader(damaged, _config(), backend=kind)
+
+
+@pytest.mark.parametrize("kind", ["dali", "wds"])
+def test_truncated_shard_is_an_error_naming_the_shard(damaged, kind):
+    tar = damaged / "shard-000001.tar"
+    line = (damaged / "shard-000001.idx").read_bytes().split(b"\n")[30].split()
+    cut = int(line[1]) + int(line[2]) // 2  # in the middle of sample 29's image
+    with open(tar, "r+b") as f:
+        f.truncate(cut)
+    with pytest.raises(FacetoolError, match=r"shard-000001\.tar: truncated"):
+        create_loader(damaged, _config(), backend=kind)
+
+
+def test_fallback_without_the_precheck_still_names_a_truncated_shard(damaged):
+    tar = damaged / "shard-000001.tar"
+    with open(tar, "r+b") as f:
+        f.truncate(tar.stat().st_size // 2)
+    shards = open_shards(damaged, check=False)
+    with pytest.raises(FacetoolError, match=r"shard-000001\.tar"):
+        for r in range(2):
+            list(WdsLoader(shards, _config(), rank=r, world_size=2, workers=0))
+
+
+def _drop_label(shards: Path, name: str, victim: int) -> str:
+    tar = shards / name
+    samples = read_samples(tar)
+    key, members = samples[victim]
+    samples[victim] = (key, [m for m in members if m[0] != "label.i32"])
+    size, digest, masked = rewrite_shard(tar, samples)
+    update_manifest_entry(shards, name, size, digest, masked, len(samples))
+    return key
+
+
+@pytest.mark.parametrize("kind", ["dali", "wds"])
+def test_sample_without_label_is_an_error_naming_shard_and_sample(damaged, kind):
+    key = _drop_label(damaged, "shard-000003.tar", 17)
+    with pytest.raises(FacetoolError, match=rf"shard-000003\.tar: sample {key} .*has no label"):
+        create_loader(damaged, _config(), backend=kind)
+
+
+def test_fallback_without_the_precheck_still_names_a_sample_without_label(damaged):
+    key = _drop_label(damaged, "shard-000003.tar", 17)
+    shards = open_shards(damaged, check=False)
+    with pytest.raises(FacetoolError, match=rf"shard-000003\.tar: sample {key} has no 4-byte label"):
+        for r in range(2):
+            list(WdsLoader(shards, _config(), rank=r, world_size=2, workers=0))
+
+
+@pytest.mark.parametrize("kind", ["dali", "wds"])
+def test_masked_prob_above_the_rendered_fraction_fails_before_anything_runs(data, kind, monkeypatch):
+    import nvidia.dali.pipeline
+
+    def no_pipeline(*args, **kwargs):
+        raise AssertionError("a DALI pipeline was created despite an invalid masked_prob")
+
+    monkeypatch.setattr(nvidia.dali.pipeline.Pipeline, "__init__", no_pipeline)
+    masked = open_shards(data["masked"])
+    with pytest.raises(FacetoolError, match=r"masked_prob 0\.9 exceeds .* rendered mask"):
+        create_loader(masked, _config(masked_prob=0.9), backend=kind)
+    with pytest.raises(FacetoolError, match=r"masked_prob 0\.1 exceeds .* 0\.0000 \(0 of 240\)"):
+        create_loader(data["plain"], _config(masked_prob=0.1), backend=kind)
+
+
+def test_index_that_disagrees_with_the_manifest_is_an_error(damaged):
+    idx = damaged / "shard-000004.idx"
+    lines = idx.read_bytes().split(b"\n")
+    idx.write_bytes(b"\n".join([b"v1.2 39", *lines[1:-2], b""]))
+    with pytest.raises(FacetoolError, match=r"shard-000004\.idx: lists 39 samples .* manifest says .* 40"):
+        open_shards(damaged)
+
+
+def test_config_rejects_out_of_range_options():
+    with pytest.raises(FacetoolError, match="crop_area"):
+        LoaderConfig(crop_area=(0.08, 1.0))
+    with pytest.raises(FacetoolError, match="masked_prob"):
+        LoaderConfig(masked_prob=1.5)
+    with pytest.raises(FacetoolError, match="last_batch"):
+        LoaderConfig(last_batch="pad")
+    with pytest.raises(FacetoolError, match="batch_size"):
+        LoaderConfig(batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_bench_contenders_measure_what_they_claim(data):
+    from facetool.bench.loader import ArcfaceRecDataset, _decode_loop, locate_rec, read_jpegs, run_dali, run_rec
+
+    shards = str(data["plain"])
+    out = run_dali(shards, "cpu", batch_size=16, threads=1, warmup=1, batches=3)
+    assert out["images"] == 48 and out["seconds"] > 0
+    rec, idx = locate_rec(shards, None)  # the manifest's source
+    assert rec == (data["src"] / "train.rec").resolve()
+    out = run_rec(str(rec), str(idx), "cpu", batch_size=16, workers=0, warmup=1, batches=20)  # wraps an epoch
+    assert out["images"] == 320
+    dataset = ArcfaceRecDataset(rec, idx)
+    with RecordFile(rec, idx) as rf:
+        first = rf[0]
+    image, label = dataset[0]
+    expected = _decode(first.image).transpose(2, 0, 1) / 127.5 - 1
+    assert int(label) == first.class_id and image.shape == (3, 112, 112)
+    flipped = expected[:, :, ::-1]
+    assert min(np.abs(image.numpy() - e).max() for e in (expected, flipped)) < 1e-5
+    jpegs = read_jpegs(shards, 70)
+    assert len(jpegs) == 70 and all(j[:3] == b"\xff\xd8\xff" for j in jpegs)
+    for decoder in ("pillow", "torchvision"):
+        n, t0, t1, cpu = _decode_loop((decoder, jpegs, 0.0))
+        assert n == 70 and t1 > t0
+
+
+def test_bench_loader_command_prints_a_table_and_writes_json(data, tmp_path):
+    from click.testing import CliRunner
+
+    from facetool.cli import main
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "loader", str(data["plain"]), "--loader", "decode", "--batch-size", "8", "--batches", "3"]
+    result = CliRunner().invoke(main, [*args, "--warmup", "1", "--threads", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "decode-limit (pillow)" in result.output and "x decode limit" in result.output
+    report = json.loads(out.read_text())
+    assert report["batch_size"] == 8 and report["cores"] == 1
+    rows = {r["decoder"]: r for r in report["results"]}
+    assert set(rows) == {"pillow", "torchvision"}
+    assert all(r["loader"] == "decode-limit" and r["device"] == "cpu" and r["images"] == 32 for r in rows.values())
+    assert max(r["ratio_to_decode_limit"] for r in rows.values()) == 1.0
+    bad = CliRunner().invoke(main, ["bench", "loader", str(tmp_path)])
+    assert bad.exit_code != 0 and "manifest.json" in bad.output

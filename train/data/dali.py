@@ -1,0 +1,228 @@
+"""The DALI training pipeline: shards -> (holistic or masked) JPEG -> decode -> augment -> normalised NCHW batches.
+
+One definition serves both devices: on a GPU the JPEGs are decoded with ``device="mixed"`` (nvJPEG plus the
+hardware decoder, buffers sized for 112x112) and augmented on the GPU; without one the same graph runs on the CPU
+with ``device_id=None``. Only one image is decoded per sample: the choice between ``jpg`` and ``mask.jpg`` is made
+on the encoded bytes, in a DALI conditional.
+
+Epochs (``reader_name`` drives the iterator): the reader splits the concatenation of all shards into
+``world_size`` contiguous parts (``shard_id=rank``), pads each part to the same number of batches
+(``pad_last_batch``), and after each epoch reshuffles the order of the tar files with a seed shared by all ranks
+(``shuffle_after_epoch``) and moves each rank to the next part, while a shuffle buffer mixes samples within a
+rank. Every sample is therefore read exactly once per epoch across ranks. The remainder is handled by
+``last_batch``: ``"partial"`` returns it (every rank gets the same number of batches; the last one of each rank
+holds what is left of its part, possibly nothing), ``"drop"`` returns only full batches (all ranks stop after
+``floor(smallest part / batch_size)`` batches; the rest of the epoch's samples, fewer than
+``world_size * (batch_size + 1)``, are skipped, and since the order changes, different ones each epoch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from facetool.pipeline.errors import FacetoolError
+from facetool.train.data.batch import Batch
+from facetool.train.data.config import LoaderConfig
+from facetool.train.data.epochs import batches_per_epoch, derive_seed
+from facetool.train.data.shardset import MASK_EXT, ShardSet
+
+READER_NAME = "Reader"
+_MEAN = 127.5
+_STD = 127.5
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI can be imported here (it is a dependency, but wheels exist only for Linux)."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_pipeline(
+    shards: ShardSet,
+    config: LoaderConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str = "cpu",
+    device_id: int | None = None,
+):
+    """The DALI pipeline (not yet built) for one rank: outputs images (NCHW), labels (int32, (1,)) and, when
+    ``masked_prob`` > 0, masked (bool). ``device`` "gpu" decodes with ``device="mixed"`` on ``device_id``; "cpu"
+    runs with ``device_id=None``."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    if device not in ("cpu", "gpu"):
+        raise FacetoolError(f"loader device must be 'cpu' or 'gpu', got {device!r}")
+    if not (0 <= rank < world_size):
+        raise FacetoolError(f"rank {rank} outside world size {world_size}")
+    if world_size > shards.samples:
+        raise FacetoolError(f"{shards.root}: {shards.samples} samples cannot be split over {world_size} ranks")
+    gpu = device == "gpu"
+    pick = shards.mask_pick_probability(config.masked_prob)  # raises before anything is built when q > rendered
+    size = config.image_size
+    threads = config.threads or config.cpu_share()
+
+    @pipeline_def(
+        batch_size=config.batch_size,
+        num_threads=threads,
+        device_id=(device_id if device_id is not None else 0) if gpu else None,
+        seed=derive_seed(config.seed, rank),  # augmentation draws differ per rank; the file order is shared (below)
+        prefetch_queue_depth=config.prefetch,
+        enable_conditionals=True,
+    )
+    def graph():
+        exts = ["jpg;png", MASK_EXT, "label.i32"] if pick > 0 else ["jpg;png", "label.i32"]
+        outputs = fn.readers.webdataset(
+            paths=[str(s.tar) for s in shards.shards],
+            index_paths=[str(s.index) for s in shards.shards],
+            ext=exts,
+            dtypes=[types.UINT8] * (len(exts) - 1) + [types.INT32],
+            missing_component_behavior="empty",  # mask.jpg is optional; open_shards checked the rest
+            random_shuffle=True,
+            initial_fill=config.shuffle_buffer,
+            seed=derive_seed(config.seed, rank, 1),
+            shard_id=rank,
+            num_shards=world_size,
+            pad_last_batch=True,
+            shuffle_after_epoch=True,
+            shuffle_after_epoch_seed=derive_seed(config.seed, 2),  # the same on every rank: one global tar order
+            prefetch_queue_depth=config.reader_prefetch,
+            tensor_init_bytes=config.tensor_init_bytes,
+            name=READER_NAME,
+        )
+        if pick > 0:
+            encoded, mask, label = outputs
+            has_mask = mask.shape()[0] > 0
+            masked = fn.random.coin_flip(probability=pick, dtype=types.BOOL) & has_mask
+            if masked:  # on the encoded bytes: only the chosen image is decoded
+                encoded = mask
+        else:
+            (encoded, label), masked = outputs, None  # nothing masked: the loader fills the flags itself
+        if gpu:
+            images = fn.decoders.image(
+                encoded,
+                device="mixed",
+                output_type=types.RGB,
+                hw_decoder_load=config.hw_decoder_load,
+                preallocate_width_hint=size,
+                preallocate_height_hint=size,
+                device_memory_padding=1 << 20,  # the 16 MiB default is sized for ImageNet photos
+                host_memory_padding=1 << 20,
+                jpeg_fancy_upsampling=True,  # chroma upsampled as libjpeg-turbo does on the CPU (and at evaluation)
+            )
+        else:
+            images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+        images = _augment(images, config, fn, types)
+        images = fn.crop_mirror_normalize(
+            images,
+            mean=[_MEAN] * 3,
+            std=[_STD] * 3,
+            mirror=fn.random.coin_flip(probability=config.flip_prob) if config.flip_prob > 0 else 0,
+            dtype=types.FLOAT16 if config.dtype == "float16" else types.FLOAT,
+            output_layout="CHW",
+        )
+        if gpu:
+            label = label.gpu()
+        if masked is None:
+            return images, label
+        return images, label, masked.gpu() if gpu else masked
+
+    return graph()
+
+
+def _augment(images, config: LoaderConfig, fn, types):
+    """The optional augmentations, each applied to a sample with its probability (a conditional, so samples that
+    skip it cost nothing), in the order the fallback applies them: crop, colour, grayscale, blur, down-up."""
+    size = config.image_size
+    if config.crop_prob > 0:
+        if fn.random.coin_flip(probability=config.crop_prob, dtype=types.BOOL):
+            images = fn.random_resized_crop(
+                images,
+                size=[size, size],
+                random_area=list(config.crop_area),
+                random_aspect_ratio=list(config.crop_aspect),
+                interp_type=types.INTERP_LINEAR,
+                antialias=False,
+            )
+    if config.color_prob > 0:
+        if fn.random.coin_flip(probability=config.color_prob, dtype=types.BOOL):
+            b, c, s = config.brightness, config.contrast, config.saturation
+            images = fn.color_twist(
+                images,
+                brightness=fn.random.uniform(range=[1 - b, 1 + b]),
+                contrast=fn.random.uniform(range=[1 - c, 1 + c]),
+                saturation=fn.random.uniform(range=[1 - s, 1 + s]),
+                hue=fn.random.uniform(range=[-config.hue, config.hue]) if config.hue > 0 else 0.0,
+            )
+    if config.gray_prob > 0:
+        if fn.random.coin_flip(probability=config.gray_prob, dtype=types.BOOL):
+            images = fn.hsv(images, saturation=0.0)
+    if config.blur_prob > 0:
+        if fn.random.coin_flip(probability=config.blur_prob, dtype=types.BOOL):
+            sigma = fn.random.uniform(range=list(config.blur_sigma))
+            window = 2 * math.ceil(3 * config.blur_sigma[1]) + 1
+            images = fn.gaussian_blur(images, sigma=sigma, window_size=window)
+    if config.downup_prob > 0:
+        if fn.random.coin_flip(probability=config.downup_prob, dtype=types.BOOL):
+            lo, hi = config.downup_scale
+            small = fn.random.uniform(range=[lo * size, hi * size])
+            images = fn.resize(images, resize_x=small, resize_y=small, interp_type=types.INTERP_LINEAR)
+            images = fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR)
+    return images
+
+
+class DaliLoader:
+    """Iterate epochs of :class:`Batch` from the DALI pipeline; ``for batch in loader`` is one epoch.
+
+    Tensors are on the training device (``cuda:device_id`` for the GPU pipeline, else the CPU). The images of a
+    batch stay valid after the next one is drawn (DALI hands each batch over as its own torch tensor).
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        config: LoaderConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str = "cpu",
+        device_id: int | None = None,
+    ) -> None:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        self.shards, self.config, self.rank, self.world_size = shards, config, rank, world_size
+        self.device = torch.device("cuda", device_id or 0) if device == "gpu" else torch.device("cpu")
+        self.pipeline = build_pipeline(shards, config, rank, world_size, device, device_id)
+        self.pipeline.build()
+        policy = LastBatchPolicy.PARTIAL if config.last_batch == "partial" else LastBatchPolicy.DROP
+        self._with_masks = config.masked_prob > 0
+        self._iterator = DALIGenericIterator(
+            [self.pipeline],
+            ["images", "labels", "masked"] if self._with_masks else ["images", "labels"],
+            reader_name=READER_NAME,
+            last_batch_policy=policy,
+            auto_reset=True,
+        )
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+        return batches_per_epoch(self.shards.samples, self.world_size, self.config.batch_size, self.config.last_batch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for out in self._iterator:
+            data = out[0]
+            labels = data["labels"].view(-1).long()
+            if self._with_masks:
+                masked = data["masked"].view(-1).bool()
+            else:
+                masked = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+            yield Batch(data["images"], labels, masked)
+        self.epoch += 1
+
+
+__all__ = ["DaliLoader", "build_pipeline", "dali_available"]

@@ -1,0 +1,282 @@
+"""The portable loader: webdataset reading + Pillow decoding in torch DataLoader workers, with the DALI loader's
+options, augmentations (same probabilities and ranges, Pillow's pixel formulas) and epoch rules.
+
+Used where DALI is not available (macOS, machines without NVIDIA wheels) and as the reference in tests.
+
+Splitting mirrors DALI's reader: each epoch the tar files are put in an order drawn from the seed (the same on
+every rank), the concatenated samples are cut into ``world_size`` contiguous parts (rank r takes part r) and each
+part into contiguous slices, one per DataLoader worker. A worker seeks straight to its slice's first sample (the
+offset comes from the DALI index), reads it with webdataset's tar iterator, shuffles it in a buffer, chooses the
+holistic or masked image, decodes that one and augments it. Workers yield full batches and one remainder each;
+the main process merges the remainders, so a rank yields the same batches per epoch as the DALI loader
+(``last_batch`` "partial": ceil(largest part / B), the last holding what is left, possibly nothing; "drop":
+floor(smallest part / B) full batches).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import multiprocessing as mp
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageFilter
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.shards import LABEL_EXT
+from facetool.train.data.batch import Batch
+from facetool.train.data.config import LoaderConfig
+from facetool.train.data.epochs import batches_per_epoch, derive_seed
+from facetool.train.data.shardset import IMAGE_EXTS, MASK_EXT, ShardSet
+
+_SCALE = np.float32(1.0 / 127.5)
+
+
+def epoch_segments(
+    counts: list[int], seed: int, epoch: int, rank: int, world_size: int, worker: int, workers: int
+) -> list[tuple[int, int, int]]:
+    """The (shard, first sample in the shard, count) runs that a worker of a rank reads in an epoch."""
+    order = np.random.default_rng(derive_seed(seed, 2, epoch)).permutation(len(counts))
+    n = sum(counts)
+    part_lo, part_hi = rank * n // world_size, (rank + 1) * n // world_size
+    size = part_hi - part_lo
+    lo, hi = part_lo + worker * size // workers, part_lo + (worker + 1) * size // workers
+    runs, pos = [], 0
+    for s in order.tolist():
+        start, end = max(lo, pos), min(hi, pos + counts[s])
+        if start < end:
+            runs.append((s, start - pos, end - start))
+        pos += counts[s]
+    return runs
+
+
+class _SampleStream(IterableDataset):
+    """Yields, per worker, (images, labels, masked) numpy batches of ``batch_size`` and one final remainder."""
+
+    def __init__(self, shards: ShardSet, config: LoaderConfig, rank: int, world_size: int, pick: float, epoch):
+        self.tars = [str(s.tar) for s in shards.shards]
+        self.indexes = [str(s.index) for s in shards.shards]
+        self.counts = [s.samples for s in shards.shards]
+        self.config, self.rank, self.world_size, self.pick = config, rank, world_size, pick
+        self.epoch = epoch  # a shared mp.Value: persistent workers read the main process's epoch from it
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        cfg, epoch = self.config, int(self.epoch.value)
+        runs = epoch_segments(self.counts, cfg.seed, epoch, self.rank, self.world_size, worker, workers)
+        samples = itertools.chain.from_iterable(self._read(s, first, count) for s, first, count in runs)
+        bufsize = max(1, cfg.shuffle_buffer // workers)
+        shuffle_seed = derive_seed(cfg.seed, 3, epoch, self.rank, worker)
+        import webdataset as wds
+
+        samples = wds.filters.shuffle(bufsize, initial=bufsize, seed=shuffle_seed)(samples)
+        rng = np.random.default_rng(derive_seed(cfg.seed, 4, epoch, self.rank, worker))
+        B, S = cfg.batch_size, cfg.image_size
+        while True:
+            chunk = list(itertools.islice(samples, B))
+            if not chunk:
+                return
+            images = np.empty((len(chunk), 3, S, S), dtype=np.float32)
+            labels = np.empty(len(chunk), dtype=np.int64)
+            masked = np.zeros(len(chunk), dtype=bool)
+            for i, sample in enumerate(chunk):
+                labels[i], masked[i] = process_sample(sample, cfg, self.pick, rng, images[i])
+            if cfg.dtype == "float16":
+                images = images.astype(np.float16)
+            yield images, labels, masked
+            if len(chunk) < B:
+                return
+
+    def _read(self, shard: int, first: int, count: int) -> Iterator[dict]:
+        """``count`` samples of one tar from its ``first``, through webdataset's tar iterator; a damaged tar or a
+        sample without image or label is an error naming the shard, never a skip."""
+        from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+        tar = self.tars[shard]
+        offset = _header_offset(self.indexes[shard], first)
+        n = 0
+        try:
+            with open(tar, "rb") as f:
+                f.seek(offset)
+                files = ({**m, "__url__": tar} for m in tar_file_iterator(f))
+                for sample in itertools.islice(group_by_keys(files), count):
+                    _check_sample(sample, tar)
+                    yield sample
+                    n += 1
+        except FacetoolError:
+            raise
+        except Exception as err:  # tarfile.ReadError, EOFError, OSError, webdataset's ValueError
+            raise FacetoolError(f"{tar}: cannot read sample {first + n} of the shard: {err}") from None
+        if n != count:
+            raise FacetoolError(f"{tar}: ended after {first + n} samples, its index lists {first + count}")
+
+
+def _header_offset(index: str, sample: int) -> int:
+    """Byte offset of the tar header of a shard's ``sample``-th sample (its first member's data offset - 512)."""
+    with open(index, "rb") as f:
+        line = next(itertools.islice(f, sample + 1, sample + 2), b"")
+    fields = line.split()
+    if len(fields) < 4:
+        raise FacetoolError(f"{index}: no line for sample {sample}")
+    return int(fields[1]) - 512
+
+
+def _check_sample(sample: dict, tar: str) -> None:
+    key = sample.get("__key__")
+    if LABEL_EXT not in sample or len(sample[LABEL_EXT]) != 4:
+        raise FacetoolError(f"{tar}: sample {key} has no 4-byte label member ({LABEL_EXT})")
+    if not any(e in sample for e in IMAGE_EXTS):
+        raise FacetoolError(f"{tar}: sample {key} has no image member (jpg or png)")
+
+
+def process_sample(
+    sample: dict, cfg: LoaderConfig, pick: float, rng: np.random.Generator, out: np.ndarray
+) -> tuple[int, bool]:
+    """Choose, decode and augment one sample into ``out`` (3, S, S) float32 normalised; returns (label, masked).
+
+    Random draws, in order: masked (only for samples with a twin), crop, colour (+ its factors), grayscale,
+    blur (+ sigma), down-up (+ size), flip: the DALI pipeline's operations, probabilities and ranges."""
+    label = int(np.frombuffer(sample[LABEL_EXT], dtype="<i4")[0])
+    masked = MASK_EXT in sample and pick > 0 and rng.random() < pick
+    data = sample[MASK_EXT] if masked else next(sample[e] for e in IMAGE_EXTS if e in sample)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image = image.convert("RGB") if image.mode != "RGB" else image
+    except Exception as err:
+        raise FacetoolError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: cannot decode: {err}") from None
+    image = augment(image, cfg, rng)
+    size = cfg.image_size
+    if image.size != (size, size):
+        raise FacetoolError(
+            f"{sample.get('__url__')}: sample {sample.get('__key__')} is {image.size[0]}x{image.size[1]}, "
+            f"the loader expects {size}x{size}"
+        )
+    pixels = np.asarray(image)
+    if cfg.flip_prob > 0 and rng.random() < cfg.flip_prob:
+        pixels = pixels[:, ::-1]
+    np.subtract(pixels.transpose(2, 0, 1), np.float32(127.5), out=out, casting="unsafe")
+    out *= _SCALE
+    return label, bool(masked)
+
+
+def augment(image: Image.Image, cfg: LoaderConfig, rng: np.random.Generator) -> Image.Image:
+    """The optional augmentations with Pillow, in the DALI pipeline's order (flip comes with normalisation)."""
+    size = cfg.image_size
+    if cfg.crop_prob > 0 and rng.random() < cfg.crop_prob:
+        w, h = image.size
+        area = rng.uniform(*cfg.crop_area) * w * h
+        ratio = float(np.exp(rng.uniform(np.log(cfg.crop_aspect[0]), np.log(cfg.crop_aspect[1]))))
+        cw = min(w, max(1, round(np.sqrt(area * ratio))))
+        ch = min(h, max(1, round(np.sqrt(area / ratio))))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        image = image.resize((size, size), Image.BILINEAR, box=(x, y, x + cw, y + ch))
+    if cfg.color_prob > 0 and rng.random() < cfg.color_prob:
+        b, c, s = (rng.uniform(1 - v, 1 + v) for v in (cfg.brightness, cfg.contrast, cfg.saturation))
+        image = ImageEnhance.Brightness(image).enhance(b)
+        image = ImageEnhance.Contrast(image).enhance(c)
+        image = ImageEnhance.Color(image).enhance(s)
+        if cfg.hue > 0:
+            shift = round(rng.uniform(-cfg.hue, cfg.hue) / 360.0 * 256) % 256
+            h, s_, v = image.convert("HSV").split()
+            h = h.point(lambda x: (x + shift) % 256)
+            image = Image.merge("HSV", (h, s_, v)).convert("RGB")
+    if cfg.gray_prob > 0 and rng.random() < cfg.gray_prob:
+        image = image.convert("L").convert("RGB")
+    if cfg.blur_prob > 0 and rng.random() < cfg.blur_prob:
+        image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(*cfg.blur_sigma))))
+    if cfg.downup_prob > 0 and rng.random() < cfg.downup_prob:
+        small = max(1, round(rng.uniform(cfg.downup_scale[0] * size, cfg.downup_scale[1] * size)))
+        image = image.resize((small, small), Image.BILINEAR).resize((size, size), Image.BILINEAR)
+    return image
+
+
+class WdsLoader:
+    """Iterate epochs of :class:`Batch` from the webdataset fallback; ``for batch in loader`` is one epoch.
+
+    ``workers`` DataLoader processes (``config.workers``, 0: this rank's share of the cores) persist across epochs;
+    ``workers=0`` reads in the calling process. Tensors end on ``device`` (pinned and copied without blocking
+    when that is a GPU).
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        config: LoaderConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        workers: int | None = None,
+        start_method: str | None = None,
+    ) -> None:
+        if not (0 <= rank < world_size):
+            raise FacetoolError(f"rank {rank} outside world size {world_size}")
+        if world_size > shards.samples:
+            raise FacetoolError(f"{shards.root}: {shards.samples} samples cannot be split over {world_size} ranks")
+        pick = shards.mask_pick_probability(config.masked_prob)  # an error before any worker starts
+        self.shards, self.config, self.rank, self.world_size = shards, config, rank, world_size
+        self.device = torch.device(device)
+        if workers is None:
+            workers = config.workers or config.cpu_share()
+        ctx = mp.get_context(start_method) if workers > 0 else mp.get_context()
+        self._epoch = ctx.Value("q", 0, lock=False)
+        self.dataset = _SampleStream(shards, config, rank, world_size, pick, self._epoch)
+        self._loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=2 if workers > 0 else None,
+            multiprocessing_context=ctx if workers > 0 else None,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+        return batches_per_epoch(self.shards.samples, self.world_size, self.config.batch_size, self.config.last_batch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self._epoch.value = self.epoch
+        total, B = len(self), self.config.batch_size
+        done, rest = 0, []
+        for images, labels, masked in self._loader if total else ():
+            if len(labels) == B:
+                yield self._to_device(images, labels, masked)
+                done += 1
+            else:
+                rest.append((images, labels, masked))
+                if sum(len(r[1]) for r in rest) >= B:
+                    merged = [torch.cat(t) for t in zip(*rest, strict=True)]
+                    yield self._to_device(*(t[:B] for t in merged))
+                    done += 1
+                    rest = [tuple(t[B:] for t in merged)]
+            if done == total:
+                break
+        if done < total and self.config.last_batch == "partial":
+            if rest:
+                yield self._to_device(*(torch.cat(t) for t in zip(*rest, strict=True)))
+            else:
+                yield self._empty()
+            done += 1
+            while done < total:  # this rank's part is a sample shorter than the largest: same batch count
+                yield self._empty()
+                done += 1
+        self.epoch += 1
+
+    def _to_device(self, images: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor) -> Batch:
+        nb = self.device.type == "cuda"
+        return Batch(
+            images.to(self.device, non_blocking=nb),
+            labels.to(self.device, non_blocking=nb),
+            masked.to(self.device, non_blocking=nb),
+        )
+
+    def _empty(self) -> Batch:
+        S, dtype = self.config.image_size, torch.float16 if self.config.dtype == "float16" else torch.float32
+        return self._to_device(
+            torch.empty((0, 3, S, S), dtype=dtype), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.bool)
+        )

@@ -1,0 +1,172 @@
+"""A shard folder as the loaders see it: its tars, DALI indexes and counts, checked cheaply before anything runs.
+
+DALI reads members at the offsets its index gives, from a memory map: a tar shorter than its index (a copy cut
+short) would fault or return garbage mid-epoch, and a sample without a label would surface as a ragged batch far
+from its cause. So every shard is checked at start, in time linear in the index size (a few byte counts per
+index, no per-line Python): the index exists and starts with ``v1.2 N``, N and the mask count agree with the
+manifest, every sample has one image and one label, and the last member ends inside the tar. Errors name the shard
+(and the sample, when one is at fault).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.shards import LABEL_EXT, read_manifest
+
+IMAGE_EXTS = ("jpg", "png")
+MASK_EXT = "mask.jpg"
+_INDEX_HEADER = re.compile(rb"v1\.2 (\d+)\n")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar shard and its DALI index, with the manifest's counts."""
+
+    tar: Path
+    index: Path
+    samples: int
+    masked: int
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shards of one conversion, in manifest order (the order DALI concatenates them in)."""
+
+    root: Path
+    shards: tuple[Shard, ...]
+    classes: int
+    manifest: dict
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def masked(self) -> int:
+        return sum(s.masked for s in self.shards)
+
+    @property
+    def rendered_fraction(self) -> float:
+        """The share of samples that have a pre-rendered masked twin (``mask.jpg``)."""
+        return self.masked / self.samples if self.samples else 0.0
+
+    def mask_pick_probability(self, masked_prob: float) -> float:
+        """Probability of showing a sample *that has a twin* masked, so that a share ``masked_prob`` (q) of all
+        samples is shown masked; an error when the shards hold too few twins for q."""
+        if masked_prob <= 0.0:
+            return 0.0
+        f = self.rendered_fraction
+        if masked_prob > f + 1e-12:
+            arg = self.manifest.get("arguments", {}).get("mask_fraction")
+            hint = f" (converted with mask_fraction {arg})" if arg is not None else ""
+            raise FacetoolError(
+                f"{self.root}: masked_prob {masked_prob} exceeds the share of samples with a rendered mask, "
+                f"{f:.4f} ({self.masked} of {self.samples}){hint}; lower masked_prob or convert with "
+                f"--mask-fraction >= {masked_prob}"
+            )
+        return min(1.0, masked_prob / f)
+
+
+def open_shards(path: str | os.PathLike, check: bool = True) -> ShardSet:
+    """Load ``manifest.json`` of a shard folder and (unless ``check=False``) check every shard against it."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    if manifest.get("format_version") != 1:
+        raise FacetoolError(f"{root / 'manifest.json'}: shard format version {manifest.get('format_version')}, need 1")
+    if manifest.get("part", {}).get("count", 1) != 1:
+        raise FacetoolError(f"{root}: holds one part of a cluster conversion; run `facetool merge-parts` first")
+    shards = []
+    for entry in manifest["shards"]:
+        tar = root / entry["name"]
+        shards.append(
+            Shard(tar=tar, index=root / entry["index"], samples=int(entry["samples"]), masked=int(entry["masked"]))
+        )
+        if check:
+            check_shard(shards[-1], expected_bytes=entry.get("bytes"))
+    if not shards or sum(s.samples for s in shards) == 0:
+        raise FacetoolError(f"{root}: the manifest lists no samples")
+    return ShardSet(root=root, shards=tuple(shards), classes=int(manifest["source"]["classes"]), manifest=manifest)
+
+
+def _count_ext(text: bytes, ext: str) -> int:
+    """How many members with extension ``ext`` an index lists (as a field of its own: ``ext OFFSET SIZE NAME``)."""
+    token = ext.encode() + b" "
+    return text.count(b"\n" + token) + text.count(b" " + token)
+
+
+def check_shard(shard: Shard, expected_bytes: int | None = None) -> None:
+    """Check one shard's tar and index against each other and the manifest; raise FacetoolError naming it."""
+    if not shard.tar.is_file():
+        raise FacetoolError(f"{shard.tar}: shard listed in the manifest is missing")
+    if not shard.index.is_file():
+        raise FacetoolError(
+            f"{shard.index}: DALI index of {shard.tar.name} is missing (re-run `facetool convert`, or rebuild it "
+            f"with `wds2idx {shard.tar.name} {shard.index.name}`)"
+        )
+    try:
+        text = shard.index.read_bytes()
+    except OSError as err:
+        raise FacetoolError(f"{shard.index}: cannot read ({err.strerror})") from None
+    head = _INDEX_HEADER.match(text)
+    if head is None:
+        raise FacetoolError(f"{shard.index}: not a DALI webdataset index (first line must be 'v1.2 N')")
+    n = int(head.group(1))
+    lines = text.count(b"\n") - 1
+    if n != shard.samples or lines != n:
+        raise FacetoolError(
+            f"{shard.index}: lists {lines} samples (header says {n}) but the manifest says {shard.tar.name} "
+            f"holds {shard.samples}"
+        )
+    images = sum(_count_ext(text, e) for e in IMAGE_EXTS)
+    labels = _count_ext(text, LABEL_EXT)
+    if images != n or labels != n:
+        _find_incomplete_sample(shard, text)
+    masks = _count_ext(text, MASK_EXT)
+    if masks != shard.masked:
+        raise FacetoolError(
+            f"{shard.index}: lists {masks} {MASK_EXT} members but the manifest says {shard.tar.name} has "
+            f"{shard.masked} masked samples"
+        )
+    size = shard.tar.stat().st_size
+    end, name = _last_member_end(shard, text)
+    if end > size:
+        raise FacetoolError(
+            f"{shard.tar}: truncated: {size} bytes, but member {name} ends at byte {end} (its index says so); "
+            "the shard was cut short, re-copy or re-convert it"
+        )
+    if expected_bytes is not None and size != int(expected_bytes):
+        raise FacetoolError(f"{shard.tar}: {size} bytes, the manifest says {expected_bytes}; the shard was altered")
+
+
+def _last_member_end(shard: Shard, text: bytes) -> tuple[int, str]:
+    """Where the last sample's members end, and the member that ends last."""
+    last = text.rstrip(b"\n").rsplit(b"\n", 1)[-1].split()
+    if len(last) % 4:
+        raise FacetoolError(f"{shard.index}: malformed last line {b' '.join(last).decode(errors='replace')!r}")
+    try:
+        ends = [(int(last[i + 1]) + int(last[i + 2]), last[i + 3].decode()) for i in range(0, len(last), 4)]
+    except ValueError:
+        raise FacetoolError(f"{shard.index}: malformed last line") from None
+    return max(ends)
+
+
+def _find_incomplete_sample(shard: Shard, text: bytes) -> None:
+    """Slow path, only on error: name the first sample that lacks an image or a label (or has two)."""
+    for i, line in enumerate(text.split(b"\n")[1:-1]):
+        fields = line.split()
+        exts = [f.decode(errors="replace") for f in fields[0::4]]
+        names = [f.decode(errors="replace") for f in fields[3::4]]
+        key = names[0].split(".", 1)[0] if names else f"#{i}"
+        n_images = sum(e in IMAGE_EXTS for e in exts)
+        if exts.count(LABEL_EXT) != 1:
+            what = "has no label" if LABEL_EXT not in exts else "has more than one label"
+            raise FacetoolError(f"{shard.tar}: sample {key} (#{i} in the shard) {what} member ({LABEL_EXT})")
+        if n_images != 1:
+            what = "has no image" if n_images == 0 else "has more than one image"
+            raise FacetoolError(f"{shard.tar}: sample {key} (#{i} in the shard) {what} member (jpg or png)")
+    raise FacetoolError(f"{shard.index}: the image and label member counts do not match the sample count")
