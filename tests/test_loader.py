@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixture_masked_shards import add_masks, read_samples, rewrite_shard, update_manifest_entry
 from PIL import Image
+from shard_edit import read_samples, rewrite_shard, update_manifest_entry
 
 from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.recordio import RecordFile
@@ -91,14 +91,13 @@ def _samples(loader):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    """240 synthetic faces (24 identities) as 5 shards (50 samples each, the last 40), and a copy in which about
-    half of the samples have a masked twin."""
+    """240 synthetic faces (24 identities) as 5 shards (50 samples each, the last 40), and the same converted with
+    a masked twin for about half of the samples."""
     root = tmp_path_factory.mktemp("loader")
     src, plain, masked = root / "src", root / "shards", root / "masked"
     write_synth(src, identities=24, images_per_identity=10, pairs=2, seed=3, workers=1, progress=False)
     convert(src, plain, ConvertOptions(samples_per_shard=50))
-    shutil.copytree(plain, masked)
-    add_masks(masked, 0.5)
+    convert(src, masked, ConvertOptions(samples_per_shard=50, mask_fraction=0.5))
     return {"src": src, "plain": plain, "masked": masked}
 
 
