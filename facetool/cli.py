@@ -14,6 +14,7 @@ import click
 
 from facetool import __version__
 from facetool.cli_models import bench_models_command, export_command
+from facetool.cli_verification import bench_verification_command
 from facetool.pipeline import DEFAULT_SAMPLES_PER_SHARD
 from facetool.pipeline.errors import FacetoolError
 
@@ -299,3 +300,4 @@ def bench_convert(
 
 main.add_command(export_command)
 bench.add_command(bench_models_command)
+bench.add_command(bench_verification_command)
