@@ -127,8 +127,14 @@ def load_bin(path: str | os.PathLike) -> VerificationSet:
     else:
         raise FacetoolError(f"{path}: set {name!r}: issame must be a list of bools or a numpy bool array")
     if len(images) != 2 * issame.size:
+        first = min(len(images), 2 * issame.size)
+        which = (
+            f"image {first} onwards belongs to no pair"
+            if len(images) > first
+            else f"pair {first // 2} lacks image {first}" + ("" if first % 2 else f" and {first + 1}")
+        )
         raise FacetoolError(
-            f"{path}: set {name!r}: {len(images)} images for {issame.size} pairs (need exactly twice as many)"
+            f"{path}: set {name!r}: {len(images)} images for {issame.size} pairs (need exactly twice as many; {which})"
         )
     return VerificationSet(name, images, issame)
 

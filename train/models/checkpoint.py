@@ -44,7 +44,18 @@ def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, str, dict[str, An
     except Exception as err:  # the unpickler fails in many ways on foreign bytes
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a facetool backbone checkpoint ({reason})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    return backbone_from_payload(payload, path)
+
+
+def is_backbone_payload(obj: object) -> bool:
+    """Whether ``obj`` (something ``torch.load`` returned) is what :func:`save_backbone` writes."""
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def backbone_from_payload(payload: object, path: str | os.PathLike) -> tuple[nn.Module, str, dict[str, Any]]:
+    """Rebuild a backbone from an already loaded checkpoint ``payload``; errors as :func:`load_backbone`'s, naming
+    ``path``. For callers that load a file holding more than the backbone (a training checkpoint)."""
+    if not is_backbone_payload(payload):
         raise ValueError(f"{path}: not a facetool backbone checkpoint (no format {FORMAT!r})")
     if payload.get("version") != VERSION:
         raise ValueError(f"{path}: unsupported backbone checkpoint version {payload.get('version')!r}")
