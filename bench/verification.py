@@ -28,7 +28,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -317,6 +317,26 @@ def read_bin_set(path: str | os.PathLike) -> PairSet:
         pairs=np.arange(n, dtype=np.int64).reshape(-1, 2),
         issame=vs.issame.astype(bool),
         masked=np.zeros(n, dtype=bool),
+    )
+
+
+def masked_bin_set(
+    pair_set: PairSet, mode: str, seed: int = 0, progress: Callable[[int, int], None] | None = None
+) -> PairSet:
+    """The SMFRD-style masked version of a ``.bin`` set, rendered on the fly: byte for byte the images that
+    ``facetool masks bin --mode MODE --seed SEED`` writes, with the masked flag set on the images that got a mask
+    (the second of each pair for ``one``, all for ``both``). Named ``<set>_masked_<mode>``."""
+    from facetool.pipeline.masks import mask_verification_images, masked_positions
+
+    images = mask_verification_images(pair_set.images, mode, seed, progress=progress)
+    masked = pair_set.masked.copy()
+    masked[list(masked_positions(len(images), mode))] = True
+    return replace(
+        pair_set,
+        name=f"{pair_set.name}_masked_{mode}",
+        source=f"{pair_set.source} (masked: mode {mode}, seed {seed})",
+        images=images,
+        masked=masked,
     )
 
 

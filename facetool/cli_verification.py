@@ -38,6 +38,20 @@ _PATH = click.Path(exists=True, dir_okay=False, path_type=Path)
     "image whose path contains 'unmasked' is holistic and every other image masked.",
 )
 @click.option(
+    "--masked",
+    type=click.Choice(["one", "both"]),
+    help="Also evaluate SMFRD-style masked versions of the .bin sets, rendered on the fly by facetool's mask "
+    "renderer exactly as `facetool masks bin --mode MODE` writes them: 'one' masks the second image of every pair, "
+    "'both' every image. Each gets its own row, <set>_masked_<mode>, beside the holistic one.",
+)
+@click.option(
+    "--mask-seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="With --masked: the renderer's seed (the same as `facetool masks bin --seed`).",
+)
+@click.option(
     "--features",
     type=_PATH,
     help="Embeddings computed elsewhere instead of a CHECKPOINT: a .npy (images, D), row i = image i of the one "
@@ -76,6 +90,8 @@ def bench_verification_command(
     bins: tuple[Path, ...],
     bin_dirs: tuple[Path, ...],
     pairs_dirs: tuple[Path, ...],
+    masked: str | None,
+    mask_seed: int,
     features: Path | None,
     flip_features: Path | None,
     batch_size: int | None,
@@ -94,7 +110,7 @@ def bench_verification_command(
     \b
     Examples:
       facetool bench verification model.pt --bin-dir /data/faces_emore --json report.json --plot roc.png
-      facetool bench verification model.pt --bin lfw.bin --pairs /data/rmfvd
+      facetool bench verification model.pt --bin lfw.bin --masked one --pairs /data/rmfvd
       facetool bench verification --features feats.npy --flip-features flipped.npy --bin lfw.bin
     """
     from facetool.bench import verification as v
@@ -108,11 +124,20 @@ def bench_verification_command(
     paths = list(bins) + [p for d in bin_dirs for p in v.bin_dir_paths(d)]
     if features is not None and (len(paths) != 1 or pairs_dirs):
         raise click.UsageError("--features goes with exactly one --bin set (its rows are that set's images)")
+    if features is not None and masked is not None:
+        raise click.UsageError("--masked renders new images; --features holds embeddings of the original ones")
+    if masked is not None and not paths:
+        raise click.UsageError("--masked masks .bin sets: give --bin or --bin-dir")
     if not paths and not pairs_dirs:
         raise click.UsageError("no sets: give --bin, --bin-dir or --pairs")
 
     # Sets first (untrusted pickles are refused before any model is built), then the model.
-    sets = [v.read_bin_set(p) for p in paths] + [v.read_pairs_dir(p) for p in pairs_dirs]
+    sets = []
+    for s in (v.read_bin_set(p) for p in paths):
+        sets.append(s)
+        if masked is not None:
+            sets.append(_masked_set(v, s, masked, mask_seed, quiet))
+    sets += [v.read_pairs_dir(p) for p in pairs_dirs]
     v.check_unique_names(sets)
     for note in v.known_set_warnings(sets):
         click.echo(note, err=True)
@@ -131,6 +156,8 @@ def bench_verification_command(
         shown = ", ".join(f"{k}={val}" for k, val in sorted(options.items()))
         click.echo(f"{checkpoint}: {name}({shown}) on {dev}", err=True)
         meta = {"checkpoint": str(checkpoint), "backbone": name, "options": options, "device": dev}
+        if masked is not None:
+            meta["masked"] = {"mode": masked, "seed": mask_seed}
         batch_size = batch_size or v.default_batch_size(dev)
         meta["batch_size"] = batch_size
         title = f"ROC: {checkpoint.name} ({name})"
@@ -165,3 +192,18 @@ def bench_verification_command(
         v.write_json_atomic(json_path, v.report_json(results, **meta))
     if plot_path:
         v.plot_roc(results, plot_path, title=title)
+
+
+def _masked_set(v, pair_set, mode: str, seed: int, quiet: bool):
+    """The masked version of one ``.bin`` set, with a progress bar while it renders."""
+    if quiet:
+        return v.masked_bin_set(pair_set, mode, seed)
+    from tqdm import tqdm
+
+    with tqdm(desc=f"masking {pair_set.name}", unit="img", dynamic_ncols=True, disable=None) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        return v.masked_bin_set(pair_set, mode, seed, progress=progress)

@@ -403,6 +403,34 @@ def test_end_to_end_checkpoint_json_plot_and_features(tmp_path, synth_bin, mbf_c
     assert feat["tar_at_far"] == s["tar_at_far"] and abs(feat["auc"] - s["auc"]) < 1e-12
 
 
+@pytest.mark.parametrize("mode", ["one", "both"])
+def test_masked_sets_are_the_masks_bin_sets(tmp_path, synth_bin, mbf_checkpoint, mode):
+    """--masked evaluates, beside each .bin set, exactly the set `facetool masks bin` writes (same seed), with the
+    masked flag on the images that got a mask; the masked rows differ from the holistic ones."""
+    written = tmp_path / f"synth_{mode}.bin"
+    result = CliRunner().invoke(main, ["masks", "bin", str(synth_bin), str(written), "--mode", mode, "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    rendered = v.masked_bin_set(v.read_bin_set(synth_bin), mode, seed=3)
+    assert rendered.images == load_bin(written).images and rendered.name == f"synth_masked_{mode}"
+    expected = np.zeros(len(rendered.images), dtype=bool)
+    expected[slice(1, None, 2) if mode == "one" else slice(None)] = True
+    assert np.array_equal(rendered.masked, expected)
+    assert sum(a != b for a, b in zip(rendered.images, v.read_bin_set(synth_bin).images, strict=True)) == expected.sum()
+
+    report = tmp_path / "report.json"
+    result = _run(
+        str(mbf_checkpoint), "--bin", str(synth_bin), "--masked", mode, "--mask-seed", "3", "--device", "cpu",
+        "--json", str(report), "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert list(data["sets"]) == ["synth", f"synth_masked_{mode}"] and data["masked"] == {"mode": mode, "seed": 3}
+    holistic, masked = data["sets"]["synth"], data["sets"][f"synth_masked_{mode}"]
+    assert masked["masked_images"] == int(expected.sum()) and holistic["masked_images"] == 0
+    assert masked["fold_accuracies"] != holistic["fold_accuracies"] or masked["auc"] != holistic["auc"]
+    assert _run("--features", str(tmp_path / "x.npy"), "--bin", str(synth_bin), "--masked", mode).exit_code != 0
+
+
 def test_embedding_is_image_plus_flip(synth_bin, mbf_checkpoint):
     model, _, _ = v.load_model(mbf_checkpoint)
     s = v.read_bin_set(synth_bin)
