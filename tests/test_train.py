@@ -253,3 +253,39 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path, data) -> None:
 
 def test_defaults_cover_every_table() -> None:
     assert set(defaults()) == {"run", "data", "model", "head", "optim", "schedule", "eval", "mae"}
+
+
+def test_two_gloo_ranks_follow_the_one_process_loss_curve(tmp_path, data) -> None:
+    """torchrun, 2 CPU processes x batch 4 (DDP backbone, classifier sharded by Partial FC) == 1 process x batch 8.
+    The synthetic source gives both the same global batches; BatchNorm is frozen so per-rank batch statistics do
+    not enter (DDP without SyncBN normalises each rank's half on its own)."""
+    common = {
+        "run": {"steps": 6, "threads": 1, "log_every": 1, "seed": 4},
+        "data": {"source": "synthetic", "synthetic_classes": 10, "synthetic_samples": 64},
+        "model": {"name": "tinynet", "width": 4, "frozen_bn": True},
+        "head": {"name": "arcface", "s": 16.0, "sample_rate": 1.0},
+    }
+    one = write_config(tmp_path / "one.toml", data, **{**common, "data": {**common["data"], "batch_size": 8}})
+    two = write_config(tmp_path / "two.toml", data, **{**common, "data": {**common["data"], "batch_size": 4}})
+    assert run_cli(str(one), "--output", str(tmp_path / "one")).returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "facetool",
+           "train", str(two), "--output", str(tmp_path / "two"), "--quiet"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def curve(out: str) -> list[float]:
+        lines = [json.loads(x) for x in (tmp_path / out / "logs" / "scalars.jsonl").read_text().splitlines()]
+        return [x["train/loss"] for x in lines if "train/loss" in x]
+
+    a, b = curve("one"), curve("two")
+    assert len(a) == len(b) == 6
+    assert a[0] != a[-1]  # it trains
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    wa, wb = weights(tmp_path / "one" / "backbone.pt"), weights(tmp_path / "two" / "backbone.pt")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)
+    ckpts = sorted((tmp_path / "two" / "checkpoints" / "step-00000006").glob("rank-*.pt"))
+    assert len(ckpts) == 2  # one head shard per rank
+    shards = [torch.load(p, weights_only=True)["head"]["weight"] for p in ckpts]
+    assert [s.shape[0] for s in shards] == [5, 5]
