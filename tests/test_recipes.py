@@ -70,8 +70,10 @@ def test_every_recipe_is_listed() -> None:
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_runs_scaled_down(name: str, shards: Path, mae_backbone: Path, tmp_path: Path) -> None:
-    full = load_config(CONFIGS / name, [f"data.shards={shards / 'shards'}", "eval.bins=[]"]
-                       + ([f"run.init_from={mae_backbone}"] if "init_from" in (CONFIGS / name).read_text() else []))  # fmt: skip
+    overrides = [f"data.shards={shards / 'shards'}", "eval.bins=[]"]
+    if "init_from" in (CONFIGS / name).read_text():  # fine-tuning recipes name the MAE run's output
+        overrides.append(f"run.init_from={mae_backbone}")
+    full = load_config(CONFIGS / name, overrides)  # the recipe at full size: loaded and validated
     assert full["run"]["task"] in ("classify", "mae")
     extra = (f"run.init_from={mae_backbone}",) if full["run"]["init_from"] else ()
     cfg = scaled_down(name, shards, tmp_path, extra)
