@@ -658,6 +658,8 @@ class Trainer:
             "verification": {"sets": self.verification},
             "history": [{k: v for k, v in h.items() if k != "sets"} for h in self.history],
         }
+        if self.ctx.device.type == "cuda":
+            summary["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(self.ctx.device))
         write_json_atomic(self.output / "summary.json", summary)
         return summary
 
