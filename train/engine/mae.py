@@ -9,8 +9,6 @@ masked patches' pixels. The loss is the MSE against the normalised [-1, 1] pixel
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -96,4 +94,3 @@ def decoder_parameters(mae: MAE) -> int:
 
 
 __all__ = ["MAE", "decoder_parameters", "sincos_2d"]
-_ = math

@@ -490,7 +490,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except ValueError as err:
             raise FacetoolError(f"{folder}: optimizer state does not fit [optim] of the config ({err})") from None
-        self.scaler.load_state_dict(state["scaler"]) if state["scaler"] else None
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         ckpt.set_numpy_state(rng)
