@@ -47,6 +47,7 @@ def test_registry_lists_every_backbone() -> None:
         "facet_base",
         "facet_small",
         "facet_tiny",
+        "tinynet",
     }
     assert list_backbones() == sorted(list_backbones())
 

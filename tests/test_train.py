@@ -1,0 +1,291 @@
+"""facetool train: config checks, schedules and parameter groups, exact resume after SIGKILL, errors before
+training, MAE, NaN stop; on shards written by our own synth + convert."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from facetool.cli import main
+from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.shards import ConvertOptions, convert
+from facetool.pipeline.synth import write_synth
+from facetool.train.engine import MAE, Schedule, load_config, parameter_groups, to_toml
+from facetool.train.engine.config import defaults
+from facetool.train.models import create_backbone, save_backbone
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """16 synthetic identities x 8 images as 4 shards, half with a masked twin, and a 20-pair verification set."""
+    root = tmp_path_factory.mktemp("train_data")
+    write_synth(root / "src", identities=16, images_per_identity=8, pairs=20, seed=5, workers=1, progress=False)
+    convert(root / "src", root / "shards", ConvertOptions(samples_per_shard=32, mask_fraction=0.5))
+    return root
+
+
+def write_config(path: Path, root: Path, **tables: dict) -> Path:
+    """A small run on the fixture shards: tinynet, batch 8, in-process loader, one thread."""
+    cfg = {
+        "run": {"seed": 1, "steps": 6, "threads": 1, "log_every": 1},
+        "data": {
+            "shards": str(root / "shards"),
+            "backend": "wds",
+            "workers": 0,
+            "batch_size": 8,
+            "masked_prob": 0.25,
+            "shuffle_buffer": 16,
+        },  # fmt: skip
+        "model": {"name": "tinynet", "width": 4},
+        "head": {"name": "arcface", "s": 32.0, "sample_rate": 0.5},
+        "optim": {"name": "sgd", "lr": 0.05, "nesterov": True},
+        "schedule": {"warmup_steps": 2},
+    }
+    for table, body in tables.items():
+        cfg.setdefault(table, {}).update(body)
+    path.write_text(to_toml(cfg))
+    return path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "facetool", "train", *args, "--quiet"], capture_output=True,
+                          text=True, env=env, timeout=300)  # fmt: skip
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+# -- config ------------------------------------------------------------------------------------------------------
+def test_config_round_trip_and_overrides(tmp_path, data) -> None:
+    path = write_config(tmp_path / "c.toml", data)
+    cfg = load_config(path, ["optim.lr=0.2", "model.name=mobilefacenet", "eval.bins=[]", "run.amp=bf16"])
+    assert cfg["optim"]["lr"] == 0.2 and cfg["model"]["name"] == "mobilefacenet" and cfg["run"]["amp"] == "bf16"
+    assert cfg["schedule"]["kind"] == "cosine"  # default filled in
+    again = tmp_path / "again.toml"
+    again.write_text(to_toml(cfg))
+    assert load_config(again) == cfg
+
+
+@pytest.mark.parametrize(
+    "patch, override, message",
+    [
+        ({"optim": {"lrr": 0.1}}, None, "unknown key optim.lrr (did you mean 'lr'?)"),
+        ({"optimiser": {"lr": 0.1}}, None, "unknown table [optimiser] (did you mean 'optim'?)"),
+        ({"optim": {"lr": "fast"}}, None, "optim.lr must be a number, got 'fast'"),
+        ({"run": {"steps": 2.5}}, None, "run.steps must be an integer, got 2.5"),
+        ({"run": {"amp": "fp8"}}, None, "run.amp must be one of none, bf16, fp16, got 'fp8'"),
+        ({"optim": {"betas": [0.9, "x"]}}, None, "optim.betas must be a list of numbers"),
+        ({}, "optim.momentun=0.8", "--set optim.momentun=0.8: unknown key optim.momentun (did you mean 'momentum'?)"),
+        ({}, "data.batch_size=big", "--set data.batch_size=big: data.batch_size must be an integer, got 'big'"),
+    ],
+)
+def test_config_errors_name_key_and_file(tmp_path, data, patch, override, message) -> None:
+    path = write_config(tmp_path / "c.toml", data, **patch)
+    with pytest.raises(FacetoolError) as err:
+        load_config(path, [override] if override else [])
+    assert message in str(err.value)
+    if override is None:
+        assert str(err.value).startswith(f"{path}: ")
+
+
+def test_missing_shards_and_bins_fail_before_training(tmp_path, data) -> None:
+    path = write_config(tmp_path / "c.toml", data, data={"shards": str(tmp_path / "nowhere")})
+    with pytest.raises(FacetoolError, match="data.shards: .*nowhere is not a folder"):
+        load_config(path)
+    path = write_config(tmp_path / "c.toml", data, eval={"bins": [str(tmp_path / "lfw.bin")]})
+    with pytest.raises(FacetoolError, match="eval.bins: .*lfw.bin does not exist"):
+        load_config(path)
+
+
+def test_cli_errors_are_one_line_before_any_step(tmp_path, data) -> None:
+    other = tmp_path / "mfn.pt"
+    save_backbone(other, create_backbone("facet_tiny"), "facet_tiny", {})
+    path = write_config(tmp_path / "c.toml", data, run={"init_from": str(other)})
+    result = CliRunner().invoke(main, ["train", str(path), "--output", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 1
+    assert "holds a 'facet_tiny' backbone, this run trains 'tinynet'" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    result = CliRunner().invoke(main, ["train", str(path), "--set", "model.depth=3", "--quiet"])
+    assert result.exit_code == 1 and "[model] option not taken by tinynet" in result.output
+
+
+def test_resume_with_another_backbone_is_refused(tmp_path, data) -> None:
+    path = write_config(tmp_path / "c.toml", data, run={"steps": 2})
+    out = tmp_path / "out"
+    assert run_cli(str(path), "--output", str(out)).returncode == 0
+    result = CliRunner().invoke(main, ["train", str(path), "--output", str(out), "--resume", "--set",
+                                       "model.width=8", "--set", "run.steps=4", "--quiet"])  # fmt: skip
+    assert result.exit_code == 1
+    assert "checkpoint of backbone 'tinynet' {'width': 4}, the config trains 'tinynet' {'width': 8}" in result.output
+
+
+# -- optimiser and schedule ----------------------------------------------------------------------------------------
+def test_schedule_warmup_cosine_poly_step() -> None:
+    s = Schedule(peak=1.0, total=110, warmup=10, kind="cosine", min_lr=0.1)
+    assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)
+    assert s(10) == pytest.approx(1.0) and s(60) == pytest.approx(0.55) and s(110) == pytest.approx(0.1)
+    p = Schedule(peak=1.0, total=110, warmup=10, kind="poly", power=2.0)
+    assert p(60) == pytest.approx(0.25)
+    st = Schedule(peak=1.0, total=100, warmup=0, kind="step", milestones=(40, 60), gamma=0.1)
+    assert [st(39), st(40), st(59), st(60)] == pytest.approx([1.0, 0.1, 0.1, 0.01])
+
+
+def test_parameter_groups_no_decay_and_layer_decay() -> None:
+    model = create_backbone("facet_tiny")
+    groups = parameter_groups(model, None, 0.05, ("norm", "bias", "model"), layer_decay=0.75)
+    where = {n: g for g in groups for n in g["names"]}
+    depth = model.depth  # 4: embedding id 0, block k id k + 1, the rest id 5
+    assert where["pos_embed"]["weight_decay"] == 0 and where["pos_embed"]["lr_scale"] == pytest.approx(0.75**5)
+    assert where["patch_embed.weight"]["weight_decay"] == 0.05
+    assert where["blocks.0.attn.qkv.bias"]["weight_decay"] == 0
+    assert where["blocks.0.norm1.weight"]["weight_decay"] == 0
+    assert where["blocks.2.mlp.fc1.weight"]["lr_scale"] == pytest.approx(0.75 ** (depth - 2))
+    assert where["head.0.weight"]["lr_scale"] == 1.0 and where["prompts"]["weight_decay"] == 0
+    mfn = create_backbone("mobilefacenet")
+    groups = parameter_groups(mfn, None, 4e-5, ("norm",), weight_decay_by_name={"linear.weight": 4e-4})
+    where = {n: g for g in groups for n in g["names"]}
+    assert where["conv1.2.weight"]["weight_decay"] == 4e-5  # PReLU decays (MultiFace's rule)
+    assert where["conv1.1.weight"]["weight_decay"] == 0 and where["linear.weight"]["weight_decay"] == 4e-4
+    with pytest.raises(FacetoolError, match="layer_decay"):
+        parameter_groups(mfn, None, 0.0, layer_decay=0.5)
+
+
+# -- MAE -----------------------------------------------------------------------------------------------------------
+def test_mae_masks_three_quarters_and_learns() -> None:
+    torch.manual_seed(0)
+    encoder = create_backbone("facet_tiny", prompt_layers=0)
+    mae = MAE(encoder, decoder_depth=2, decoder_dim=96, decoder_heads=12)
+    assert mae.num_masked == 147 and mae.num_patches == 196
+    assert not any(n.startswith("decoder_pos") for n, _ in mae.named_parameters())  # fixed positions
+    masked, visible = mae.choose(3, torch.device("cpu"))
+    for m, v in zip(masked, visible, strict=True):
+        assert sorted(torch.cat([m, v]).tolist()) == list(range(196))
+    x = torch.rand(4, 3, 112, 112) * 2 - 1
+    opt = torch.optim.AdamW(mae.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        torch.manual_seed(1)  # the same patches each time: the loss must fall
+        loss = mae(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+# -- runs ----------------------------------------------------------------------------------------------------------
+def test_sigkill_and_resume_give_bitwise_the_same_weights(tmp_path, data) -> None:
+    """30 steps over 2 epochs (16 steps each) with masks, flips, class sampling: killed after the checkpoint of step
+    5 and resumed == uninterrupted."""
+    path = write_config(tmp_path / "c.toml", data, run={"steps": 30, "checkpoint_every": 5, "seed": 3})
+    full = tmp_path / "full"
+    assert run_cli(str(path), "--output", str(full)).returncode == 0, "uninterrupted run failed"
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "facetool", "train", str(path), "--output", str(killed), "--quiet"],
+                            env=env)  # fmt: skip
+    first = killed / "checkpoints" / "step-00000005" / "COMPLETE"
+    deadline = time.time() + 240
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "backbone.pt").exists(), "the run finished before it was killed"
+    steps = sorted(p.name for p in (killed / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    assert steps and steps[-1] < "step-00000030"
+
+    result = run_cli(str(path), "--output", str(killed), "--resume")
+    assert result.returncode == 0, result.stderr
+    a, b = weights(full / "backbone.pt"), weights(killed / "backbone.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ha = torch.load(full / "checkpoints/step-00000030/rank-00000.pt", weights_only=True)["head"]
+    hb = torch.load(killed / "checkpoints/step-00000030/rank-00000.pt", weights_only=True)["head"]
+    assert torch.equal(ha["weight"], hb["weight"])
+    assert json.loads((killed / "summary.json").read_text())["steps"] == 30
+
+
+def test_eval_summary_and_exported_backbone(tmp_path, data) -> None:
+    path = write_config(tmp_path / "c.toml", data, run={"steps": 4}, eval={"bins": [str(data / "src/synth.bin")],
+                        "every": 2})  # fmt: skip
+    out = tmp_path / "out"
+    result = run_cli(str(path), "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["images_per_s"] > 0
+    assert [h["step"] for h in summary["history"]] == [2, 4]
+    synth = summary["verification"]["sets"]["synth"]
+    assert synth["pairs"] == 20 and 0.0 <= synth["accuracy"] <= 1.0
+    state = weights(out / "backbone.pt")  # weights_only load of the exported backbone
+    assert "linear.weight" in state
+    saved = load_config(out / "config.toml")
+    assert saved["run"]["steps"] == 4 and saved["model"]["name"] == "tinynet"
+    lines = [json.loads(x) for x in (out / "logs" / "scalars.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "train/loss" in x] == [1, 2, 3, 4]
+    assert all(np.isfinite(x["train/loss"]) for x in lines if "train/loss" in x)
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path, data) -> None:
+    path = write_config(tmp_path / "c.toml", data, run={"steps": 6, "checkpoint_every": 1},
+                        optim={"lr": 1e30}, schedule={"warmup_steps": 0})  # fmt: skip
+    result = run_cli(str(path), "--output", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "the loss is nan (not finite); training stopped, the last good checkpoint is" in result.stderr
+    assert "step " in result.stderr and "Traceback" not in result.stderr
+
+
+def test_defaults_cover_every_table() -> None:
+    assert set(defaults()) == {"run", "data", "model", "head", "optim", "schedule", "eval", "mae"}
+
+
+def test_two_gloo_ranks_follow_the_one_process_loss_curve(tmp_path, data) -> None:
+    """torchrun, 2 CPU processes x batch 4 (DDP backbone, classifier sharded by Partial FC) == 1 process x batch 8.
+    The synthetic source gives both the same global batches; BatchNorm is frozen so per-rank batch statistics do
+    not enter (DDP without SyncBN normalises each rank's half on its own)."""
+    common = {
+        "run": {"steps": 6, "threads": 1, "log_every": 1, "seed": 4},
+        "data": {"source": "synthetic", "synthetic_classes": 10, "synthetic_samples": 64},
+        "model": {"name": "tinynet", "width": 4, "frozen_bn": True},
+        "head": {"name": "arcface", "s": 16.0, "sample_rate": 1.0},
+    }
+    one = write_config(tmp_path / "one.toml", data, **{**common, "data": {**common["data"], "batch_size": 8}})
+    two = write_config(tmp_path / "two.toml", data, **{**common, "data": {**common["data"], "batch_size": 4}})
+    assert run_cli(str(one), "--output", str(tmp_path / "one")).returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "facetool",
+           "train", str(two), "--output", str(tmp_path / "two"), "--quiet"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def curve(out: str) -> list[float]:
+        lines = [json.loads(x) for x in (tmp_path / out / "logs" / "scalars.jsonl").read_text().splitlines()]
+        return [x["train/loss"] for x in lines if "train/loss" in x]
+
+    a, b = curve("one"), curve("two")
+    assert len(a) == len(b) == 6
+    assert a[0] != a[-1]  # it trains
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    wa, wb = weights(tmp_path / "one" / "backbone.pt"), weights(tmp_path / "two" / "backbone.pt")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)
+    ckpts = sorted((tmp_path / "two" / "checkpoints" / "step-00000006").glob("rank-*.pt"))
+    assert len(ckpts) == 2  # one head shard per rank
+    shards = [torch.load(p, weights_only=True)["head"]["weight"] for p in ckpts]
+    assert [s.shape[0] for s in shards] == [5, 5]

@@ -1,0 +1,13 @@
+"""The training engine behind ``facetool train``: TOML configs, the loop (DDP, Partial FC, AMP, schedules, exact
+resume, evaluation hook, logging) and MAE pre-training for FaceT.
+
+    from facetool.train.engine import load_config, train
+    summary = train(load_config("configs/demo.toml"), "runs/demo", evaluate=my_eval)
+"""
+
+from .config import SCHEMA, Config, load_config, to_toml
+from .mae import MAE
+from .optim import Schedule, parameter_groups
+from .trainer import Trainer, train
+
+__all__ = ["MAE", "SCHEMA", "Config", "Schedule", "Trainer", "load_config", "parameter_groups", "to_toml", "train"]

@@ -1,0 +1,371 @@
+"""Training configs: TOML recipes read with ``tomllib``, every key checked against one schema, ``--set`` overrides.
+
+A config is a set of tables (``run``, ``data``, ``model``, ``head``, ``optim``, ``schedule``, ``eval``). Each key
+has a type and a default here; a key not in the schema, or a value of the wrong type, is an error naming the key
+and the file. ``model`` and ``head`` also take the options of the chosen backbone or head (checked against its
+constructor when the run is built). The resolved config (defaults filled in, overrides applied) is written beside
+the checkpoints as ``config.toml`` so a run can be repeated from its output folder alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from facetool.pipeline.errors import FacetoolError
+
+# key -> (type(s), default). Types: int, float (ints accepted), str, bool, "list[int]", "list[float]", "list[str]",
+# "table" (a free table checked elsewhere). Open tables (model, head) accept further keys: the options of the
+# backbone or head they name, checked against its signature when the run is built.
+SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
+    "run": {
+        "task": (str, "classify"),  # "classify" (margin head) or "mae" (FaceT masked-autoencoder pre-training)
+        "seed": (int, 0),
+        "epochs": (float, 1.0),  # training length in epochs of the shards (may be fractional) ...
+        "steps": (int, 0),  # ... or in optimiser steps (> 0 wins over epochs)
+        "device": (str, "auto"),  # auto | cpu | cuda
+        "amp": (str, "none"),  # none | bf16 | fp16 (fp16 with a gradient scaler)
+        "threads": (int, 0),  # torch intra-op threads per rank on the CPU; 0: the cores divided by the local ranks
+        "log_every": (int, 10),  # steps between scalar logs
+        "checkpoint_every": (int, 0),  # steps between checkpoints (0: only at the end)
+        "keep_checkpoints": (int, 2),  # newest complete checkpoints kept (older ones are deleted)
+        "init_from": (str, ""),  # a backbone, training or MAE checkpoint whose backbone weights start the run
+        "dist_backend": (str, "auto"),  # auto (nccl on GPUs, gloo on CPUs) | nccl | gloo
+        "output": (str, ""),  # default output folder (the command's --output wins)
+        "stop_on_nonfinite": (bool, True),  # a NaN or inf loss stops the run naming the step
+    },
+    "data": {
+        "shards": (str, ""),  # shard folder written by `facetool convert` (relative paths: to the config file)
+        "source": (str, "shards"),  # shards | synthetic (random images, for the model-only step rate)
+        "backend": (str, "auto"),  # auto | dali | wds
+        "loader_device": (str, "auto"),  # auto | cpu | gpu (where DALI decodes)
+        "batch_size": (int, 128),  # per rank
+        "masked_prob": (float, 0.0),  # q: share of samples shown masked
+        "flip_prob": (float, 0.5),
+        "crop_prob": (float, 0.0),
+        "color_prob": (float, 0.0),
+        "gray_prob": (float, 0.0),
+        "blur_prob": (float, 0.0),
+        "downup_prob": (float, 0.0),
+        "shuffle_buffer": (int, 16384),
+        "workers": (int, 0),  # webdataset fallback: DataLoader workers per rank (0: this rank's cores)
+        "threads": (int, 0),  # DALI threads per rank (0: this rank's cores)
+        "synthetic_classes": (int, 1000),  # data.source = "synthetic": classes of the random labels
+        "synthetic_samples": (int, 100000),  # ... and samples per epoch
+    },
+    "model": {
+        "name": (str, "mobilefacenet"),
+        "frozen_bn": (bool, False),  # BatchNorm layers use their running statistics (no batch statistics)
+    },
+    "head": {
+        "name": (str, "arcface"),
+    },
+    "optim": {
+        "name": (str, "sgd"),  # sgd | adamw
+        "lr": (float, 0.1),  # base learning rate ...
+        "lr_batch": (int, 0),  # ... scaled by global batch / lr_batch when > 0 (lr 1e-3 x batch/256: lr_batch 256)
+        "momentum": (float, 0.9),
+        "nesterov": (bool, False),
+        "betas": ("list[float]", [0.9, 0.999]),
+        "eps": (float, 1e-8),
+        "weight_decay": (float, 5e-4),
+        "head_weight_decay": (float, -1.0),  # the class weights' decay; < 0: weight_decay
+        "no_decay": ("list[str]", ["norm", "bias", "model"]),  # groups without decay: norm, bias, 1d, model, prelu
+        "weight_decay_by_name": ("table", {}),  # {"linear.weight" = 4e-4}: decay of backbone parameters by name
+        "layer_decay": (float, 1.0),  # FaceT layer-wise lr decay: scale decay^(depth + 1 - layer id)
+        "clip_grad": (float, 0.0),  # max global gradient norm (0: no clipping)
+    },
+    "schedule": {
+        "kind": (str, "cosine"),  # cosine | poly | step | constant (after the warm-up)
+        "warmup_epochs": (float, 0.0),
+        "warmup_steps": (int, 0),  # > 0 wins over warmup_epochs
+        "warmup_start": (float, 0.0),  # warm-up starts at this fraction of the peak lr
+        "min_lr": (float, 0.0),  # cosine and poly end here
+        "power": (float, 2.0),  # poly exponent
+        "milestones": ("list[float]", []),  # step schedule: epochs at which lr is multiplied by gamma
+        "gamma": (float, 0.1),
+    },
+    "eval": {
+        "bins": ("list[str]", []),  # verification .bin files (relative paths: to the config file)
+        "every": (int, 0),  # steps between evaluations (0: only at the end)
+        "batch_size": (int, 64),
+    },
+    "mae": {
+        "mask_ratio": (float, 0.75),
+        "decoder_depth": (int, 8),
+        "decoder_dim": (int, 516),
+        "decoder_heads": (int, 12),
+        "decoder_mlp_ratio": (float, 3.0),
+    },
+}
+OPEN_TABLES = ("model", "head")  # tables that take the backbone's or head's own options too
+CHOICES = {
+    ("run", "task"): ("classify", "mae"),
+    ("run", "device"): ("auto", "cpu", "cuda"),
+    ("run", "amp"): ("none", "bf16", "fp16"),
+    ("run", "dist_backend"): ("auto", "nccl", "gloo"),
+    ("data", "source"): ("shards", "synthetic"),
+    ("data", "backend"): ("auto", "dali", "wds"),
+    ("data", "loader_device"): ("auto", "cpu", "gpu"),
+    ("optim", "name"): ("sgd", "adamw"),
+    ("schedule", "kind"): ("cosine", "poly", "step", "constant"),
+}
+NO_DECAY_KINDS = ("norm", "bias", "1d", "model", "prelu")
+PATH_KEYS = (("data", "shards"), ("run", "init_from"))
+
+
+class Config(dict):
+    """The resolved config: ``cfg["optim"]["lr"]``; ``source`` is the file it came from (for error messages)."""
+
+    source: str = "<config>"
+
+    def section(self, name: str) -> dict[str, Any]:
+        return self[name]
+
+
+def defaults() -> dict[str, dict[str, Any]]:
+    """Every table with its default values."""
+    return {table: {k: copy.deepcopy(v[1]) for k, v in keys.items()} for table, keys in SCHEMA.items()}
+
+
+_TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    "table": "a table",
+    "list[int]": "a list of integers",
+    "list[float]": "a list of numbers",
+    "list[str]": "a list of strings",
+}
+
+
+def _type_name(kind: Any) -> str:
+    return _TYPE_NAMES[kind]
+
+
+def check_value(table: str, key: str, value: Any, where: str) -> Any:
+    """``value`` converted to the schema's type for ``table.key``; a FacetoolError naming both and ``where``."""
+    kind = SCHEMA[table][key][0]
+    bad = FacetoolError(f"{where}: {table}.{key} must be {_type_name(kind)}, got {value!r}")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise bad
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise bad
+    elif kind == "table":
+        if not isinstance(value, dict):
+            raise bad
+    elif kind.startswith("list["):
+        inner = {"list[int]": int, "list[float]": float, "list[str]": str}[kind]
+        if not isinstance(value, list):
+            raise bad
+        out = []
+        for v in value:
+            if inner is str and not isinstance(v, str):
+                raise bad
+            if inner is int and (isinstance(v, bool) or not isinstance(v, int)):
+                raise bad
+            if inner is float:
+                if isinstance(v, bool) or not isinstance(v, int | float):
+                    raise bad
+                v = float(v)
+            out.append(v)
+        value = out
+    choices = CHOICES.get((table, key))
+    if choices is not None and value not in choices:
+        raise FacetoolError(f"{where}: {table}.{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _close_keys(key: str, known: Iterable[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def merge(cfg: dict[str, dict[str, Any]], data: dict[str, Any], where: str) -> None:
+    """Apply the tables of a parsed TOML document to ``cfg``, checking every key and value."""
+    for table, body in data.items():
+        if table not in SCHEMA:
+            raise FacetoolError(
+                f"{where}: unknown table [{table}]{_close_keys(table, SCHEMA)}; known: {', '.join(SCHEMA)}"
+            )
+        if not isinstance(body, dict):
+            raise FacetoolError(f"{where}: {table} must be a table ([{table}]), got {body!r}")
+        for key, value in body.items():
+            if key in SCHEMA[table]:
+                cfg[table][key] = check_value(table, key, value, where)
+            elif table in OPEN_TABLES:
+                if isinstance(value, dict):
+                    raise FacetoolError(f"{where}: {table}.{key} must be a plain value, got a table")
+                cfg[table][key] = value  # a backbone/head option: checked when the run is built
+            else:
+                raise FacetoolError(
+                    f"{where}: unknown key {table}.{key}{_close_keys(key, SCHEMA[table])}; "
+                    f"[{table}] takes {', '.join(SCHEMA[table])}"
+                )
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``table.key=value`` -> (table, key, value); the value is read as TOML (``lr=0.1``, ``name="ir100"``), or
+    as a bare string when it is not TOML (``model.name=ir100``)."""
+    if "=" not in text:
+        raise FacetoolError(f"--set {text!r}: expected table.key=value")
+    name, raw = text.split("=", 1)
+    name = name.strip()
+    if name.count(".") != 1:
+        raise FacetoolError(f"--set {text!r}: the key must be table.key, e.g. optim.lr=0.01")
+    table, key = name.split(".")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return table, key, value
+
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
+    """Read ``path`` (TOML), check it against the schema, apply ``table.key=value`` overrides (checked the same
+    way) and resolve relative paths against the config file's folder."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as err:
+        raise FacetoolError(f"{path}: cannot read ({err.strerror or err})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise FacetoolError(f"{path}: not valid TOML ({err})") from None
+    cfg = defaults()
+    merge(cfg, data, str(path))
+    _resolve_paths(cfg, path.resolve().parent)  # paths in the file: relative to the file
+    for text in overrides:
+        table, key, value = parse_override(text)
+        merge(cfg, {table: {key: value}}, f"--set {text}")
+        if (table, key) in PATH_KEYS or (table, key) == ("eval", "bins"):
+            _resolve_paths(cfg, Path.cwd(), only=(table, key))  # paths on the command line: relative to here
+    out = Config(cfg)
+    out.source = str(path)
+    validate(out)
+    return out
+
+
+def _resolve_paths(cfg: dict[str, dict[str, Any]], base: Path, only: tuple[str, str] | None = None) -> None:
+    for table, key in (*PATH_KEYS, ("eval", "bins")):
+        if only is not None and (table, key) != only:
+            continue
+        value = cfg[table][key]
+        if isinstance(value, list):
+            cfg[table][key] = [os.path.normpath(base / v) if not os.path.isabs(v) else v for v in value]
+        elif value and not os.path.isabs(value):
+            cfg[table][key] = os.path.normpath(base / value)
+
+
+def validate(cfg: Config) -> None:
+    """Checks across keys and ranges (types are checked on reading)."""
+    where = cfg.source
+    run, data, optim, sched = cfg["run"], cfg["data"], cfg["optim"], cfg["schedule"]
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise FacetoolError(f"{where}: {message}")
+
+    need(run["epochs"] > 0 or run["steps"] > 0, "run.epochs or run.steps must be positive")
+    need(run["steps"] >= 0, "run.steps must be >= 0")
+    need(run["log_every"] >= 1, "run.log_every must be >= 1")
+    need(run["checkpoint_every"] >= 0, "run.checkpoint_every must be >= 0")
+    need(run["keep_checkpoints"] >= 1, "run.keep_checkpoints must be >= 1")
+    need(run["threads"] >= 0, "run.threads must be >= 0")
+    need(data["batch_size"] >= 1, "data.batch_size must be >= 1")
+    need(
+        data["source"] == "synthetic" or bool(data["shards"]),
+        "data.shards is required (a folder from `facetool convert`)",
+    )
+    for key in ("masked_prob", "flip_prob", "crop_prob", "color_prob", "gray_prob", "blur_prob", "downup_prob"):
+        need(0.0 <= data[key] <= 1.0, f"data.{key} must be in [0, 1], got {data[key]}")
+    need(data["synthetic_classes"] >= 1 and data["synthetic_samples"] >= 1, "data.synthetic_* must be >= 1")
+    need(optim["lr"] > 0, "optim.lr must be positive")
+    need(optim["lr_batch"] >= 0, "optim.lr_batch must be >= 0")
+    need(
+        len(optim["betas"]) == 2 and all(0 <= b < 1 for b in optim["betas"]),
+        "optim.betas must be two numbers in [0, 1)",
+    )
+    need(optim["weight_decay"] >= 0, "optim.weight_decay must be >= 0")
+    need(0 < optim["layer_decay"] <= 1, "optim.layer_decay must be in (0, 1]")
+    need(optim["clip_grad"] >= 0, "optim.clip_grad must be >= 0")
+    for kind in optim["no_decay"]:
+        need(kind in NO_DECAY_KINDS, f"optim.no_decay: unknown kind {kind!r}; known: {', '.join(NO_DECAY_KINDS)}")
+    for name, value in optim["weight_decay_by_name"].items():
+        need(
+            isinstance(value, int | float) and not isinstance(value, bool) and value >= 0,
+            f"optim.weight_decay_by_name.{name} must be a number >= 0, got {value!r}",
+        )
+    need(sched["warmup_epochs"] >= 0 and sched["warmup_steps"] >= 0, "schedule warm-up must be >= 0")
+    need(0 <= sched["warmup_start"] <= 1, "schedule.warmup_start must be in [0, 1]")
+    need(sched["min_lr"] >= 0, "schedule.min_lr must be >= 0")
+    need(sched["milestones"] == sorted(sched["milestones"]), "schedule.milestones must be increasing")
+    need(sched["kind"] != "step" or bool(sched["milestones"]), "schedule.kind = 'step' needs schedule.milestones")
+    need(cfg["eval"]["every"] >= 0 and cfg["eval"]["batch_size"] >= 1, "eval.every >= 0 and eval.batch_size >= 1")
+    mae = cfg["mae"]
+    need(0 < mae["mask_ratio"] < 1, "mae.mask_ratio must be in (0, 1)")
+    need(mae["decoder_dim"] % mae["decoder_heads"] == 0, "mae.decoder_dim must be a multiple of mae.decoder_heads")
+    for path in cfg["eval"]["bins"]:
+        need(Path(path).is_file(), f"eval.bins: {path} does not exist")
+    if data["source"] == "shards":
+        need(Path(data["shards"]).is_dir(), f"data.shards: {data['shards']} is not a folder")
+        need((Path(data["shards"]) / "manifest.json").is_file(), f"data.shards: {data['shards']} has no manifest.json")
+    if run["init_from"]:
+        need(Path(run["init_from"]).is_file(), f"run.init_from: {run['init_from']} does not exist")
+
+
+def backbone_options(cfg: Config) -> dict[str, Any]:
+    """The ``[model]`` keys that go to the backbone constructor."""
+    return {k: v for k, v in cfg["model"].items() if k not in SCHEMA["model"]}
+
+
+def head_options(cfg: Config) -> dict[str, Any]:
+    """The ``[head]`` keys that go to ``create_head``."""
+    return {k: v for k, v in cfg["head"].items() if k not in SCHEMA["head"]}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf") if math.isinf(value) else "nan"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
+
+
+def to_toml(cfg: dict[str, dict[str, Any]]) -> str:
+    """The config as TOML text (reads back with ``tomllib`` to the same values)."""
+    lines = []
+    for table, body in cfg.items():
+        lines.append(f"[{table}]")
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in body.items()]
+        lines.append("")
+    return "\n".join(lines)
