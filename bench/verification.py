@@ -20,7 +20,6 @@ masked variant of a set is the same pairs with other images and flags, evaluated
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import tempfile
@@ -648,19 +647,6 @@ def load_features(path: str | os.PathLike) -> np.ndarray:
 def report_json(results: dict[str, SetMetrics], **meta: Any) -> dict[str, Any]:
     """The ``--json`` object: ``sets`` keyed by name plus whatever describes the run (checkpoint, device...)."""
     return {**meta, "sets": {name: m.to_json() for name, m in results.items()}}
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=1) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _pct(x: float | None, digits: int = 2) -> str:

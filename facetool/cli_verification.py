@@ -114,6 +114,7 @@ def bench_verification_command(
       facetool bench verification --features feats.npy --flip-features flipped.npy --bin lfw.bin
     """
     from facetool.bench import verification as v
+    from facetool.pipeline.atomic import write_json_atomic
 
     if features is None and flip_features is not None:
         raise click.UsageError("--flip-features goes with --features")
@@ -189,7 +190,7 @@ def bench_verification_command(
     meta["embed_seconds"] = round(embed_s, 4)
     meta["metric_seconds"] = round(metric_s, 6)
     if json_path:
-        v.write_json_atomic(json_path, v.report_json(results, **meta))
+        write_json_atomic(json_path, v.report_json(results, **meta))
     if plot_path:
         v.plot_roc(results, plot_path, title=title)
 

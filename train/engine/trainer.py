@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from facetool.pipeline.atomic import write_json_atomic
 from facetool.pipeline.errors import FacetoolError
 from facetool.train.engine import checkpoint as ckpt
 from facetool.train.engine.config import Config, backbone_options, head_options, to_toml
@@ -237,17 +237,6 @@ class ScalarLog:
             self.writer.close()
         if self.file is not None:
             self.file.close()
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=1) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------
