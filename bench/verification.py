@@ -229,7 +229,7 @@ def pair_metrics(dist: np.ndarray, issame: np.ndarray, folds: int = FOLDS) -> Se
     dist = np.asarray(dist, dtype=np.float64)
     issame = np.asarray(issame, dtype=bool)
     if dist.shape != issame.shape or dist.ndim != 1:
-        raise FacetoolError(f"{dist.shape[0]} distances for {issame.size} pairs")
+        raise FacetoolError(f"{dist.size} distances for {issame.size} pairs")
     if not np.all(np.isfinite(dist)):
         raise FacetoolError(f"non-finite embedding distance at pair {int(np.argmin(np.isfinite(dist)))}")
     acc, thr = kfold_accuracy(dist, issame, folds)

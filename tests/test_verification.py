@@ -204,7 +204,8 @@ def _run(*args: str):
 
 def _one_line_error(result, *needles: str) -> str:
     assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # a clean exit, not an escaped exception
     msg = result.output.strip().splitlines()[-1]  # notes (stderr) may come before the error line
     assert msg.startswith("Error: "), result.output
     for needle in needles:
