@@ -153,6 +153,7 @@ def bench_verification_command(
         title = f"ROC: {features.name}"
     else:
         model, name, options = v.load_model(checkpoint)
+        v.retain_freed_memory()  # CPU forwards reuse their buffers instead of faulting them in every batch
         dev = v.resolve_device(None if device == "auto" else device)
         shown = ", ".join(f"{k}={val}" for k, val in sorted(options.items()))
         click.echo(f"{checkpoint}: {name}({shown}) on {dev}", err=True)
