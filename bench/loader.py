@@ -2,7 +2,10 @@
 
 Contenders (each in a fresh process, one after the other, so none shares the CPU with another or inherits its
 threads):
-- ``dali`` on the GPU (when torch sees one) and on the CPU: :class:`facetool.train.data.DaliLoader`;
+- ``dali`` on the GPU (when torch sees one) and on the CPU: :class:`facetool.train.data.DaliLoader`, with its
+  default threads (on the CPU one more than the cores); beside it ``dali-decode-stage``, the same pipeline cut
+  after the decoder, which shows how much of the loader's cost is reading and decoding and how much is the rest
+  (flip, normalisation to float32 NCHW, handing batches to torch);
 - ``wds``: the webdataset fallback, one DataLoader worker per core;
 - ``rec``: the InsightFace baseline, arcface_torch's loader without DALI: a torch DataLoader (one worker per core,
   shuffled, ``drop_last``) over the original ``.rec``, each record read at its offset, decoded to an RGB array,
@@ -96,12 +99,35 @@ def _worker_context() -> str:
     return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 
 
-def run_dali(shards_dir: str, device: str, batch_size: int, threads: int, warmup: int, batches: int) -> dict:
+def run_dali(
+    shards_dir: str,
+    device: str,
+    batch_size: int,
+    threads: int | None,
+    warmup: int,
+    batches: int,
+    decode_only: bool = False,
+) -> dict:
+    """The DALI loader (``threads`` None: its default), or with ``decode_only`` its pipeline cut after the decoder
+    (read, choose, decode; no flip, no normalisation, batches not copied out): the part of the loader's cost that
+    the decode loops also pay."""
     from facetool.train.data import DaliLoader, LoaderConfig, open_shards
+    from facetool.train.data.dali import build_pipeline
 
-    config = LoaderConfig(batch_size=batch_size, threads=threads, last_batch="drop")
-    loader = DaliLoader(open_shards(shards_dir), config, device=device, device_id=0 if device == "gpu" else None)
-    return {**_time_batches(lambda: loader, warmup, batches, _sync_for(device)), "threads": threads}
+    config = LoaderConfig(batch_size=batch_size, threads=threads or 0, last_batch="drop")
+    device_id = 0 if device == "gpu" else None
+    if decode_only:
+        pipe = build_pipeline(open_shards(shards_dir), config, device=device, device_id=device_id, decode_only=True)
+        pipe.build()
+
+        def loader():
+            while True:
+                yield pipe.run()
+    else:
+        dali = DaliLoader(open_shards(shards_dir), config, device=device, device_id=device_id)
+        loader = lambda: dali  # noqa: E731
+    timed = _time_batches(loader, warmup, batches, _sync_for(device))
+    return {**timed, "threads": config.dali_threads(device)}
 
 
 def run_wds(shards_dir: str, device: str, batch_size: int, workers: int, warmup: int, batches: int) -> dict:
@@ -301,7 +327,8 @@ def run_loader_benchmark(
     """Measure the chosen contenders ``repeats`` times (interleaved) and return the result with ratios.
 
     ``devices`` says where DALI runs ("gpu", "cpu" or both) and where the other loaders deliver their batches
-    (the first of them). ``threads``: DALI threads, DataLoader workers and decode processes (default: all cores).
+    (the first of them). ``threads``: DALI threads (default: the loader's own), DataLoader workers and decode
+    processes (default: all cores).
     """
     from facetool.train.data import open_shards
 
@@ -318,7 +345,9 @@ def run_loader_benchmark(
     main_device = devices[0]
     for device in devices:
         if "dali" in loaders:
-            plan.append(("dali", device, run_dali, (shards_dir, device, batch_size, cores, warmup, batches)))
+            args = (shards_dir, device, batch_size, threads, warmup, batches)
+            plan.append(("dali", device, run_dali, args))
+            plan.append(("dali-decode-stage", device, run_dali, (*args, True)))
     if "wds" in loaders:
         plan.append(("wds", main_device, run_wds, (shards_dir, main_device, batch_size, cores, warmup, batches)))
     if "rec" in loaders:

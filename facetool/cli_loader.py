@@ -29,8 +29,9 @@ def _cpu(row: dict) -> str:
     type=click.Choice(["dali", "wds", "rec", "decode", "all"]),
     default="all",
     show_default=True,
-    help="Contender: dali (the DALI loader), wds (the webdataset fallback), rec (the InsightFace baseline: a torch "
-    "DataLoader over the source .rec), decode (the decode-only limit), or all of them.",
+    help="Contender: dali (the DALI loader, and its pipeline cut after the decoder: the decode stage), wds (the "
+    "webdataset fallback), rec (the InsightFace baseline: a torch DataLoader over the source .rec), decode (the "
+    "decode-only limit), or all of them.",
 )
 @click.option(
     "--device",
@@ -61,7 +62,8 @@ def _cpu(row: dict) -> str:
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="DALI threads, DataLoader workers and decode processes (default: all cores).",
+    help="DALI threads, DataLoader workers and decode processes (default: DALI as the loader chooses, i.e. the "
+    "cores plus one on the CPU; all cores for the others).",
 )
 @click.option(
     "--repeats",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -361,12 +362,40 @@ def test_config_rejects_out_of_range_options():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def test_dali_threads_default_to_the_rank_share_plus_one_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    config = LoaderConfig()
+    assert config.dali_threads("cpu", local_ranks=1) == 9 and config.dali_threads("gpu", local_ranks=1) == 8
+    assert config.dali_threads("cpu", local_ranks=4) == 3 and config.dali_threads("gpu", local_ranks=16) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert config.dali_threads("cpu") == 5
+    assert config.replace(threads=3).dali_threads("cpu") == 3
+
+
+def test_decode_only_pipeline_gives_the_decoded_pixels(data, ref):
+    import torch
+
+    pipe = build_pipeline(open_shards(data["plain"]), _config(flip_prob=0.5), decode_only=True)  # flip is not run
+    pipe.build()
+    images, labels = pipe.run()
+    assert len(labels) == BATCH
+    for i in range(BATCH):
+        image = np.array(images.at(i))
+        assert image.shape == (112, 112, 3) and image.dtype == np.uint8
+        chw = torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1)
+        key, masked, flipped, diff = ref.identify(chw, int(np.array(labels.at(i))[0]))
+        assert not masked and not flipped and diff <= PIXEL_TOLERANCE
+
+
 def test_bench_contenders_measure_what_they_claim(data):
     from facetool.bench.loader import ArcfaceRecDataset, _decode_loop, locate_rec, read_jpegs, run_dali, run_rec
 
     shards = str(data["plain"])
     out = run_dali(shards, "cpu", batch_size=16, threads=1, warmup=1, batches=3)
-    assert out["images"] == 48 and out["seconds"] > 0
+    assert out["images"] == 48 and out["seconds"] > 0 and out["threads"] == 1
+    out = run_dali(shards, "cpu", batch_size=16, threads=None, warmup=1, batches=3, decode_only=True)
+    assert out["images"] == 48 and out["threads"] == LoaderConfig().cpu_share() + 1
     rec, idx = locate_rec(shards, None)  # the manifest's source
     assert rec == (data["src"] / "train.rec").resolve()
     out = run_rec(str(rec), str(idx), "cpu", batch_size=16, workers=0, warmup=1, batches=20)  # wraps an epoch

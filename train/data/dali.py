@@ -50,10 +50,13 @@ def build_pipeline(
     world_size: int = 1,
     device: str = "cpu",
     device_id: int | None = None,
+    *,
+    decode_only: bool = False,
 ):
     """The DALI pipeline (not yet built) for one rank: outputs images (NCHW), labels (int32, (1,)) and, when
     ``masked_prob`` > 0, masked (bool). ``device`` "gpu" decodes with ``device="mixed"`` on ``device_id``; "cpu"
-    runs with ``device_id=None``."""
+    runs with ``device_id=None``. ``decode_only`` stops after the decoder (uint8 HWC images, no augmentation, no
+    normalisation): what `bench loader` times as the cost of reading and decoding alone."""
     from nvidia.dali import fn, pipeline_def, types
 
     if device not in ("cpu", "gpu"):
@@ -65,7 +68,7 @@ def build_pipeline(
     gpu = device == "gpu"
     pick = shards.mask_pick_probability(config.masked_prob)  # raises before anything is built when q > rendered
     size = config.image_size
-    threads = config.threads or config.cpu_share()
+    threads = config.dali_threads(device)
 
     @pipeline_def(
         batch_size=config.batch_size,
@@ -117,6 +120,8 @@ def build_pipeline(
             )
         else:
             images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+        if decode_only:
+            return (images, label) if masked is None else (images, label, masked)
         images = _augment(images, config, fn, types)
         images = fn.crop_mirror_normalize(
             images,
