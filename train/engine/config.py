@@ -54,7 +54,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "downup_prob": (float, 0.0),
         "shuffle_buffer": (int, 16384),
         "workers": (int, 0),  # webdataset fallback: DataLoader workers per rank (0: this rank's cores)
-        "threads": (int, 0),  # DALI threads per rank (0: this rank's cores)
+        "threads": (int, 0),  # DALI threads per rank (0: this rank's cores, one more when DALI runs on the CPU)
         "synthetic_classes": (int, 1000),  # data.source = "synthetic": classes of the random labels
         "synthetic_samples": (int, 100000),  # ... and samples per epoch
     },
