@@ -28,42 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
+from facetool.bench.process import cpu_count, process_tree_cpu_seconds, run_isolated
 from facetool.pipeline.errors import FacetoolError
 
 LOADERS = ("dali", "wds", "rec", "decode")
 
 
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # contenders (each runs inside its own process)
 # ---------------------------------------------------------------------------------------------------------------
-def process_tree_cpu_seconds() -> float | None:
-    """CPU seconds (user + system) used so far by this process and its live descendants (DataLoader workers,
-    pool processes); None where /proc is not available."""
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    total, todo, seen = 0.0, [os.getpid()], set()
-    try:
-        while todo:
-            pid = todo.pop()
-            if pid in seen:
-                continue
-            seen.add(pid)
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                fields = stat[stat.rindex(")") + 2 :].split()
-                total += (int(fields[11]) + int(fields[12])) / tick
-                for task in Path(f"/proc/{pid}/task").iterdir():
-                    todo += [int(c) for c in (task / "children").read_text().split()]
-            except (FileNotFoundError, ProcessLookupError):
-                continue  # exited meanwhile
-    except OSError:
-        return None
-    return total
-
-
 def _time_batches(batches, warmup: int, count: int, sync: Callable[[], None]) -> dict:
     """Images, seconds and CPU seconds over ``count`` batches drawn after ``warmup`` ones, cycling epochs."""
     images, t0, cpu0, drawn = 0, 0.0, None, 0
@@ -275,30 +248,6 @@ def run_decode(shards_dir: str, images: int, processes: int) -> dict:
     return results
 
 
-def _child(queue, fn: Callable, args: tuple) -> None:
-    try:
-        queue.put(("ok", fn(*args)))
-    except FacetoolError as err:
-        queue.put(("error", str(err)))
-    except Exception as err:  # reported, with its type, to the parent
-        queue.put(("error", f"{type(err).__name__}: {err}"))
-
-
-def _isolated(fn: Callable, *args) -> dict:
-    """Run ``fn(*args)`` in a fresh (spawned) process and return its result."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, fn, args))
-    proc.start()
-    try:
-        status, value = queue.get()
-    finally:
-        proc.join()
-    if status != "ok":
-        raise FacetoolError(f"bench loader, {fn.__name__}: {value}")
-    return value
-
-
 # ---------------------------------------------------------------------------------------------------------------
 def locate_rec(shards_dir: str | os.PathLike, rec: str | os.PathLike | None) -> tuple[Path, Path]:
     """The source ``.rec`` and ``.idx`` for the baseline: ``rec`` (a folder or .rec), else the manifest's source."""
@@ -359,7 +308,7 @@ def run_loader_benchmark(
     runs: dict[tuple[str, str, str], list[dict]] = {}
     for _ in range(repeats):
         for name, device, fn, args in plan:
-            out = _isolated(fn, *args)
+            out = run_isolated(f"bench loader, {name}", fn, *args)
             measured = out.items() if name == "decode-limit" else [(None, out)]
             for decoder, m in measured:
                 row = {"loader": name, "device": device, "images_per_s": m["images"] / m["seconds"], **m}

@@ -16,7 +16,7 @@ from facetool import __version__
 from facetool.cli_loader import bench_loader_command
 from facetool.cli_masks import WEIGHTS_HELP, bench_masks_command, masks_group, parse_weights_option
 from facetool.cli_models import bench_models_command, export_command
-from facetool.cli_train import train_command
+from facetool.cli_train import bench_train_command, train_command
 from facetool.cli_verification import bench_verification_command
 from facetool.pipeline import DEFAULT_SAMPLES_PER_SHARD
 from facetool.pipeline.errors import FacetoolError
@@ -323,3 +323,4 @@ bench.add_command(bench_models_command)
 bench.add_command(bench_masks_command)
 bench.add_command(bench_loader_command)
 bench.add_command(bench_verification_command)
+bench.add_command(bench_train_command)

@@ -7,10 +7,7 @@ from pathlib import Path
 
 import click
 
-
-@click.command("train")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
+_set_option = click.option(
     "--set",
     "overrides",
     multiple=True,
@@ -18,6 +15,11 @@ import click
     help="Override one config key (repeatable), checked like the file's keys; the value is TOML "
     '(optim.lr=0.05, model.name="ir50", eval.bins=["a.bin"]) or a bare string (model.name=ir50).',
 )
+
+
+@click.command("train")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_set_option
 @click.option(
     "--output",
     type=click.Path(file_okay=False, path_type=Path),
@@ -67,3 +69,79 @@ def train_command(config: Path, overrides: tuple[str, ...], output: Path | None,
             f"{summary['steps']} steps, {summary['images_per_s']:,.1f} images/s"
             + (f"; verification: {shown}" if shown else "")
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+@click.command("train")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_set_option
+@click.option(
+    "--data",
+    "which",
+    type=click.Choice(["both", "shards", "synthetic"]),
+    default="both",
+    show_default=True,
+    help="shards: the recipe's loader over data.shards; synthetic: random images already on the training device "
+    "(the model-only rate; its classifier gets the shards' class count when they are readable); both, to see the "
+    "loader's cost.",
+)
+@click.option(
+    "--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Timed optimiser steps per run."
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Steps before the clock starts (first allocations, loader start-up and shuffle buffer, autotuning).",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Runs of each data source, interleaved; the fastest is reported (all are in the JSON).",
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON.")
+def bench_train_command(
+    config: Path, overrides: tuple[str, ...], which: str, steps: int, warmup: int, repeats: int, json_path: Path | None
+) -> None:
+    """Training images/s of CONFIG.toml on one process (the GPU when there is one): with its data loader and with
+    synthetic in-memory images (the model-only step rate), each in a fresh process, plus peak memory (the CUDA
+    allocator's peak on a GPU, the process's peak resident memory on the CPU). No evaluation, no checkpoint until
+    the last step; the run's other settings (batch size, AMP, threads, loader backend) are the recipe's:
+
+    \b
+      facetool bench train configs/demo.toml
+      facetool bench train configs/ir100_magface_ms1mv2.toml --set data.shards=/data/ms1mv2 --set run.amp=bf16
+    """
+    from facetool.bench.train import SOURCES, run_train_benchmark
+    from facetool.pipeline.atomic import write_json_atomic
+
+    sources = SOURCES if which == "both" else (which,)
+    click.echo(f"measuring: {steps} steps after {warmup} warm-up, each data source in its own process")
+    header = f"{'data':11}{'loader':11}{'device':9}{'images/s':>11}{'CPU us/image':>14}{'peak memory':>13}"
+    click.echo(header)
+
+    def show(row: dict) -> None:
+        cpu = f"{row['cpu_us_per_image']:,.0f}" if row.get("cpu_us_per_image") is not None else "-"
+        click.echo(
+            f"{row['source']:11}{row['loader']:11}{row['device']:9}{row['images_per_s']:>11,.1f}{cpu:>14}"
+            f"{_size(row['peak_memory_bytes']):>13}"
+        )
+
+    result = run_train_benchmark(config, overrides, sources, steps, warmup, repeats, report=show)
+    if repeats > 1:
+        click.echo(f"best of {repeats}:")
+        for row in result["results"]:
+            show(row)
+    first = result["results"][0]
+    click.echo(f"({first['backbone']}, global batch {first['global_batch']}, {first['threads']} torch threads)")
+    if result["shards_to_model_only"] is not None:
+        share = result["shards_to_model_only"]
+        click.echo(f"with its loader the run reaches {share:.2f}x the model-only rate")
+    if json_path:
+        write_json_atomic(json_path, result)

@@ -543,8 +543,10 @@ class Trainer:
                 yield batch
             skip = 0
 
-    def run(self) -> dict[str, Any]:
-        """Train to the configured length; returns the summary (also written to ``summary.json``)."""
+    def run(self, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Train to the configured length; returns the summary (also written to ``summary.json``). ``on_step``,
+        when given, is called with the step number after each optimiser step, before any logging, checkpoint or
+        evaluation of that step (`bench train` times steps with it)."""
         ctx, run = self.ctx, self.cfg["run"]
         if self.missing_init:
             self.log(f"init_from {run['init_from']}: {len(self.missing_init)} tensors not in the file keep their "
@@ -603,6 +605,8 @@ class Trainer:
                 self.scaler.update()
                 self.step += 1
                 images_done += self.global_batch
+                if on_step is not None:
+                    on_step(self.step)
                 loss_sum, loss_n = loss_sum + value, loss_n + 1
                 if self.step % run["log_every"] == 0 or self.step == self.total:
                     rate = images_done / max(1e-9, time.perf_counter() - t_start - self.eval_seconds)

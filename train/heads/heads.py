@@ -331,7 +331,12 @@ class MagFace(Head):
         _check_angle_margin(l_m)
         _check_angle_margin(u_m)
         self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = (
-            float(l_a), float(u_a), float(l_m), float(u_m), float(lambda_g))
+            float(l_a),
+            float(u_a),
+            float(l_m),
+            float(u_m),
+            float(lambda_g),
+        )
 
     def magnitude(self, embeddings: Tensor) -> Tensor:
         """a = clamp(|x|, l_a, u_a)."""

@@ -56,7 +56,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, batch_size: int = 2) 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python scalars that are constants here
         torch.onnx.export(
-            wrapper, args, os.fspath(path), input_names=names, output_names=["embeddings"],
-            dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+            wrapper,
+            args,
+            os.fspath(path),
+            input_names=names,
+            output_names=["embeddings"],
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
         )
     return names

@@ -206,8 +206,14 @@ def facet_base(
 ) -> FaceT:
     """FaceT-B: width 768, 12 blocks, 12 heads, 32 prompt tokens in every layer by default (86,976,512 params)."""
     return FaceT(
-        embed_dim=768, depth=12, num_heads=12, embedding_size=embedding_size, drop_path=drop_path, norm=norm,
-        prompt_layers=prompt_layers, prompt_tokens=prompt_tokens,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        embedding_size=embedding_size,
+        drop_path=drop_path,
+        norm=norm,
+        prompt_layers=prompt_layers,
+        prompt_tokens=prompt_tokens,
     )
 
 
@@ -221,8 +227,14 @@ def facet_small(
 ) -> FaceT:
     """FaceT sized down for CPU work: width 384, 6 blocks, 6 heads, 16 prompt tokens."""
     return FaceT(
-        embed_dim=384, depth=6, num_heads=6, embedding_size=embedding_size, drop_path=drop_path, norm=norm,
-        prompt_layers=prompt_layers, prompt_tokens=prompt_tokens,
+        embed_dim=384,
+        depth=6,
+        num_heads=6,
+        embedding_size=embedding_size,
+        drop_path=drop_path,
+        norm=norm,
+        prompt_layers=prompt_layers,
+        prompt_tokens=prompt_tokens,
     )
 
 
@@ -236,6 +248,12 @@ def facet_tiny(
 ) -> FaceT:
     """FaceT for tests and CPU demos: width 192, 4 blocks, 3 heads, 8 prompt tokens."""
     return FaceT(
-        embed_dim=192, depth=4, num_heads=3, embedding_size=embedding_size, drop_path=drop_path, norm=norm,
-        prompt_layers=prompt_layers, prompt_tokens=prompt_tokens,
+        embed_dim=192,
+        depth=4,
+        num_heads=3,
+        embedding_size=embedding_size,
+        drop_path=drop_path,
+        norm=norm,
+        prompt_layers=prompt_layers,
+        prompt_tokens=prompt_tokens,
     )

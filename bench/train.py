@@ -1,0 +1,135 @@
+"""`facetool bench train`: a recipe's training images/s with its data loader, beside the model-only rate (the same
+steps on random images already on the device), so that the loader's cost is visible; and the peak memory of each.
+
+Each data source runs in a fresh process (so that neither inherits the other's threads, allocator state or warm
+caches), builds the run exactly as `facetool train` does, with no evaluation and no intermediate checkpoint, and
+times ``steps`` optimiser steps after ``warmup`` ones (first-step allocations, loader start-up, shuffle-buffer
+fill, cuDNN autotuning). On a GPU the clock is read after a device synchronisation.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from facetool.bench.process import process_tree_cpu_seconds, run_isolated
+from facetool.pipeline.errors import FacetoolError
+
+SOURCES = ("shards", "synthetic")
+_LOADER_NAMES = {"DaliLoader": "dali", "WdsLoader": "wds", "SyntheticLoader": "synthetic"}
+
+
+def _peak_memory(device) -> tuple[int, str]:
+    """(bytes, what): the CUDA caching allocator's peak on a GPU, else this process's peak resident set."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return int(rss if sys.platform == "darwin" else rss * 1024), "max_rss"
+
+
+def run_steps(config: str, overrides: tuple[str, ...], source: str, warmup: int, steps: int) -> dict[str, Any]:
+    """Build the run of ``config`` (with ``overrides``) on ``source`` and time ``steps`` steps after ``warmup``."""
+    import torch
+
+    from facetool.train.engine import load_config
+    from facetool.train.engine.trainer import Trainer
+
+    extra = [f"data.source={source}", f"run.steps={warmup + steps}", "eval.bins=[]", "eval.every=0"]
+    extra.append("run.checkpoint_every=0")
+    cfg = load_config(config, [*overrides, *extra])
+    if source == "synthetic" and cfg["data"]["shards"]:
+        from facetool.train.data import open_shards
+
+        try:  # the model-only run gets the classifier the shards would give it
+            classes = open_shards(cfg["data"]["shards"], check=False).classes
+            cfg = load_config(config, [*overrides, *extra, f"data.synthetic_classes={classes}"])
+        except FacetoolError:
+            pass  # no readable shards: the configured synthetic_classes stay
+    marks: dict[int, tuple[float, float | None]] = {}
+    with tempfile.TemporaryDirectory(prefix="facetool-bench-train-") as tmp:
+        trainer = Trainer(cfg, Path(tmp), quiet=True)
+        device = trainer.ctx.device
+
+        def on_step(step: int) -> None:
+            if step in (warmup, warmup + steps):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                marks[step] = (time.perf_counter(), process_tree_cpu_seconds())
+
+        trainer.run(on_step=on_step)
+        (t0, c0), (t1, c1) = marks[warmup], marks[warmup + steps]
+        images = steps * trainer.global_batch
+        peak, peak_kind = _peak_memory(device)
+        return {
+            "source": source,
+            "loader": _LOADER_NAMES.get(type(trainer.loader).__name__, type(trainer.loader).__name__),
+            "device": str(device),
+            "backbone": trainer.name,
+            "task": trainer.task,
+            "global_batch": trainer.global_batch,
+            "classes": cfg["data"]["synthetic_classes"] if source == "synthetic" else trainer.loader.shards.classes,
+            "world_size": trainer.ctx.world_size,
+            "threads": torch.get_num_threads(),
+            "images": images,
+            "seconds": t1 - t0,
+            "images_per_s": images / (t1 - t0),
+            "cpu_seconds": c1 - c0 if c0 is not None and c1 is not None else None,
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": peak_kind,
+        }
+
+
+def run_train_benchmark(
+    config: str | os.PathLike,
+    overrides: tuple[str, ...] = (),
+    sources: tuple[str, ...] = SOURCES,
+    steps: int = 20,
+    warmup: int = 3,
+    repeats: int = 1,
+    report=None,
+) -> dict[str, Any]:
+    """Time the recipe on each of ``sources`` (``repeats`` times, interleaved, each in a fresh process); return the
+    fastest run of each with all rates, and the loader run's rate as a share of the model-only one."""
+    from facetool.train.engine import load_config
+
+    unknown = set(sources) - set(SOURCES)
+    if unknown or not sources:
+        raise FacetoolError(f"bench train: data sources must be among {', '.join(SOURCES)}, got {sources}")
+    if warmup < 1 or steps < 1:
+        raise FacetoolError("bench train: --warmup and --steps must be at least 1")
+    config = str(config)
+    cfg = load_config(config, overrides)  # errors (unknown keys, missing shards) before any process starts
+    if "shards" in sources and cfg["data"]["source"] == "shards" and not cfg["data"]["shards"]:
+        raise FacetoolError(f"{config}: data.shards is not set; give it with --set data.shards=DIR")
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(repeats):
+        for source in sources:
+            row = run_isolated(f"bench train, {source}", run_steps, config, tuple(overrides), source, warmup, steps)
+            cpu = row["cpu_seconds"]
+            row["cpu_us_per_image"] = cpu / row["images"] * 1e6 if cpu is not None else None
+            runs.setdefault(source, []).append(row)
+            if report:
+                report(row)
+    results = []
+    for rows in runs.values():
+        best = max(rows, key=lambda r: r["images_per_s"])
+        results.append({**best, "all_images_per_s": [r["images_per_s"] for r in rows]})
+    rate = {r["source"]: r["images_per_s"] for r in results}
+    share = rate["shards"] / rate["synthetic"] if {"shards", "synthetic"} <= set(rate) else None
+    return {
+        "config": str(Path(config).resolve()),
+        "overrides": list(overrides),
+        "steps": steps,
+        "warmup": warmup,
+        "repeats": repeats,
+        "results": results,
+        "shards_to_model_only": share,
+    }
