@@ -206,9 +206,10 @@ def check_resume_backbone(state: dict[str, Any], name: str, options: dict[str, A
 
 class ScalarLog:
     """Scalars to TensorBoard when ``tensorboard`` is installed, else one JSON object per line in
-    ``scalars.jsonl`` (same tags)."""
+    ``scalars.jsonl`` (same tags). ``purge_after`` (a resumed run's step): what an interrupted run logged after
+    that step is dropped, since the resumed run logs those steps again."""
 
-    def __init__(self, folder: Path, enabled: bool) -> None:
+    def __init__(self, folder: Path, enabled: bool, purge_after: int | None = None) -> None:
         self.writer = None
         self.file = None
         self.kind = "off"
@@ -218,11 +219,15 @@ class ScalarLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(folder))
+            purge = None if purge_after is None else purge_after + 1
+            self.writer = SummaryWriter(str(folder), purge_step=purge)
             self.kind = f"TensorBoard in {folder}"
         except ImportError:
-            self.file = open(folder / "scalars.jsonl", "a")
-            self.kind = f"{folder / 'scalars.jsonl'} (tensorboard is not installed)"
+            path = folder / "scalars.jsonl"
+            if purge_after is not None and path.exists():
+                _truncate_jsonl(path, purge_after)
+            self.file = open(path, "a")
+            self.kind = f"{path} (tensorboard is not installed)"
 
     def add(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
@@ -237,6 +242,20 @@ class ScalarLog:
             self.writer.close()
         if self.file is not None:
             self.file.close()
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the lines of ``path`` up to ``last_step`` (and drop a torn last line), atomically."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= last_step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the interruption
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,7 +377,7 @@ class Trainer:
         if self.ctx.main:
             self.output.mkdir(parents=True, exist_ok=True)
             (self.output / "config.toml").write_text(to_toml(self.cfg))
-        self.scalars = ScalarLog(self.output / "logs", self.ctx.main)
+        self.scalars = ScalarLog(self.output / "logs", self.ctx.main, purge_after=self.step if resume_from else None)
 
     # -- helpers ---------------------------------------------------------------------------------------------------
     def log(self, message: str) -> None:
