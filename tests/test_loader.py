@@ -187,6 +187,38 @@ def test_masked_and_flip_shares_match_their_probabilities(data, ref_masked, kind
     assert abs(flipped - flip * n) <= 3 * math.sqrt(n * flip * (1 - flip)), (flipped, flip * n)
 
 
+@pytest.mark.parametrize("kind", ["dali", "wds"])
+def test_an_epoch_can_be_started_directly_and_gives_the_same_batches(data, kind):
+    shards = open_shards(data["masked"])
+    config = _config(seed=9, masked_prob=0.3, flip_prob=0.5)
+    make = (lambda: DaliLoader(shards, config)) if kind == "dali" else (lambda: WdsLoader(shards, config, workers=0))
+    walked = make()
+    for _ in range(2):
+        for _ in walked:
+            pass
+    assert walked.epoch == 2
+    expected = [tuple(t.clone() for t in batch) for batch in walked]
+    jumped = make()
+    jumped.epoch = 2  # what a resumed run does: no replay of epochs 0 and 1
+    got = [tuple(batch) for batch in jumped]
+    assert len(got) == len(expected) == len(jumped)
+    for x, y in zip(expected, got, strict=True):
+        assert all(u.equal(v) for u, v in zip(x, y, strict=True))
+    jumped.epoch = 2  # the same epoch drawn again
+    again = [tuple(batch) for batch in jumped]
+    assert all(u.equal(v) for x, y in zip(expected, again, strict=True) for u, v in zip(x, y, strict=True))
+
+
+def test_dali_and_fallback_ranks_read_the_same_samples_each_epoch(data, ref):
+    shards = open_shards(data["plain"])
+    config = _config(flip_prob=0.0)
+    dali, wds = _two_ranks("dali", shards, config), _two_ranks("wds", shards, config)
+    for _ in range(2):
+        a = [sorted(s[0] for s in rank) for rank in _epoch(ref, dali)]
+        b = [sorted(s[0] for s in rank) for rank in _epoch(ref, wds)]
+        assert a == b and set(a[0]).isdisjoint(a[1])
+
+
 def test_fallback_and_dali_give_the_same_label_masked_multiset(data):
     shards = open_shards(data["masked"])
     q = shards.rendered_fraction  # every twin is shown: the masked flag is then a property of the sample

@@ -189,10 +189,13 @@ def test_mae_masks_three_quarters_and_learns() -> None:
 
 
 # -- runs ----------------------------------------------------------------------------------------------------------
-def test_sigkill_and_resume_give_bitwise_the_same_weights(tmp_path, data) -> None:
+@pytest.mark.parametrize("backend", ["wds", "dali"])
+def test_sigkill_and_resume_give_bitwise_the_same_weights(tmp_path, data, backend) -> None:
     """30 steps over 2 epochs (16 steps each) with masks, flips, class sampling: killed after the checkpoint of step
-    5 (and a step or two logged after it) and resumed == uninterrupted, weights and logged losses."""
-    path = write_config(tmp_path / "c.toml", data, run={"steps": 30, "checkpoint_every": 5, "seed": 3})
+    20 (and a step or two logged after it: epoch 1, batch 4) and resumed == uninterrupted, weights and logged
+    losses; with either loader (each starts the resumed epoch directly)."""
+    path = write_config(tmp_path / "c.toml", data, run={"steps": 30, "checkpoint_every": 5, "seed": 3},
+                        data={"backend": backend, "threads": 1})  # fmt: skip
     full = tmp_path / "full"
     assert run_cli(str(path), "--output", str(full)).returncode == 0, "uninterrupted run failed"
 
@@ -200,11 +203,11 @@ def test_sigkill_and_resume_give_bitwise_the_same_weights(tmp_path, data) -> Non
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "facetool", "train", str(path), "--output", str(killed), "--quiet"],
                             env=env)  # fmt: skip
-    first = killed / "checkpoints" / "step-00000005" / "COMPLETE"
+    first = killed / "checkpoints" / "step-00000020" / "COMPLETE"
     scalars = killed / "logs" / "scalars.jsonl"
 
-    def logged_past_checkpoint() -> bool:  # step 6 or 7 logged: the resumed run will log them again
-        return first.exists() and scalars.exists() and any(f'"step": {n},' in scalars.read_text() for n in (6, 7))
+    def logged_past_checkpoint() -> bool:  # step 21 or 22 logged: the resumed run will log them again
+        return first.exists() and scalars.exists() and any(f'"step": {n},' in scalars.read_text() for n in (21, 22))
 
     deadline = time.time() + 240
     while not logged_past_checkpoint() and proc.poll() is None and time.time() < deadline:

@@ -5,15 +5,18 @@ hardware decoder, buffers sized for 112x112) and augmented on the GPU; without o
 with ``device_id=None``. Only one image is decoded per sample: the choice between ``jpg`` and ``mask.jpg`` is made
 on the encoded bytes, in a DALI conditional.
 
-Epochs (``reader_name`` drives the iterator): the reader splits the concatenation of all shards into
-``world_size`` contiguous parts (``shard_id=rank``), pads each part to the same number of batches
-(``pad_last_batch``), and after each epoch reshuffles the order of the tar files with a seed shared by all ranks
-(``shuffle_after_epoch``) and moves each rank to the next part, while a shuffle buffer mixes samples within a
-rank. Every sample is therefore read exactly once per epoch across ranks. The remainder is handled by
-``last_batch``: ``"partial"`` returns it (every rank gets the same number of batches; the last one of each rank
-holds what is left of its part, possibly nothing), ``"drop"`` returns only full batches (all ranks stop after
-``floor(smallest part / batch_size)`` batches; the rest of the epoch's samples, fewer than
-``world_size * (batch_size + 1)``, are skipped, and since the order changes, different ones each epoch).
+Epochs: each epoch is its own pipeline, built from (seed, epoch) alone, so an epoch can be started directly (a
+resumed run does not replay the epochs before it). Its reader takes the tar files in an order drawn from
+(seed, epoch), the same on every rank, splits their concatenation into ``world_size`` contiguous parts
+(``shard_id=rank``, part k = samples [k N / W, (k + 1) N / W)), pads each part to the same number of batches
+(``pad_last_batch``), and mixes samples within a rank in a shuffle buffer seeded from (seed, epoch, rank). Every
+sample is therefore read exactly once per epoch across ranks, and each rank reads the same samples as the
+webdataset fallback does in that epoch. The remainder is handled by ``last_batch``: ``"partial"`` returns it
+(every rank gets the same number of batches; the last one of each rank holds what is left of its part, possibly
+nothing), ``"drop"`` returns only full batches (all ranks stop after ``floor(smallest part / batch_size)``
+batches; the rest of the epoch's samples, fewer than ``world_size * (batch_size + 1)``, are skipped, and since
+the order changes, different ones each epoch). Building a pipeline costs well under a second on the CPU (more
+for the GPU decoder's buffers), once per epoch.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from facetool.pipeline.errors import FacetoolError
 from facetool.train.data.batch import Batch
 from facetool.train.data.config import LoaderConfig
-from facetool.train.data.epochs import batches_per_epoch, derive_seed
+from facetool.train.data.epochs import batches_per_epoch, derive_seed, tar_order
 from facetool.train.data.shardset import MASK_EXT, ShardSet
 
 READER_NAME = "Reader"
@@ -51,12 +54,13 @@ def build_pipeline(
     device: str = "cpu",
     device_id: int | None = None,
     *,
+    epoch: int = 0,
     decode_only: bool = False,
 ):
-    """The DALI pipeline (not yet built) for one rank: outputs images (NCHW), labels (int32, (1,)) and, when
-    ``masked_prob`` > 0, masked (bool). ``device`` "gpu" decodes with ``device="mixed"`` on ``device_id``; "cpu"
-    runs with ``device_id=None``. ``decode_only`` stops after the decoder (uint8 HWC images, no augmentation, no
-    normalisation): what `bench loader` times as the cost of reading and decoding alone."""
+    """The DALI pipeline (not yet built) for one rank and one ``epoch``: outputs images (NCHW), labels (int32,
+    (1,)) and, when ``masked_prob`` > 0, masked (bool). ``device`` "gpu" decodes with ``device="mixed"`` on
+    ``device_id``; "cpu" runs with ``device_id=None``. ``decode_only`` stops after the decoder (uint8 HWC
+    images, no augmentation, no normalisation): what `bench loader` times as the cost of reading and decoding."""
     from nvidia.dali import fn, pipeline_def, types
 
     if device not in ("cpu", "gpu"):
@@ -70,30 +74,32 @@ def build_pipeline(
     size = config.image_size
     threads = config.dali_threads(device)
 
+    if epoch < 0:
+        raise FacetoolError(f"epoch must be >= 0, got {epoch}")
+    order = tar_order(len(shards.shards), config.seed, epoch)  # the same on every rank: one global order
+
     @pipeline_def(
         batch_size=config.batch_size,
         num_threads=threads,
         device_id=(device_id if device_id is not None else 0) if gpu else None,
-        seed=derive_seed(config.seed, rank),  # augmentation draws differ per rank; the file order is shared (below)
+        seed=derive_seed(config.seed, 5, epoch, rank),  # augmentation draws: per epoch and rank
         prefetch_queue_depth=config.prefetch,
         enable_conditionals=True,
     )
     def graph():
         exts = ["jpg;png", MASK_EXT, "label.i32"] if pick > 0 else ["jpg;png", "label.i32"]
         outputs = fn.readers.webdataset(
-            paths=[str(s.tar) for s in shards.shards],
-            index_paths=[str(s.index) for s in shards.shards],
+            paths=[str(shards.shards[i].tar) for i in order],
+            index_paths=[str(shards.shards[i].index) for i in order],
             ext=exts,
             dtypes=[types.UINT8] * (len(exts) - 1) + [types.INT32],
             missing_component_behavior="empty",  # mask.jpg is optional; open_shards checked the rest
             random_shuffle=True,
             initial_fill=config.shuffle_buffer,
-            seed=derive_seed(config.seed, rank, 1),
+            seed=derive_seed(config.seed, 3, epoch, rank),
             shard_id=rank,
             num_shards=world_size,
             pad_last_batch=True,
-            shuffle_after_epoch=True,
-            shuffle_after_epoch_seed=derive_seed(config.seed, 2),  # the same on every rank: one global tar order
             prefetch_queue_depth=config.reader_prefetch,
             tensor_init_bytes=config.tensor_init_bytes,
             name=READER_NAME,
@@ -182,10 +188,12 @@ def _augment(images, config: LoaderConfig, fn, types):
 
 
 class DaliLoader:
-    """Iterate epochs of :class:`Batch` from the DALI pipeline; ``for batch in loader`` is one epoch.
+    """Iterate epochs of :class:`Batch` from the DALI pipeline; ``for batch in loader`` is one epoch, the one
+    ``loader.epoch`` names (set it to start anywhere: a resumed run sets it to its checkpoint's epoch).
 
     Tensors are on the training device (``cuda:device_id`` for the GPU pipeline, else the CPU). The images of a
-    batch stay valid after the next one is drawn (DALI hands each batch over as its own torch tensor).
+    batch stay valid after the next one is drawn (DALI hands each batch over as its own torch tensor). The first
+    epoch's pipeline is built at construction, so configuration errors surface there.
     """
 
     def __init__(
@@ -197,29 +205,43 @@ class DaliLoader:
         device: str = "cpu",
         device_id: int | None = None,
     ) -> None:
+        self.shards, self.config, self.rank, self.world_size = shards, config, rank, world_size
+        self._device_kind, self._device_id = device, device_id
+        self.device = torch.device("cuda", device_id or 0) if device == "gpu" else torch.device("cpu")
+        self._with_masks = config.masked_prob > 0
+        self.epoch = 0
+        self._ready: tuple[int, object] | None = None  # (epoch, iterator not yet drawn from)
+        self._prepare(0)
+
+    def _prepare(self, epoch: int):
+        """The iterator over ``epoch``'s pipeline, built now unless an unused one for that epoch is ready."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        self.shards, self.config, self.rank, self.world_size = shards, config, rank, world_size
-        self.device = torch.device("cuda", device_id or 0) if device == "gpu" else torch.device("cpu")
-        self.pipeline = build_pipeline(shards, config, rank, world_size, device, device_id)
-        self.pipeline.build()
-        policy = LastBatchPolicy.PARTIAL if config.last_batch == "partial" else LastBatchPolicy.DROP
-        self._with_masks = config.masked_prob > 0
-        self._iterator = DALIGenericIterator(
-            [self.pipeline],
+        if self._ready is not None and self._ready[0] == epoch:
+            return self._ready[1]
+        self._ready = None  # the previous pipeline goes before the next is built (threads, buffers)
+        pipe = build_pipeline(
+            self.shards, self.config, self.rank, self.world_size, self._device_kind, self._device_id, epoch=epoch
+        )
+        pipe.build()
+        policy = LastBatchPolicy.PARTIAL if self.config.last_batch == "partial" else LastBatchPolicy.DROP
+        iterator = DALIGenericIterator(
+            [pipe],
             ["images", "labels", "masked"] if self._with_masks else ["images", "labels"],
             reader_name=READER_NAME,
             last_batch_policy=policy,
-            auto_reset=True,
         )
-        self.epoch = 0
+        self._ready = (epoch, iterator)
+        return iterator
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
         return batches_per_epoch(self.shards.samples, self.world_size, self.config.batch_size, self.config.last_batch)
 
     def __iter__(self) -> Iterator[Batch]:
-        for out in self._iterator:
+        iterator = self._prepare(self.epoch)
+        self._ready = None  # drawn from now: a later epoch, or this one again, gets a fresh pipeline
+        for out in iterator:
             data = out[0]
             labels = data["labels"].view(-1).long()
             if self._with_masks:
@@ -227,6 +249,7 @@ class DaliLoader:
             else:
                 masked = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
             yield Batch(data["images"], labels, masked)
+        del iterator
         self.epoch += 1
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 
 def derive_seed(*parts: int) -> int:
     """A 31-bit seed mixed from integers (seed, purpose, epoch, rank, ...); DALI seeds are int32."""
@@ -9,6 +11,11 @@ def derive_seed(*parts: int) -> int:
     for p in parts:
         h = (h * 1_000_003 ^ (p & 0xFFFFFFFF)) & 0xFFFFFFFFFFFF
     return h % (2**31 - 1)
+
+
+def tar_order(count: int, seed: int, epoch: int) -> list[int]:
+    """The order in which every rank's reader takes the ``count`` tar files in ``epoch`` (both loaders)."""
+    return np.random.default_rng(derive_seed(seed, 2, epoch)).permutation(count).tolist()
 
 
 def batches_per_epoch(samples: int, world_size: int, batch_size: int, last_batch: str) -> int:

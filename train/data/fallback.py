@@ -29,7 +29,7 @@ from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.shards import LABEL_EXT
 from facetool.train.data.batch import Batch
 from facetool.train.data.config import LoaderConfig
-from facetool.train.data.epochs import batches_per_epoch, derive_seed
+from facetool.train.data.epochs import batches_per_epoch, derive_seed, tar_order
 from facetool.train.data.shardset import IMAGE_EXTS, MASK_EXT, ShardSet
 
 _SCALE = np.float32(1.0 / 127.5)
@@ -39,13 +39,13 @@ def epoch_segments(
     counts: list[int], seed: int, epoch: int, rank: int, world_size: int, worker: int, workers: int
 ) -> list[tuple[int, int, int]]:
     """The (shard, first sample in the shard, count) runs that a worker of a rank reads in an epoch."""
-    order = np.random.default_rng(derive_seed(seed, 2, epoch)).permutation(len(counts))
+    order = tar_order(len(counts), seed, epoch)
     n = sum(counts)
     part_lo, part_hi = rank * n // world_size, (rank + 1) * n // world_size
     size = part_hi - part_lo
     lo, hi = part_lo + worker * size // workers, part_lo + (worker + 1) * size // workers
     runs, pos = [], 0
-    for s in order.tolist():
+    for s in order:
         start, end = max(lo, pos), min(hi, pos + counts[s])
         if start < end:
             runs.append((s, start - pos, end - start))

@@ -546,15 +546,11 @@ class Trainer:
         return self.head(emb.float(), labels)
 
     def _batches(self):
-        """The loader's batches from the current step on: the epoch is chosen, and batches before the position
-        in that epoch are read and dropped (the loader draws the same ones again, so the position is exact)."""
+        """The loader's batches from the current step on: the loader starts the step's epoch directly (every
+        loader derives an epoch from the seed and its number alone), and the batches before the position in that
+        epoch are drawn and dropped (the loader draws the same ones again, so the position is exact)."""
         epoch, skip = divmod(self.step, self.steps_per_epoch)
-        if hasattr(self.loader, "_epoch") or hasattr(self.loader, "pool"):
-            self.loader.epoch = epoch
-        else:  # DALI: its reader state is not settable, so replay whole epochs
-            for _ in range(epoch):
-                for _ in self.loader:
-                    pass
+        self.loader.epoch = epoch
         while True:
             for i, batch in enumerate(self.loader):
                 if i < skip:
