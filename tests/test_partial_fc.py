@@ -52,13 +52,15 @@ def run_steps(head, name, opts, seed, rank, world):
         logits = logits if isinstance(logits, list) else [logits]
         loss = head(xl, y[rows])
         loss.backward()
-        out.append({
-            "loss": loss.detach(),
-            "logits": [z.detach() for z in logits],
-            "x_grad": xl.grad,
-            "w_grad": [p.grad.clone() for p in head.class_weights()],
-            "t": head.t.clone() if hasattr(head, "t") else None,
-        })
+        out.append(
+            {
+                "loss": loss.detach(),
+                "logits": [z.detach() for z in logits],
+                "x_grad": xl.grad,
+                "w_grad": [p.grad.clone() for p in head.class_weights()],
+                "t": head.t.clone() if hasattr(head, "t") else None,
+            }
+        )
         for p in head.class_weights():
             p.grad = None
     return out
@@ -80,8 +82,15 @@ def sampled_run(rank: int, seed: int, sample_rate: float):
     load_weights(head, [full])
     rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     loss = head(x[rows].clone().requires_grad_(), y[rows])
-    return {"loss": loss.detach(), "index": head.last_index + head.shard.start, "start": head.shard.start,
-            "size": head.shard.size, "x": x, "y": y, "full": full}
+    return {
+        "loss": loss.detach(),
+        "index": head.last_index + head.shard.start,
+        "start": head.shard.start,
+        "size": head.shard.size,
+        "x": x,
+        "y": y,
+        "full": full,
+    }
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
@@ -92,8 +101,11 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         for seed, (name, opts) in enumerate(CONFIGS):
             head = create_head(name, E, C, partial_fc=True, **opts)
             load_weights(head, problem(name, opts, seed, 0)[2])
-            results[seed] = {"start": head.shard.start, "size": head.shard.size,
-                             "steps": run_steps(head, name, opts, seed, rank, WORLD)}
+            results[seed] = {
+                "start": head.shard.start,
+                "size": head.shard.size,
+                "steps": run_steps(head, name, opts, seed, rank, WORLD),
+            }
         results["sampled"] = [sampled_run(rank, seed=3, sample_rate=0.5) for _ in range(2)]
         results["sampled_other_seed"] = sampled_run(rank, seed=4, sample_rate=0.5)
         results["positives_only"] = sampled_run(rank, seed=3, sample_rate=0.0)

@@ -270,6 +270,14 @@ def test_eval_summary_and_exported_backbone(tmp_path, data) -> None:
     assert saved["run"]["steps"] == 4 and saved["model"]["name"] == "tinynet"
     lines = [json.loads(x) for x in (out / "logs" / "scalars.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "train/loss" in x] == [1, 2, 3, 4]
+    # bench verification reads the training checkpoint and the exported backbone, and finds the run's accuracy
+    for weights_file in (out / "checkpoints/step-00000004/rank-00000.pt", out / "backbone.pt"):
+        report = tmp_path / "verify.json"
+        args = ["bench", "verification", str(weights_file), "--bin", str(data / "src/synth.bin"), "--json", str(report)]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        got = json.loads(report.read_text())["sets"]["synth"]
+        assert got["accuracy"] == pytest.approx(synth["accuracy"]) and got["pairs"] == 20
     assert all(np.isfinite(x["train/loss"]) for x in lines if "train/loss" in x)
 
 
