@@ -28,7 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from facetool.bench.process import cpu_count, process_tree_cpu_seconds, run_isolated
+from facetool.bench.process import (
+    cpu_count,
+    cpu_us_per_image,
+    fastest_runs,
+    process_tree_cpu_seconds,
+    run_isolated,
+)
 from facetool.pipeline.errors import FacetoolError
 
 LOADERS = ("dali", "wds", "rec", "decode")
@@ -312,17 +318,13 @@ def run_loader_benchmark(
             measured = out.items() if name == "decode-limit" else [(None, out)]
             for decoder, m in measured:
                 row = {"loader": name, "device": device, "images_per_s": m["images"] / m["seconds"], **m}
-                cpu = m.get("cpu_seconds")
-                row["cpu_us_per_image"] = cpu / m["images"] * 1e6 if cpu is not None else None
+                row["cpu_us_per_image"] = cpu_us_per_image(m.get("cpu_seconds"), m["images"])
                 if decoder:
                     row["decoder"] = decoder
                 runs.setdefault((name, device, decoder or ""), []).append(row)
                 if report:
                     report(row)
-    results = []
-    for rows in runs.values():
-        best = max(rows, key=lambda r: r["images_per_s"])
-        results.append({**best, "all_images_per_s": [r["images_per_s"] for r in rows]})
+    results = fastest_runs(runs.values())
     return {
         "batch_size": batch_size,
         "batches": batches,

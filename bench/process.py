@@ -6,7 +6,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue as queue_module
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +77,18 @@ def run_isolated(what: str, fn: Callable, *args) -> Any:
     if status != "ok":
         raise FacetoolError(f"{what}: {value}")
     return value
+
+
+def cpu_us_per_image(cpu_seconds: float | None, images: int) -> float | None:
+    """CPU microseconds per image, or None where the CPU time was not measurable."""
+    return cpu_seconds / images * 1e6 if cpu_seconds is not None else None
+
+
+def fastest_runs(groups: Iterable[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per group of repeated runs of one contender, its fastest run (by ``images_per_s``) with every run's rate
+    in ``all_images_per_s``."""
+    results = []
+    for rows in groups:
+        best = max(rows, key=lambda r: r["images_per_s"])
+        results.append({**best, "all_images_per_s": [r["images_per_s"] for r in rows]})
+    return results

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from facetool.bench.process import process_tree_cpu_seconds, run_isolated
+from facetool.bench.process import cpu_us_per_image, fastest_runs, process_tree_cpu_seconds, run_isolated
 from facetool.pipeline.errors import FacetoolError
 
 SOURCES = ("shards", "synthetic")
@@ -113,15 +113,11 @@ def run_train_benchmark(
     for _ in range(repeats):
         for source in sources:
             row = run_isolated(f"bench train, {source}", run_steps, config, tuple(overrides), source, warmup, steps)
-            cpu = row["cpu_seconds"]
-            row["cpu_us_per_image"] = cpu / row["images"] * 1e6 if cpu is not None else None
+            row["cpu_us_per_image"] = cpu_us_per_image(row["cpu_seconds"], row["images"])
             runs.setdefault(source, []).append(row)
             if report:
                 report(row)
-    results = []
-    for rows in runs.values():
-        best = max(rows, key=lambda r: r["images_per_s"])
-        results.append({**best, "all_images_per_s": [r["images_per_s"] for r in rows]})
+    results = fastest_runs(runs.values())
     rate = {r["source"]: r["images_per_s"] for r in results}
     share = rate["shards"] / rate["synthetic"] if {"shards", "synthetic"} <= set(rate) else None
     return {
