@@ -6,7 +6,6 @@ status 1, never a traceback. Heavy imports happen inside the commands, so ``face
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from facetool import __version__
 from facetool.cli_loader import bench_loader_command
 from facetool.cli_masks import WEIGHTS_HELP, bench_masks_command, masks_group, parse_weights_option
 from facetool.cli_models import bench_models_command, export_command
+from facetool.cli_options import json_option, write_json
 from facetool.cli_train import bench_train_command, train_command
 from facetool.cli_verification import bench_verification_command
 from facetool.pipeline import DEFAULT_SAMPLES_PER_SHARD
@@ -289,7 +289,7 @@ def bench() -> None:
     show_default=True,
     help="Runs of each contender; the fastest is reported.",
 )
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON.")
+@json_option()
 def bench_convert(
     src: Path, workers: int, samples_per_shard: int, tmp_dir: Path | None, repeats: int, json_path: Path | None
 ) -> None:
@@ -312,8 +312,7 @@ def bench_convert(
         f"ratio convert / copy: {result['ratio_to_copy']:.2f} (fastest runs), {result['median_ratio_to_copy']:.2f} "
         f"(medians of {repeats})  ({result['records']:,} records)"
     )
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(json_path, result)
 
 
 main.add_command(export_command)

@@ -3,10 +3,11 @@ limit), one table with ratios. Heavy imports stay inside the command."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
+
+from facetool.cli_options import json_option, write_json
 
 
 def _fmt_ratio(value: float | None) -> str:
@@ -72,7 +73,7 @@ def _cpu(row: dict) -> str:
     show_default=True,
     help="Runs of each contender, interleaved; the fastest is reported (all are in the JSON).",
 )
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON.")
+@json_option()
 def bench_loader_command(
     shards: Path,
     which: str,
@@ -127,7 +128,4 @@ def bench_loader_command(
             f"{_fmt_ratio(row['ratio_to_rec']):>16}{_fmt_ratio(row['ratio_to_decode_limit']):>16}"
         )
     click.echo(f"({result['samples']:,} samples, {result['cores']} cores, best of {repeats})")
-    if json_path:
-        tmp = json_path.with_name(f".{json_path.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(json_path)
+    write_json(json_path, result)

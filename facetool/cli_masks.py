@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
+
+from facetool.cli_options import json_option, write_json
 
 WEIGHTS_HELP = (
     "Share of each mask kind, KIND=WEIGHT pairs separated by commas (kinds: surgical, kn95, n95, cloth; "
@@ -97,7 +98,7 @@ def masks_preview(out: Path, src: Path | None, count: int, seed: int) -> None:
     help="Take faces from this InsightFace dataset instead of synthetic ones.",
 )
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Runs; the fastest counts.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON.")
+@json_option()
 def bench_masks_command(count: int, src: Path | None, repeats: int, json_path: Path | None) -> None:
     """Masked faces per second per core, end to end (JPEG decode, render, JPEG encode), in one process, against
     decode+encode alone in the same run."""
@@ -112,5 +113,4 @@ def bench_masks_command(count: int, src: Path | None, repeats: int, json_path: P
         f"{r['images']:,} faces ({r['distinct_faces']} distinct, {r['source']}), fastest of {repeats} runs; "
         f"render = {r['render_share']:.0%} of the CPU time; sprite bank built in {r['setup_seconds']:.2f} s"
     )
-    if json_path:
-        json_path.write_text(json.dumps(r, indent=1) + "\n")
+    write_json(json_path, r)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import click
+
+from facetool.cli_options import json_option, write_json
 
 
 @click.command("export")
@@ -37,7 +38,7 @@ def export_command(checkpoint: Path, out: Path) -> None:
 
 
 @click.command("models")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON.")
+@json_option()
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Images per forward.")
 @click.option("--iters", default=5, show_default=True, type=click.IntRange(min=1), help="Timed forwards (median).")
 @click.option("--backbone", "backbones", multiple=True, help="Only this backbone (repeatable; default: all).")
@@ -57,5 +58,4 @@ def bench_models_command(json_path: Path | None, batch_size: int, iters: int, ba
 
     result = bench_models(backbones or None, batch_size=batch_size, iters=iters, progress=show)
     click.echo(f"(torch {result['torch']}, {result['threads']} threads)")
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(json_path, result)

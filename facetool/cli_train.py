@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from facetool.cli_options import json_option, write_json
+
 _set_option = click.option(
     "--set",
     "overrides",
@@ -105,7 +107,7 @@ def _size(n: int) -> str:
     show_default=True,
     help="Runs of each data source, interleaved; the fastest is reported (all are in the JSON).",
 )
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON.")
+@json_option()
 def bench_train_command(
     config: Path, overrides: tuple[str, ...], which: str, steps: int, warmup: int, repeats: int, json_path: Path | None
 ) -> None:
@@ -119,7 +121,6 @@ def bench_train_command(
       facetool bench train configs/ir100_magface_ms1mv2.toml --set data.shards=/data/ms1mv2 --set run.amp=bf16
     """
     from facetool.bench.train import SOURCES, run_train_benchmark
-    from facetool.pipeline.atomic import write_json_atomic
 
     sources = SOURCES if which == "both" else (which,)
     click.echo(f"measuring: {steps} steps after {warmup} warm-up, each data source in its own process")
@@ -143,5 +144,4 @@ def bench_train_command(
     if result["shards_to_model_only"] is not None:
         share = result["shards_to_model_only"]
         click.echo(f"with its loader the run reaches {share:.2f}x the model-only rate")
-    if json_path:
-        write_json_atomic(json_path, result)
+    write_json(json_path, result)

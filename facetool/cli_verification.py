@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from facetool.cli_options import json_option
+
 _PATH = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
@@ -77,7 +79,7 @@ _PATH = click.Path(exists=True, dir_okay=False, path_type=Path)
     show_default=True,
     help="Where to embed: auto picks the GPU when torch sees one.",
 )
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+@json_option("report")
 @click.option(
     "--plot",
     "plot_path",
