@@ -35,6 +35,25 @@ def _peak_memory(device) -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "max_rss"
 
 
+def bench_overrides(source: str, warmup: int, steps: int) -> list[str]:
+    """What the benchmark changes in a recipe: the data source, the length, no evaluation, one final checkpoint."""
+    return [f"data.source={source}", f"run.steps={warmup + steps}", "eval.bins=[]", "eval.every=0",
+            "run.checkpoint_every=0"]  # fmt: skip
+
+
+def check_recipe(config: str | os.PathLike, overrides: tuple[str, ...], sources: tuple[str, ...]) -> None:
+    """The errors a run would meet (unknown keys, wrong types, missing shards), before any process starts."""
+    from facetool.train.engine import load_config
+
+    unknown = set(sources) - set(SOURCES)
+    if unknown or not sources:
+        raise FacetoolError(f"bench train: data sources must be among {', '.join(SOURCES)}, got {sources}")
+    for source in sources:
+        cfg = load_config(config, [*overrides, *bench_overrides(source, 1, 1)])
+        if source == "shards" and not cfg["data"]["shards"]:
+            raise FacetoolError(f"{config}: data.shards is not set; give it with --set data.shards=DIR")
+
+
 def run_steps(config: str, overrides: tuple[str, ...], source: str, warmup: int, steps: int) -> dict[str, Any]:
     """Build the run of ``config`` (with ``overrides``) on ``source`` and time ``steps`` steps after ``warmup``."""
     import torch
@@ -42,8 +61,7 @@ def run_steps(config: str, overrides: tuple[str, ...], source: str, warmup: int,
     from facetool.train.engine import load_config
     from facetool.train.engine.trainer import Trainer
 
-    extra = [f"data.source={source}", f"run.steps={warmup + steps}", "eval.bins=[]", "eval.every=0"]
-    extra.append("run.checkpoint_every=0")
+    extra = bench_overrides(source, warmup, steps)
     cfg = load_config(config, [*overrides, *extra])
     if source == "synthetic" and cfg["data"]["shards"]:
         from facetool.train.data import open_shards
@@ -98,17 +116,10 @@ def run_train_benchmark(
 ) -> dict[str, Any]:
     """Time the recipe on each of ``sources`` (``repeats`` times, interleaved, each in a fresh process); return the
     fastest run of each with all rates, and the loader run's rate as a share of the model-only one."""
-    from facetool.train.engine import load_config
-
-    unknown = set(sources) - set(SOURCES)
-    if unknown or not sources:
-        raise FacetoolError(f"bench train: data sources must be among {', '.join(SOURCES)}, got {sources}")
     if warmup < 1 or steps < 1:
         raise FacetoolError("bench train: --warmup and --steps must be at least 1")
     config = str(config)
-    cfg = load_config(config, overrides)  # errors (unknown keys, missing shards) before any process starts
-    if "shards" in sources and cfg["data"]["source"] == "shards" and not cfg["data"]["shards"]:
-        raise FacetoolError(f"{config}: data.shards is not set; give it with --set data.shards=DIR")
+    check_recipe(config, overrides, sources)
     runs: dict[str, list[dict[str, Any]]] = {}
     for _ in range(repeats):
         for source in sources:

@@ -120,9 +120,10 @@ def bench_train_command(
       facetool bench train configs/demo.toml
       facetool bench train configs/ir100_magface_ms1mv2.toml --set data.shards=/data/ms1mv2 --set run.amp=bf16
     """
-    from facetool.bench.train import SOURCES, run_train_benchmark
+    from facetool.bench.train import SOURCES, check_recipe, run_train_benchmark
 
     sources = SOURCES if which == "both" else (which,)
+    check_recipe(config, overrides, sources)  # a recipe's errors before the table starts
     click.echo(f"measuring: {steps} steps after {warmup} warm-up, each data source in its own process")
     header = f"{'data':11}{'loader':11}{'device':9}{'images/s':>11}{'CPU us/image':>14}{'peak memory':>13}"
     click.echo(header)
