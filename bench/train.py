@@ -24,7 +24,8 @@ _LOADER_NAMES = {"DaliLoader": "dali", "WdsLoader": "wds", "SyntheticLoader": "s
 
 
 def _peak_memory(device) -> tuple[int, str]:
-    """(bytes, what): the CUDA caching allocator's peak on a GPU, else this process's peak resident set."""
+    """(bytes, what): torch's CUDA caching allocator's peak on a GPU (the model, optimiser and batches; DALI's
+    own device buffers are not in it), else this process's peak resident set."""
     import torch
 
     if device.type == "cuda":

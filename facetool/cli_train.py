@@ -112,9 +112,10 @@ def bench_train_command(
     config: Path, overrides: tuple[str, ...], which: str, steps: int, warmup: int, repeats: int, json_path: Path | None
 ) -> None:
     """Training images/s of CONFIG.toml on one process (the GPU when there is one): with its data loader and with
-    synthetic in-memory images (the model-only step rate), each in a fresh process, plus peak memory (the CUDA
-    allocator's peak on a GPU, the process's peak resident memory on the CPU). No evaluation, no checkpoint until
-    the last step; the run's other settings (batch size, AMP, threads, loader backend) are the recipe's:
+    synthetic in-memory images (the model-only step rate), each in a fresh process, plus peak memory (torch's CUDA
+    allocator peak on a GPU, without DALI's own buffers; the process's peak resident memory on the CPU). No
+    evaluation, no checkpoint until the last step; the run's other settings (batch size, AMP, threads, loader
+    backend) are the recipe's:
 
     \b
       facetool bench train configs/demo.toml
