@@ -245,12 +245,34 @@ def test_resumed_scalar_log_drops_what_came_after_the_checkpoint(tmp_path) -> No
     rows = [json.dumps({"step": n, "train/loss": 1.0 / n}) for n in range(1, 6)]
     (log / "scalars.jsonl").write_text("\n".join(rows) + '\n{"step": 6, "train/lo')  # torn by the kill
     scalars = ScalarLog(log, True, purge_after=3)
-    if scalars.writer is not None:
-        pytest.skip("tensorboard is installed: it purges the steps itself (purge_step)")
     scalars.add(4, {"train/loss": 0.5})
     scalars.close()
     lines = [json.loads(x) for x in (log / "scalars.jsonl").read_text().splitlines()]
     assert [(x["step"], x["train/loss"]) for x in lines] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.5)]
+
+
+def test_tensorboard_events_beside_the_jsonl_and_purged_on_resume(tmp_path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from facetool.train.engine.trainer import ScalarLog
+
+    log = tmp_path / "logs"
+    first = ScalarLog(log, True)
+    for n in range(1, 6):
+        first.add(n, {"train/loss": 1.0 / n})
+    first.close()  # interrupted after step 5, checkpoint at step 3
+    resumed = ScalarLog(log, True, purge_after=3)
+    for n in range(4, 7):
+        resumed.add(n, {"train/loss": 10.0 * n})
+    resumed.close()
+    events = EventAccumulator(str(log))
+    events.Reload()
+    tensorboard = [(e.step, round(e.value, 6)) for e in events.Scalars("train/loss")]
+    jsonl = [json.loads(x) for x in (log / "scalars.jsonl").read_text().splitlines()]
+    expected = [(1, 1.0), (2, 0.5), (3, round(1 / 3, 6)), (4, 40.0), (5, 50.0), (6, 60.0)]
+    assert tensorboard == expected
+    assert [(x["step"], round(x["train/loss"], 6)) for x in jsonl] == expected
 
 
 def test_eval_summary_and_exported_backbone(tmp_path, data) -> None:

@@ -205,9 +205,10 @@ def check_resume_backbone(state: dict[str, Any], name: str, options: dict[str, A
 
 
 class ScalarLog:
-    """Scalars to TensorBoard when ``tensorboard`` is installed, else one JSON object per line in
-    ``scalars.jsonl`` (same tags). ``purge_after`` (a resumed run's step): what an interrupted run logged after
-    that step is dropped, since the resumed run logs those steps again."""
+    """Scalars, one JSON object per line in ``scalars.jsonl`` (always: it is what scripts and tests read), and the
+    same tags as TensorBoard events beside it when ``tensorboard`` is installed. ``purge_after`` (a resumed run's
+    step): what an interrupted run logged after that step is dropped from both, since the resumed run logs those
+    steps again."""
 
     def __init__(self, folder: Path, enabled: bool, purge_after: int | None = None) -> None:
         self.writer = None
@@ -216,24 +217,24 @@ class ScalarLog:
         if not enabled:
             return
         folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "scalars.jsonl"
+        if purge_after is not None and path.exists():
+            _truncate_jsonl(path, purge_after)
+        self.file = open(path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
-
-            purge = None if purge_after is None else purge_after + 1
-            self.writer = SummaryWriter(str(folder), purge_step=purge)
-            self.kind = f"TensorBoard in {folder}"
         except ImportError:
-            path = folder / "scalars.jsonl"
-            if purge_after is not None and path.exists():
-                _truncate_jsonl(path, purge_after)
-            self.file = open(path, "a")
             self.kind = f"{path} (tensorboard is not installed)"
+            return
+        purge = None if purge_after is None else purge_after + 1
+        self.writer = SummaryWriter(str(folder), purge_step=purge)
+        self.kind = f"{path} and TensorBoard in {folder}"
 
     def add(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
-        elif self.file is not None:
+        if self.file is not None:
             self.file.write(json.dumps({"step": step, **values}) + "\n")
             self.file.flush()
 
