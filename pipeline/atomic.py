@@ -1,22 +1,99 @@
-"""Atomic file writes: a temporary file in the same folder, then a rename, so readers never see half a file."""
+"""Atomic file writes, the one way facetool publishes a file: a temporary name in the same folder, fsync, rename.
+
+Readers never see half a file, and a crash (kill -9, power loss) leaves either the old file or the new one. An
+``OSError`` while writing (a full disk, a file too large, no permission) becomes a one-line ``FacetoolError`` that
+names the file being written.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from .errors import FacetoolError
+
+#: ``progress(done, total)``: the one progress-callback shape of the library (the CLI turns it into a bar).
+Progress = Callable[[int, int], None]
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename inside ``folder`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=1) + "\n")
-        os.replace(tmp, path)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_error(path: str | os.PathLike, err: OSError) -> FacetoolError:
+    """The one-line error for a failed write of ``path`` ("out/x.tar: cannot write: No space left on device")."""
+    return FacetoolError(f"{path}: cannot write: {err.strerror or err}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, tmp: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds the file there is fsynced and renamed onto
+    ``path`` (and the folder fsynced); when it fails the temporary file is removed.
+
+    ``tmp`` fixes the temporary name (writers that resume look for it); by default it is unique, so concurrent
+    writers never share one."""
+    path = Path(path)
+    if tmp is None:
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError as e:
+            raise write_error(path, e) from None
+        os.close(fd)
+        tmp_path = Path(name)
+    else:
+        tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        _fsync_file(tmp_path)
+        os.replace(tmp_path, path)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        raise write_error(path, e) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp_path.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", *, tmp: str | os.PathLike | None = None) -> Iterator[IO]:
+    """Open a temporary file for writing (``"wb"`` or ``"w"``); it replaces ``path`` when the block succeeds."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_open: mode must be 'wb' or 'w', not {mode!r}")
+    with atomic_path(path, tmp=tmp) as tmp_path, open(tmp_path, mode) as f:
+        yield f
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` (text is UTF-8 encoded) to ``path`` atomically."""
+    with atomic_open(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
+    """Write ``obj`` as JSON (indented by default, one trailing newline) to ``path`` atomically."""
+    text = json.dumps(obj, indent=indent)
+    write_bytes_atomic(path, text + "\n" if indent is not None else text)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
