@@ -26,7 +26,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -452,38 +451,11 @@ def known_set_warnings(sets: Sequence[PairSet]) -> list[str]:
 
 
 def load_model(path: str | os.PathLike) -> tuple[Any, str, dict[str, Any]]:
-    """The backbone in a checkpoint, loaded with ``torch.load(weights_only=True)``: either what ``save_backbone``
-    writes (an exported backbone) or a training checkpoint, i.e. a dict holding such a backbone payload under one
-    of its keys beside optimiser state and the like. Returns (model in eval mode, backbone name, options); a file
-    that is neither, or whose weights do not fit the architecture it names, is a one-line FacetoolError."""
-    import torch
+    """The backbone in ``path`` (an exported backbone or a training checkpoint), through the one backbone-file
+    resolver; returns (model in eval mode, backbone name, options). A bad file is a one-line FacetoolError."""
+    from facetool.train.models.checkpoint import load_backbone
 
-    from facetool.train.models.checkpoint import backbone_from_payload, is_backbone_payload
-
-    try:
-        with warnings.catch_warnings():  # torch warns about foreign pickles before failing on them: we say why
-            warnings.simplefilter("ignore")
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as err:
-        raise FacetoolError(f"{path}: cannot read ({err.strerror or err})") from None
-    except Exception as err:  # foreign bytes fail inside the unpickler in many ways
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FacetoolError(f"{path}: not a facetool checkpoint ({reason[:200]})") from None
-    if not is_backbone_payload(payload) and isinstance(payload, dict):
-        nested = [v for v in payload.values() if is_backbone_payload(v)]
-        if len(nested) == 1:
-            payload = nested[0]
-        elif len(nested) > 1:
-            raise FacetoolError(f"{path}: training checkpoint holds {len(nested)} backbones; expected one")
-    if not is_backbone_payload(payload):
-        raise FacetoolError(
-            f"{path}: not a facetool checkpoint (neither a backbone saved by facetool nor a training checkpoint "
-            "holding one)"
-        )
-    try:
-        return backbone_from_payload(payload, path)
-    except (ValueError, TypeError, AttributeError, RuntimeError) as err:
-        raise FacetoolError(str(err).splitlines()[0] if isinstance(err, ValueError) else f"{path}: {err}") from None
+    return load_backbone(path)
 
 
 def retain_freed_memory() -> bool:

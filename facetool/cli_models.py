@@ -23,10 +23,7 @@ def export_command(checkpoint: Path, out: Path) -> None:
     from facetool.train.models import load_backbone
     from facetool.train.models.export import export_onnx
 
-    try:
-        model, name, options = load_backbone(checkpoint)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from None
+    model, name, options = load_backbone(checkpoint)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         inputs = export_onnx(model, tmp)

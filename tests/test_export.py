@@ -111,3 +111,19 @@ def test_export_command_refuses_a_foreign_file(tmp_path) -> None:
     assert "Traceback" not in result.output and str(junk) in result.output
     assert result.output.strip().count("\n") == 0
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_export_reads_a_training_checkpoint_like_the_other_consumers(tmp_path) -> None:
+    """One backbone-file resolver: ``export`` takes a training checkpoint (the backbone beside optimiser state),
+    as ``bench verification`` and ``run.init_from`` do, and its graph gives the stored weights' embeddings."""
+    from facetool.train.models.checkpoint import backbone_payload
+
+    model = calibrated("tinynet")
+    training = tmp_path / "rank-00000.pt"
+    torch.save({"step": 7, "optimizer": {"state": {}}, "backbone": backbone_payload(model, "tinynet", {})}, training)
+    result = CliRunner().invoke(main, ["export", str(training), str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    x = images(3, seed=2)
+    got = session(tmp_path / "m.onnx").run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), atol=1e-4)

@@ -11,6 +11,7 @@ from timm.layers import DropPath
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from facetool.pipeline.errors import FacetoolError
 from facetool.train.models import create_backbone, list_backbones, load_backbone, register_backbone, save_backbone
 from facetool.train.models.facet import DeepNormBlock, FaceT
 
@@ -271,7 +272,7 @@ def test_checkpoint_of_a_cnn_round_trips(tmp_path) -> None:
 
 
 def _one_line_error(path, match: str) -> str:
-    with pytest.raises(ValueError, match=match) as err:
+    with pytest.raises(FacetoolError, match=match) as err:
         load_backbone(path)
     message = str(err.value)
     assert str(path) in message and "\n" not in message
@@ -281,11 +282,11 @@ def _one_line_error(path, match: str) -> str:
 def test_checkpoint_errors(tmp_path) -> None:
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"this is not a checkpoint" * 10)
-    _one_line_error(junk, "not a facetool backbone checkpoint")
+    _one_line_error(junk, "not a facetool checkpoint")
 
     plain = tmp_path / "plain.pt"
     torch.save({"weight": torch.zeros(3)}, plain)
-    _one_line_error(plain, "not a facetool backbone checkpoint")
+    _one_line_error(plain, "not a facetool checkpoint")
 
     model = create_backbone("facet_tiny", prompt_layers=0)
     other = tmp_path / "other.pt"

@@ -26,6 +26,7 @@ from facetool.pipeline.errors import FacetoolError
 from facetool.train.engine import checkpoint as ckpt
 from facetool.train.engine.config import Config, backbone_options, head_options, to_toml
 from facetool.train.engine.optim import Schedule, apply_lr, create_optimizer, parameter_groups
+from facetool.train.models.checkpoint import backbone_payload, load_init
 
 Evaluate = Callable[[nn.Module], dict[str, dict[str, Any]]]
 TRAIN_FORMAT = "facetool-train"
@@ -151,48 +152,6 @@ def build_head(cfg: Config, width: int, classes: int) -> nn.Module:
                     weight[lo - shard.start : hi - shard.start].copy_(rows[lo - done : hi - done])
                 done += n
     return head
-
-
-def backbone_payload(model: nn.Module, name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """What ``save_backbone`` writes, as a dict (stored inside training checkpoints)."""
-    from facetool.train.models.checkpoint import FORMAT, VERSION
-
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return {"format": FORMAT, "version": VERSION, "backbone": name, "options": dict(options), "state_dict": state}
-
-
-def find_backbone_payload(obj: Any, path: str) -> dict[str, Any]:
-    """The backbone inside a loaded file: an exported backbone, or a training/MAE checkpoint holding one."""
-    from facetool.train.models.checkpoint import is_backbone_payload
-
-    if is_backbone_payload(obj):
-        return obj
-    if isinstance(obj, dict) and is_backbone_payload(obj.get("backbone")):
-        return obj["backbone"]
-    raise FacetoolError(f"{path}: holds no facetool backbone (neither an exported backbone nor a training checkpoint)")
-
-
-def load_init(model: nn.Module, name: str, path: str) -> list[str]:
-    """Start ``model`` from the backbone in ``path`` (``run.init_from``): the architecture must be the same and
-    every stored tensor must fit; parameters the file lacks (FaceT's prompts after MAE) keep their fresh values
-    and are returned."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise FacetoolError(f"run.init_from: {path}: cannot load ({str(err).splitlines()[0][:200]})") from None
-    payload = find_backbone_payload(obj, f"run.init_from: {path}")
-    if payload["backbone"] != name:
-        raise FacetoolError(f"run.init_from: {path} holds a {payload['backbone']!r} backbone, this run trains {name!r}")
-    state, own = payload["state_dict"], model.state_dict()
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
-    if unexpected or wrong:
-        k = (unexpected or wrong)[0]
-        what = "unexpected tensor" if unexpected else f"shape {tuple(state[k].shape)} vs {tuple(own[k].shape)} for"
-        raise FacetoolError(f"run.init_from: {path} does not fit {name} with these options: {what} {k}")
-    missing = sorted(set(own) - set(state))
-    model.load_state_dict(state, strict=False)
-    return missing
 
 
 def check_resume_backbone(state: dict[str, Any], name: str, options: dict[str, Any], path: Path) -> None:

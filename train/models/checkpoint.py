@@ -1,14 +1,22 @@
-"""Backbone checkpoints: the architecture's name and options travel with the weights, so a file rebuilds itself."""
+"""Backbone files: the architecture's name and options travel with the weights, so a file rebuilds itself.
+
+One resolver reads every file a backbone can come from (:func:`read_backbone_file`): an exported backbone
+(``backbone.pt``, what :func:`save_backbone` writes) or a training / MAE checkpoint holding one. ``bench
+verification``, ``export`` and ``run.init_from`` all go through it, so they accept the same files and fail with the
+same one-line errors.
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
+
+from facetool.pipeline.atomic import atomic_open
+from facetool.pipeline.errors import FacetoolError
 
 from .registry import create_backbone
 
@@ -16,35 +24,17 @@ FORMAT = "facetool-backbone"
 VERSION = 1
 
 
+def backbone_payload(model: nn.Module, name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`save_backbone` writes, as a dict of CPU tensors (also stored inside training checkpoints)."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {"format": FORMAT, "version": VERSION, "backbone": name, "options": dict(options), "state_dict": state}
+
+
 def save_backbone(path: str | os.PathLike, model: nn.Module, name: str, options: dict[str, Any]) -> None:
-    """Write ``model``'s weights with its registry ``name`` and ``options``; atomic (temp file, then rename)."""
-    path = Path(path)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload = {"format": FORMAT, "version": VERSION, "backbone": name, "options": dict(options), "state_dict": state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, str, dict[str, Any]]:
-    """Rebuild the backbone saved at ``path``; returns (model in eval mode, name, options).
-
-    Raises ValueError with a one-line message naming the file when it is not a backbone checkpoint or when its
-    weights do not fit the named architecture.
-    """
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as err:  # the unpickler fails in many ways on foreign bytes
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a facetool backbone checkpoint ({reason})") from None
-    return backbone_from_payload(payload, path)
+    """Write ``model``'s weights with its registry ``name`` and ``options``; atomic (temp file, fsync, rename)."""
+    payload = backbone_payload(model, name, options)
+    with atomic_open(path) as f:
+        torch.save(payload, f)
 
 
 def is_backbone_payload(obj: object) -> bool:
@@ -52,31 +42,103 @@ def is_backbone_payload(obj: object) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
-def backbone_from_payload(payload: object, path: str | os.PathLike) -> tuple[nn.Module, str, dict[str, Any]]:
-    """Rebuild a backbone from an already loaded checkpoint ``payload``; errors as :func:`load_backbone`'s, naming
-    ``path``. For callers that load a file holding more than the backbone (a training checkpoint)."""
-    if not is_backbone_payload(payload):
-        raise ValueError(f"{path}: not a facetool backbone checkpoint (no format {FORMAT!r})")
-    if payload.get("version") != VERSION:
-        raise ValueError(f"{path}: unsupported backbone checkpoint version {payload.get('version')!r}")
-    name, options, state = payload.get("backbone"), payload.get("options"), payload.get("state_dict")
-    if not isinstance(name, str) or not isinstance(options, dict) or not isinstance(state, dict):
-        raise ValueError(f"{path}: backbone checkpoint lacks a name, options or state_dict")
+def read_backbone_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The backbone payload in ``path``, loaded with ``torch.load(weights_only=True)``: an exported backbone, or a
+    training / MAE checkpoint holding exactly one. Anything else is a one-line :class:`FacetoolError` naming the
+    file; the payload's name, options and tensors are checked for type (not yet against the architecture)."""
     try:
-        model = create_backbone(name, **options)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{path}: cannot build backbone {name!r}: {err}") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+        with warnings.catch_warnings():  # torch warns about foreign pickles before failing on them: we say why
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise FacetoolError(f"{path}: cannot read ({err.strerror or err})") from None
+    except Exception as err:  # foreign bytes fail inside the unpickler in many ways
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FacetoolError(f"{path}: not a facetool checkpoint ({reason[:200]})") from None
+    if not is_backbone_payload(obj) and isinstance(obj, dict):
+        nested = [v for v in obj.values() if is_backbone_payload(v)]
+        if len(nested) > 1:
+            raise FacetoolError(f"{path}: checkpoint holds {len(nested)} backbones; expected one")
+        obj = nested[0] if nested else obj
+    if not is_backbone_payload(obj):
+        raise FacetoolError(
+            f"{path}: not a facetool checkpoint (neither a backbone saved by facetool nor a training checkpoint "
+            "holding one)"
+        )
+    if obj.get("version") != VERSION:
+        raise FacetoolError(f"{path}: unsupported backbone checkpoint version {obj.get('version')!r}")
+    name, options, state = obj.get("backbone"), obj.get("options"), obj.get("state_dict")
+    if not isinstance(name, str) or not isinstance(options, dict) or not isinstance(state, dict):
+        raise FacetoolError(f"{path}: backbone checkpoint lacks a name, options or state_dict")
+    bad = next((k for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)), None)
+    if bad is not None:
+        raise FacetoolError(f"{path}: backbone state_dict entry {bad!r} is not a tensor")
+    return obj
+
+
+def build_from_payload(payload: dict[str, Any], path: str | os.PathLike) -> nn.Module:
+    """A fresh (untrained) backbone of the architecture and options that ``payload`` names."""
+    name = payload["backbone"]
+    try:
+        return create_backbone(name, **payload["options"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise FacetoolError(f"{path}: cannot build backbone {name!r}: {err}") from None
+
+
+def state_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tuple[list, list, list]:
+    """(missing, unexpected, wrong-shape) keys of ``state`` against a model's own state dict ``own``, sorted."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    return missing, unexpected, wrong
+
+
+def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, str, dict[str, Any]]:
+    """Rebuild the backbone in ``path`` (see :func:`read_backbone_file`); returns (model in eval mode, name,
+    options). Every stored tensor must fit the named architecture, strictly; a mismatch is a one-line error."""
+    payload = read_backbone_file(path)
+    model = build_from_payload(payload, path)
+    name, state = payload["backbone"], payload["state_dict"]
+    missing, unexpected, wrong = state_mismatch(model.state_dict(), state)
     if missing or unexpected or wrong:
         parts = [
             f"{label} {len(keys)} (e.g. {keys[0]})"
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
             if keys
         ]
-        raise ValueError(f"{path}: state dict does not fit backbone {name!r}: {'; '.join(parts)}")
+        raise FacetoolError(f"{path}: state dict does not fit backbone {name!r}: {'; '.join(parts)}")
     model.load_state_dict(state)
     model.eval()
-    return model, name, options
+    return model, name, dict(payload["options"])
+
+
+def load_init(model: nn.Module, name: str, path: str | os.PathLike) -> list[str]:
+    """Start ``model`` (of registry ``name``) from the backbone in ``path`` (``run.init_from``): the architecture
+    must be the same and every stored tensor must fit; parameters the file lacks (FaceT's prompts after MAE) keep
+    their fresh values and are returned."""
+    where = f"run.init_from: {path}"
+    payload = read_backbone_file(path)
+    if payload["backbone"] != name:
+        raise FacetoolError(f"{where} holds a {payload['backbone']!r} backbone, this run trains {name!r}")
+    state, own = payload["state_dict"], model.state_dict()
+    missing, unexpected, wrong = state_mismatch(own, state)
+    if unexpected or wrong:
+        k = (unexpected or wrong)[0]
+        what = "unexpected tensor" if unexpected else f"shape {tuple(state[k].shape)} vs {tuple(own[k].shape)} for"
+        raise FacetoolError(f"{where} does not fit {name} with these options: {what} {k}")
+    model.load_state_dict(state, strict=False)
+    return missing
+
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "backbone_payload",
+    "build_from_payload",
+    "is_backbone_payload",
+    "load_backbone",
+    "load_init",
+    "read_backbone_file",
+    "save_backbone",
+    "state_mismatch",
+]
