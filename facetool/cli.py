@@ -110,15 +110,19 @@ def synth(
     verification set synth.bin of held-out identities. It is the built-in dataset of `make demo` and the tests."""
     from facetool.pipeline.synth import write_synth
 
-    summary = write_synth(
-        out,
-        identities=identities,
-        images_per_identity=images_per_identity,
-        pairs=pairs,
-        seed=seed,
-        workers=workers,
-        progress=not quiet,
-    )
+    progress, close = _progress_bar("synth", unit="img") if not quiet else (None, lambda: None)
+    try:
+        summary = write_synth(
+            out,
+            identities=identities,
+            images_per_identity=images_per_identity,
+            pairs=pairs,
+            seed=seed,
+            workers=workers,
+            progress=progress,
+        )
+    finally:
+        close()
     click.echo(
         f"synth: {summary['records']} images of {summary['identities']} identities and {summary['pairs']} "
         f"verification pairs in {out} ({summary['seconds']:.1f} s)"

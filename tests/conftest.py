@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facetool.pipeline.recordio import RecordIOWriter, pack_payload
+from facetool.pipeline import recordio
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MXNET_FIXTURES = FIXTURES / "mxnet"
@@ -28,24 +28,11 @@ def random_jpeg(rng: np.random.Generator, size: int = 112, quality: int = 90) ->
 
 
 def write_layout_a(out: Path, classes: int, per_class: int, seed: int = 0) -> list[tuple[int, int, bytes]]:
-    """An InsightFace layout-A dataset (images, identity records, header record 0 last); returns (key, label, jpeg)."""
+    """An InsightFace layout-A dataset of noise JPEGs (the library's writer); returns (key, label, jpeg)."""
     rng = np.random.default_rng(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    with RecordIOWriter(out / "train.rec", out / "train.idx") as w:
-        key = 1
-        for c in range(classes):
-            for _ in range(per_class):
-                img = random_jpeg(rng)
-                w.write(key, pack_payload(float(c), img, id=key))
-                records.append((key, c, img))
-                key += 1
-        n = key - 1
-        for c in range(classes):
-            w.write(n + 1 + c, pack_payload([1 + c * per_class, 1 + (c + 1) * per_class], b"", id=n + 1 + c))
-        w.write(0, pack_payload([n + 1, n + 1 + classes], b"", id=0, id2=1))
-    (out / "property").write_text(f"{classes},112,112\n")
-    return records
+    images = [[random_jpeg(rng) for _ in range(per_class)] for _ in range(classes)]
+    recordio.write_layout_a(out, images)
+    return [(1 + c * per_class + k, c, img) for c, imgs in enumerate(images) for k, img in enumerate(imgs)]
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from facetool.train.engine import to_toml
 def recipe(tmp_path_factory) -> Path:
     """12 synthetic identities x 6 images as shards, and a tiny recipe over them."""
     root = tmp_path_factory.mktemp("bench_train")
-    write_synth(root / "src", identities=12, images_per_identity=6, pairs=10, seed=2, workers=1, progress=False)
+    write_synth(root / "src", identities=12, images_per_identity=6, pairs=10, seed=2, workers=1)
     convert(root / "src", root / "shards", ConvertOptions(samples_per_shard=40))
     cfg = {
         "run": {"seed": 1, "epochs": 50.0, "threads": 1},

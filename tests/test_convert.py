@@ -520,17 +520,13 @@ def test_undecodable_jpeg_chosen_for_a_twin_is_an_error_or_skipped(tmp_path):
     """A record whose bytes look like a JPEG but do not decode passes through plain, but cannot get a twin."""
     from wds2idx import IndexCreator
 
-    from facetool.pipeline.recordio import RecordIOWriter, pack_payload
+    from facetool.pipeline.recordio import write_layout_a as write_dataset
 
     src = tmp_path / "src"
     records = write_layout_a(src, 4, 10, seed=8)
     broken = 7
-    with RecordIOWriter(src / "train.rec", src / "train.idx") as w:  # rewrite with record 7 cut short
-        for key, label, img in records:
-            w.write(key, pack_payload(float(label), img[:40] if key == broken else img, id=key))
-        for c in range(4):
-            w.write(41 + c, pack_payload([1 + c * 10, 11 + c * 10], b"", id=41 + c))
-        w.write(0, pack_payload([41, 45], b"", id=0, id2=1))
+    cut = [[img[:40] if key == broken else img for key, label, img in records if label == c] for c in range(4)]
+    write_dataset(src, cut)  # rewrite with record 7 cut short
     convert(src, tmp_path / "plain", ConvertOptions(samples_per_shard=16))  # no twins: passes through
     line = _error_line(["convert", str(src), str(tmp_path / "fail"), "--mask-fraction", "1", "--quiet"])
     assert "train.rec" in line and f"record {broken}" in line and "masked twin" in line

@@ -96,7 +96,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
     a masked twin for about half of the samples."""
     root = tmp_path_factory.mktemp("loader")
     src, plain, masked = root / "src", root / "shards", root / "masked"
-    write_synth(src, identities=24, images_per_identity=10, pairs=2, seed=3, workers=1, progress=False)
+    write_synth(src, identities=24, images_per_identity=10, pairs=2, seed=3, workers=1)
     convert(src, plain, ConvertOptions(samples_per_shard=50))
     convert(src, masked, ConvertOptions(samples_per_shard=50, mask_fraction=0.5))
     return {"src": src, "plain": plain, "masked": masked}

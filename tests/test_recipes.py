@@ -27,7 +27,7 @@ SCALE_DOWN = {"facet_base": "facet_tiny", "ir100": "tinynet", "irse100": "tinyne
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("recipes")
-    write_synth(root / "src", identities=12, images_per_identity=4, pairs=4, seed=2, workers=1, progress=False)
+    write_synth(root / "src", identities=12, images_per_identity=4, pairs=4, seed=2, workers=1)
     convert(root / "src", root / "shards", ConvertOptions(samples_per_shard=24, mask_fraction=0.5))
     return root
 

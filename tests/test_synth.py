@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import error_line, run_cli
 from PIL import Image
 
 from facetool.pipeline import synth
+from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.recordio import RecordFile, read_property
 from facetool.pipeline.verification_bin import load_bin
 
@@ -24,7 +26,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     outs = {}
     for name, seed, workers in (("w1", SEED, 1), ("w2", SEED, 2), ("other", SEED + 1, 1)):
         outs[name] = root / name
-        summary = synth.write_synth(outs[name], IDS, PER, PAIRS, seed=seed, workers=workers, progress=False)
+        summary = synth.write_synth(outs[name], IDS, PER, PAIRS, seed=seed, workers=workers)
         assert summary["records"] == IDS * PER and summary["identities"] == IDS and summary["pairs"] == PAIRS
         assert summary["images_per_s"] > 0
     return outs
@@ -107,6 +109,30 @@ def test_identities_stay_on_the_arcface_template() -> None:
     assert np.array_equal(img, again)
 
 
-def test_rejects_bad_arguments(tmp_path: Path) -> None:
-    with pytest.raises(ValueError):
-        synth.write_synth(tmp_path, identities=0, progress=False)
+@pytest.mark.parametrize(
+    "bad",
+    [{"identities": 0}, {"images_per_identity": 0}, {"pairs": 1}, {"workers": 0}],
+    ids=lambda bad: next(iter(bad)),
+)
+def test_rejects_bad_arguments(tmp_path: Path, bad: dict) -> None:
+    with pytest.raises(FacetoolError, match=">= 1"):
+        synth.write_synth(tmp_path / "out", **bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_progress_counts_every_drawn_image(tmp_path: Path) -> None:
+    calls: list[tuple[int, int]] = []
+    synth.write_synth(tmp_path, 3, 2, pairs=4, progress=lambda done, total: calls.append((done, total)))
+    total = 3 * 2 + 2 * 4  # training images, then two images per verification pair
+    assert calls[-1] == (total, total) and all(t == total for _, t in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_command_writes_the_dataset_and_reports_one_line_errors(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    proc = run_cli("synth", str(out), "--identities", "2", "--images-per-identity", "2", "--pairs", "2")
+    assert proc.returncode == 0 and "4 images of 2 identities" in proc.stdout
+    assert read_property(out / "property") == (2, 112, 112)
+    (tmp_path / "file").write_bytes(b"")
+    line = error_line("synth", str(tmp_path / "file" / "data"), "--identities", "1", "--quiet")
+    assert "file" in line

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def data(tmp_path_factory) -> Path:
     """16 synthetic identities x 8 images as 4 shards, half with a masked twin, and a 20-pair verification set."""
     root = tmp_path_factory.mktemp("train_data")
-    write_synth(root / "src", identities=16, images_per_identity=8, pairs=20, seed=5, workers=1, progress=False)
+    write_synth(root / "src", identities=16, images_per_identity=8, pairs=20, seed=5, workers=1)
     convert(root / "src", root / "shards", ConvertOptions(samples_per_shard=32, mask_fraction=0.5))
     return root
 

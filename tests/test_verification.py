@@ -358,7 +358,7 @@ def test_features_errors(tmp_path):
 @pytest.fixture(scope="module")
 def synth_bin(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    write_synth(out, identities=1, images_per_identity=1, pairs=40, seed=0, workers=1, progress=False)
+    write_synth(out, identities=1, images_per_identity=1, pairs=40, seed=0, workers=1)
     return out / "synth.bin"
 
 
