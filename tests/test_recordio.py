@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import MXNET_FIXTURES
 
+from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.recordio import (
     MAGIC_BYTES,
     RecordFile,
@@ -19,7 +20,9 @@ from facetool.pipeline.recordio import (
     frame_record,
     pack_payload,
     read_payload,
+    read_property,
     unpack_payload,
+    write_layout_a,
 )
 
 EXPECTED = json.loads((MXNET_FIXTURES / "expected.json").read_text())
@@ -119,6 +122,37 @@ def test_writer_reader_roundtrip(tmp_path):
             assert pack_payload(r.label[0], r.image) == pack_payload(
                 float(r.key % 3), unpack_payload(payloads[r.key])[2]
             )
+
+
+def test_write_layout_a_reads_back_as_layout_a(tmp_path):
+    images = [[b"\xff\xd8\xff" + bytes([c, k]) * 9 for k in range(n)] for c, n in enumerate([3, 1, 4])]
+    assert write_layout_a(tmp_path / "set", iter(images), image_size=(96, 80)) == (8, 3)
+    assert read_property(tmp_path / "set" / "property") == (3, 96, 80)
+    with RecordFile(tmp_path / "set" / "train.rec", tmp_path / "set" / "train.idx") as rf:
+        assert rf.layout == "A" and len(rf) == 8 and rf.num_identities == 3
+        assert rf.identity_ranges().tolist() == [[1, 4], [4, 5], [5, 9]]
+        assert [(r.key, r.class_id, r.image) for r in rf] == [
+            (key, c, img) for key, (c, img) in enumerate(((c, i) for c, imgs in enumerate(images) for i in imgs), 1)
+        ]
+    # the MXNet-written layout-A fixture is this writer's output, byte for byte
+    fixture = MXNET_FIXTURES / "layout_a"
+    with RecordFile(fixture / "train.rec", fixture / "train.idx") as rf:
+        by_identity = [[rf.read_key(k).image for k in range(a, b)] for a, b in rf.identity_ranges()]
+    write_layout_a(tmp_path / "again", by_identity)
+    for name in ("train.rec", "train.idx"):
+        assert (tmp_path / "again" / name).read_bytes() == (fixture / name).read_bytes(), name
+
+
+def test_writer_publishes_nothing_on_error_and_names_the_file(tmp_path):
+    with pytest.raises(KeyError), RecordIOWriter(tmp_path / "train.rec", tmp_path / "train.idx") as w:
+        w.write(1, pack_payload(1.0, b"x"))
+        raise KeyError("stop")
+    w = RecordIOWriter(tmp_path / "b.rec", tmp_path / "b.idx")
+    w.write(1, pack_payload(1.0, b"x"))
+    w.abort()
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary file left
+    with pytest.raises(FacetoolError, match=r"missing/train\.(rec|idx): cannot write"):
+        RecordIOWriter(tmp_path / "missing" / "train.rec", tmp_path / "missing" / "train.idx")
 
 
 def _copy_fixture(tmp_path, layout="layout_b"):
