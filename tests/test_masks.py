@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import random_jpeg
+from helpers import error_line, run_cli
 from PIL import Image
 
 from facetool.cli import main
@@ -30,6 +31,7 @@ from facetool.pipeline.masks import (
     render_mask,
     select_masked,
 )
+from facetool.pipeline.masks.sprites import get_sprite
 from facetool.pipeline.synth import render
 from facetool.pipeline.verification_bin import load_bin, write_bin
 
@@ -253,9 +255,50 @@ def test_selector_is_a_per_key_coin():
 
 def test_parse_weights():
     assert parse_weights("surgical=1, cloth=3") == {"surgical": 0.25, "kn95": 0.0, "n95": 0.0, "cloth": 0.75}
-    for bad in ("gas=1", "surgical", "surgical=-1", "surgical=0", "surgical=x"):
-        with pytest.raises(FacetoolError):
-            parse_weights(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("gas=1", "unknown mask kind(s) gas"),
+        ("surgical", "expected KIND=WEIGHT"),
+        ("surgical=-1", "non-negative"),
+        ("surgical=0", "positive sum"),
+        ("surgical=x", "expected KIND=WEIGHT"),
+        ("surgical=nan", "non-negative"),
+    ],
+)
+def test_parse_weights_refuses_bad_text(text, message):
+    with pytest.raises(FacetoolError) as err:
+        parse_weights(text)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+_GREY = np.full((112, 112, 3), 128, dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: render_mask(_GREY, 0, 1, kind="gas"), "unknown mask kind 'gas'"),
+        (lambda: render_mask(_GREY, 0, -1), "keys must be >= 0"),
+        (lambda: render_mask(_GREY, 0, 1, weights={"surgical": "x"}), "must be numbers"),
+        (lambda: render_mask(_GREY, 0, 1, weights={"surgical": 0}), "positive sum"),
+        (lambda: render_mask(_GREY, 0, 1, weights={"gas": 1}), "unknown mask kind(s) gas"),
+        (lambda: render_mask(_GREY[:16, :16], 0, 1), "32 to 256 pixels"),
+        (lambda: render_mask(_GREY.astype(np.float32), 0, 1), "uint8"),
+        (lambda: get_sprite(112, 112, "gas", 0), "unknown mask kind 'gas'"),
+        (lambda: select_masked([1, 2], -0.1), "[0, 1]"),
+        (lambda: mask_verification_images([b"x", b"y"], "three"), "'one' or 'both'"),
+        (lambda: mask_jpeg(b"not an image", 0, 1), "cannot decode"),
+    ],
+    ids=["kind", "key", "weight-type", "weight-sum", "weight-kind", "size", "dtype", "sprite", "fraction", "mode",
+         "bytes"],
+)  # fmt: skip
+def test_bad_mask_inputs_are_one_line_facetool_errors(call, message):
+    with pytest.raises(FacetoolError) as err:
+        call()
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def _synthetic_bin(tmp_path, pairs: int = 6):
@@ -334,12 +377,8 @@ def test_masks_bin_refuses_a_malicious_pickle(tmp_path):
     src = tmp_path / "evil.bin"
     src.write_bytes(pickle.dumps(([_Evil(str(marker)), b"x"], [True])))
     out = tmp_path / "out.bin"
-    proc = subprocess.run(
-        [sys.executable, "-m", "facetool", "masks", "bin", str(src), str(out)], capture_output=True, text=True
-    )
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "refused" in lines[0] and "evil.bin" in lines[0] and "system" in lines[0]
+    line = error_line("masks", "bin", str(src), str(out))
+    assert "refused" in line and "evil.bin" in line and "system" in line
     assert not marker.exists() and not out.exists() and not list(tmp_path.glob("*.tmp"))
 
 
@@ -372,15 +411,30 @@ def test_bench_masks_reports_both_rates(tmp_path):
     assert "decode + encode only" in r.output
 
 
-def test_convert_refuses_bad_mask_options(small_dataset, tmp_path):
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--mask-fraction", "1.5"], "--mask-fraction"),
+        (["--mask-fraction", "0.5", "--mask-weights", "gas=1"], "unknown mask kind(s) gas"),
+        (["--mask-fraction", "0.5", "--mask-weights", "surgical=-1"], "non-negative"),
+        (["--mask-fraction", "0.5", "--mask-weights", "surgical"], "KIND=WEIGHT"),
+    ],
+)
+def test_convert_refuses_bad_mask_options(small_dataset, tmp_path, options, message):
     src, _ = small_dataset
-    runner = CliRunner()
-    r = runner.invoke(main, ["convert", str(src), str(tmp_path / "o"), "--mask-fraction", "1.5", "--quiet"])
-    assert r.exit_code != 0 and "mask-fraction" in r.output
-    r = runner.invoke(
-        main, ["convert", str(src), str(tmp_path / "o"), "--mask-fraction", "0.5", "--mask-weights", "gas=1", "--quiet"]
-    )
-    assert r.exit_code != 0 and "gas" in r.output and "Traceback" not in r.output
+    proc = run_cli("convert", str(src), str(tmp_path / "o"), *options, "--quiet")
+    assert proc.returncode != 0 and message in proc.stderr
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_masks_bin_refuses_bad_weights_and_a_bad_file(tmp_path):
+    images, issame = _synthetic_bin(tmp_path)
+    write_bin(tmp_path / "a.bin", images, issame)
+    proc = run_cli("masks", "bin", str(tmp_path / "a.bin"), str(tmp_path / "b.bin"), "--mask-weights", "gas=1")
+    assert proc.returncode != 0 and "unknown mask kind(s) gas" in proc.stderr and not (tmp_path / "b.bin").exists()
+    (tmp_path / "c.bin").write_bytes(pickle.dumps(([images[0], b"not a jpeg"], [True]), protocol=4))
+    line = error_line("masks", "bin", str(tmp_path / "c.bin"), str(tmp_path / "d.bin"), "--quiet")
+    assert "c.bin" in line and "image 1" in line and "cannot decode" in line and not (tmp_path / "d.bin").exists()
 
 
 def test_random_noise_images_are_masked_too():

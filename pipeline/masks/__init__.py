@@ -7,8 +7,10 @@ rim, optional exhalation valve, head straps) and ``cloth`` (solid, stripes, chec
 weave, optional centre seam). Each variant of a kind draws its coverage (top edge between the nose bridge and the
 nose tip, sides at the cheeks, bottom at or below the chin) and a small pose (tilt, scale, offset, asymmetric
 width); each image draws colours, light, a whole-pixel shift and mirror, and takes illumination, colour cast,
-noise and blur from the face itself (``render.py``). Geometry lives in a sprite bank built on first use
-(``sprites.py``), so a mask costs a few dozen array operations on the rows it covers.
+noise and blur from the face itself (``render.py``). Geometry (``kinds.py``) lives in a sprite bank built on first
+use (``sprites.py``), so a mask costs a few dozen array operations on the rows it covers. ``selection.py`` says
+which samples get a mask, ``params.py`` holds the kinds' weights, ``jpeg.py`` the JPEG in and out,
+``verification.py`` the masked verification sets.
 
 Guarantees (checked by ``tests/test_masks.py`` over 1,000 renders per kind on synthetic aligned faces; run it
 with ``-s`` to see the statistics):
@@ -26,53 +28,13 @@ Public API: :func:`render_mask` (array in, :class:`MaskResult` out: image, regio
 fraction and seed), :func:`mask_verification_images` / :func:`mask_bin` (SMFRD-style masked verification sets).
 """
 
-from __future__ import annotations
-
-import os
-from collections.abc import Callable, Mapping
-from pathlib import Path
-
-from facetool.pipeline.masks.render import (
-    DEFAULT_WEIGHTS,
-    MODES,
-    MaskError,
-    MaskParams,
-    MaskResult,
-    decode_image,
-    encode_like,
-    key_number,
-    mask_jpeg,
-    mask_verification_images,
-    masked_positions,
-    normalise_weights,
-    parse_weights,
-    render_mask,
-    select_masked,
-)
-from facetool.pipeline.masks.sprites import CHIN, EYE_LIMIT_Y, KINDS, TEMPLATE, eye_limit_row
-
-
-def mask_bin(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    mode: str = "one",
-    seed: int = 0,
-    *,
-    weights: Mapping[str, float] | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict:
-    """Write a masked copy of the verification ``.bin`` ``src`` to ``dst`` (read with the restricted unpickler,
-    written atomically); returns ``{"pairs", "images", "masked"}``."""
-    from facetool.pipeline.verification_bin import load_bin, write_bin
-
-    vs = load_bin(src)
-    try:
-        images = mask_verification_images(vs.images, mode, seed, weights=weights, progress=progress)
-    except MaskError as err:
-        raise MaskError(f"{src}: set {vs.name!r}, {err}") from None
-    write_bin(Path(dst), images, vs.issame)
-    return {"pairs": vs.num_pairs, "images": len(images), "masked": len(masked_positions(len(images), mode))}
-
+from facetool.pipeline.masks.jpeg import decode_image, encode_like, mask_jpeg
+from facetool.pipeline.masks.params import DEFAULT_WEIGHTS, MaskParams, MaskResult, normalise_weights, parse_weights
+from facetool.pipeline.masks.render import MaskError, render_mask
+from facetool.pipeline.masks.selection import key_number, select_masked
+from facetool.pipeline.masks.sprites import CHIN, EYE_LIMIT_Y, KINDS, eye_limit_row
+from facetool.pipeline.masks.verification import MODES, mask_bin, mask_verification_images, masked_positions
+from facetool.pipeline.template import TEMPLATE
 
 __all__ = [
     "CHIN",

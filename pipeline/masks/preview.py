@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from facetool.pipeline.atomic import atomic_path
 from facetool.pipeline.errors import FacetoolError
-from facetool.pipeline.masks.render import mask_jpeg
-from facetool.pipeline.masks.sprites import KINDS, TEMPLATE_SIZE
+from facetool.pipeline.masks.jpeg import mask_jpeg
+from facetool.pipeline.masks.kinds import KINDS
+from facetool.pipeline.template import TEMPLATE_SIZE
 
 _HEADER = 14  # pixels of column titles
 
@@ -63,8 +65,6 @@ def write_preview(
 ) -> Image.Image:
     """Write the contact sheet of ``count`` faces (from ``src`` or synthetic) to the PNG ``out`` atomically."""
     sheet = contact_sheet(sample_faces(src, count, seed), seed)
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    sheet.save(tmp, format="PNG", optimize=True)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format="PNG", optimize=True)
     return sheet

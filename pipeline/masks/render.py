@@ -1,4 +1,4 @@
-"""Putting a mask on one aligned face: per-image parameters, illumination transfer, compositing, JPEG in and out.
+"""Putting a mask on one aligned face: per-image parameters, illumination transfer, compositing.
 
 Per image, everything is drawn from ``default_rng([seed, 0x6D, key])``: the kind (by the configured weights), one
 of the kind's sprites, a mirror flip, a whole-pixel shift, colours (a palette per kind with hue, saturation and
@@ -6,193 +6,33 @@ value jitter), a light direction and ambient level, and the contact shadow's str
 the illumination (a low-order fit of its luminance over a 7x7 grid of blocks, so its own light gradient and
 exposure carry over to the mask without imprinting its features), a colour cast, and the noise and blur levels the
 mask layer is given so that it is not the one crisp thing in a soft image. The composite is numpy arithmetic on the
-mask's rows only; the JPEG twin is encoded with the source's own quantisation tables and chroma subsampling.
+mask's rows only.
 """
 
 from __future__ import annotations
 
 import bisect
 import colorsys
-import hashlib
-import io
 import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image, JpegImagePlugin
 
 from facetool.pipeline.errors import FacetoolError
-from facetool.pipeline.masks.sprites import (
-    BLUR_LEVELS,
-    KINDS,
-    TEMPLATE_SIZE,
-    VARIANTS,
-    Sprite,
-    eye_limit_row,
-    get_sprite,
-)
+from facetool.pipeline.masks.params import DEFAULT_PROBABILITIES, MaskResult, normalise_weights
+from facetool.pipeline.masks.selection import key_number
+from facetool.pipeline.masks.sprites import KINDS, TEMPLATE_SIZE, VARIANTS, Sprite, eye_limit_row, get_sprite
 
-#: Default share of each kind (loosely InsightFace's 0.4/0.4/0.1/0.1 colour mix, spread over four shapes).
-DEFAULT_WEIGHTS: dict[str, float] = {"surgical": 0.5, "kn95": 0.2, "n95": 0.15, "cloth": 0.15}
 _TAG_RENDER = 0x6D  # keeps the per-image stream apart from other uses of (seed, key)
-_TAG_SELECT = 0x5E1EC7
 _SKIN_CHROMA = (1.17, 0.98, 0.85)  # typical skin RGB over its mean: the cast is measured against it
 _GRID = 7  # blocks per side of the illumination analysis
 
 
 class MaskError(FacetoolError):
     """An image that cannot be masked (undecodable bytes, wrong shape)."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# parameters and results
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class MaskParams:
-    """What was drawn for one image (all plain values, JSON-ready with ``to_dict``)."""
-
-    kind: str
-    variant: int
-    flip: bool
-    shift: tuple[int, int]  # (dx, dy) pixels
-    color: tuple[float, float, float]
-    second_color: tuple[float, float, float]
-    strap_color: tuple[float, float, float]
-    light: tuple[float, float, float]
-    ambient: float
-    shadow: float
-    noise_sigma: float
-    blur: float  # Gaussian sigma of the mask's edges and detail, pixels
-    exposure: float
-    cast: tuple[float, float, float]
-    geometry: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class MaskResult:
-    """A masked face: ``image`` (H, W, 3) uint8, ``region`` (H, W) bool (the pixels the mask or its straps cover
-    at least half), and ``params`` (:class:`MaskParams`, built on first access: the JPEG path never needs it)."""
-
-    __slots__ = ("image", "_alpha", "_region", "_raw", "_params")
-
-    def __init__(self, image: np.ndarray, alpha: np.ndarray, raw: tuple) -> None:
-        self.image, self._alpha, self._raw = image, alpha, raw  # alpha: the mask's coverage of the rows it touches
-        self._region = self._params = None
-
-    @property
-    def region(self) -> np.ndarray:
-        if self._region is None:
-            h, w, _ = self.image.shape
-            self._region = np.zeros((h, w), dtype=bool)
-            self._region[h - self._alpha.shape[0] :] = self._alpha > 0.5
-        return self._region
-
-    @property
-    def params(self) -> MaskParams:
-        if self._params is None:
-            p, an, geometry, dx, dy = self._raw
-            lx, ly, lz = p["light"]
-            flip = p["flip"]
-            r = {
-                **p,
-                "shift": (-dx if flip else dx, dy),
-                "light": (-lx if flip else lx, ly, lz),  # in image coordinates
-                "sigma": an.sigma,
-                "level": an.level,
-                "exposure": an.exposure,
-                "cast": an.cast,
-                "geometry": geometry,
-            }
-            self._params = MaskParams(
-                kind=r["kind"],
-                variant=r["variant"],
-                flip=r["flip"],
-                shift=r["shift"],
-                color=tuple(round(float(c), 1) for c in r["colors"][0]),
-                second_color=tuple(round(float(c), 1) for c in r["colors"][1]),
-                strap_color=tuple(round(float(c), 1) for c in r["colors"][2]),
-                light=tuple(round(float(c), 4) for c in r["light"]),
-                ambient=round(r["ambient"], 4),
-                shadow=round(r["shadow"], 4),
-                noise_sigma=round(r["sigma"], 3),
-                blur=BLUR_LEVELS[r["level"]],
-                exposure=round(r["exposure"], 4),
-                cast=tuple(round(float(c), 4) for c in r["cast"]),
-                geometry=dict(r["geometry"]),
-            )
-        return self._params
-
-
-def normalise_weights(weights: Mapping[str, float] | None = None) -> dict[str, float]:
-    """Kind weights as probabilities in ``KINDS`` order (missing kinds get 0); ``None`` gives the defaults."""
-    if weights is None:
-        weights = DEFAULT_WEIGHTS
-    unknown = sorted(set(weights) - set(KINDS))
-    if unknown:
-        raise FacetoolError(f"unknown mask kind(s) {', '.join(unknown)}; expected some of {', '.join(KINDS)}")
-    values = [float(weights.get(k, 0.0)) for k in KINDS]
-    if any(not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
-        raise FacetoolError(f"mask weights must be non-negative with a positive sum, got {dict(weights)}")
-    total = sum(values)
-    return {k: v / total for k, v in zip(KINDS, values, strict=True)}
-
-
-_DEFAULT_PROBABILITIES = normalise_weights(DEFAULT_WEIGHTS)
-
-
-def parse_weights(text: str) -> dict[str, float]:
-    """``"surgical=0.5,kn95=0.2,n95=0.15,cloth=0.15"`` -> normalised weights (for the command line)."""
-    out: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
-        try:
-            if not sep:
-                raise ValueError
-            out[name.strip().lower()] = float(value)
-        except ValueError:
-            raise FacetoolError(f"mask weights: expected KIND=WEIGHT[,KIND=WEIGHT...], got {part!r}") from None
-    return normalise_weights(out)
-
-
-def key_number(key: int | str) -> int:
-    """A non-negative integer for a sample key (ints as they are; strings by a stable hash)."""
-    if isinstance(key, int | np.integer):
-        if key < 0:
-            raise ValueError(f"mask keys must be >= 0, got {key}")
-        return int(key)
-    return int.from_bytes(hashlib.sha256(str(key).encode()).digest()[:8], "little")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# which samples get a mask
-# ---------------------------------------------------------------------------------------------------------------
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser, vectorised (wrapping uint64 arithmetic)."""
-    z = z + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def select_masked(keys: Sequence[int] | np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
-    """Which of ``keys`` get a masked twin: each key independently with probability ``fraction``, decided by a
-    hash of (seed, key), so the choice does not depend on shard layout, worker count or order."""
-    if not 0.0 <= fraction <= 1.0:
-        raise FacetoolError(f"mask fraction must be in [0, 1], got {fraction}")
-    keys = np.atleast_1d(np.asarray(keys, dtype=np.uint64))
-    if fraction == 0.0:
-        return np.zeros(keys.shape, dtype=bool)
-    if fraction == 1.0:
-        return np.ones(keys.shape, dtype=bool)
-    with np.errstate(over="ignore"):
-        salt = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) ^ np.uint64(_TAG_SELECT))
-        u = (_mix64(keys ^ salt) >> np.uint64(11)).astype(np.float64) * 2.0**-53
-    return u < fraction
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -420,11 +260,12 @@ def render_mask(
     Deterministic in (image, seed, key, weights, kind): the same inputs give the same array. ``kind`` forces a kind
     (the preview uses it); otherwise it is drawn with ``weights`` (default :data:`DEFAULT_WEIGHTS`).
     """
-    w = _DEFAULT_PROBABILITIES if weights is None else normalise_weights(weights)
+    w = DEFAULT_PROBABILITIES if weights is None else normalise_weights(weights)
     return _render(image, np.random.default_rng([seed, _TAG_RENDER, key_number(key)]), w, kind)
 
 
 def _render(img: np.ndarray, rng: np.random.Generator, weights: dict[str, float], kind: str | None) -> MaskResult:
+    """The mask drawn from ``rng`` on ``img``, composited on the rows it covers."""
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise MaskError(f"expected an (H, W, 3) uint8 RGB image, got {img.dtype} {img.shape}")
     h, w, _ = img.shape
@@ -443,27 +284,10 @@ def _render(img: np.ndarray, rng: np.random.Generator, weights: dict[str, float]
     n = h - r0
     rows = slice(sp.pad_y, sp.pad_y + n)
     cols = slice(sp.pad_x - dx, sp.pad_x - dx + w)
-    lx, ly, lz = p["light"]
-    amb = p["ambient"]
-    norm = 0.95 / (amb + (1.0 - amb) * (0.5 + 0.5 * lz))
-    k = (1.0 - amb) * norm
-    light = np.array([lx * k, ly * k, lz * k], dtype=np.float32)
-    # shading: Lambert on the sprite's normals, times its detail and the face's own illumination
-    shade = (sp.normals[rows].reshape(-1, 3) @ light).reshape(n, -1)[:, cols]
-    np.maximum(shade, 0.0, out=shade)
-    shade += np.float32(amb * norm)
-    shade *= sp.detail[an.level, rows, cols]
-    gain = an.gain_rows[r0:, None] + (an.gain_cols[::-1] if flip else an.gain_cols)
-    shade *= gain
+    shade = _shade(sp, p, an, rows, cols, r0, flip)
     alpha = sp.alpha[an.level, rows, cols]
     # colour: one small matrix product of the planes [alpha*shade, ...*mix, ...*strap, alpha*noise] and the colours
-    (m0, m1, m2), second, strap = p["colors"]
-    scale = [c * an.exposure for c in an.cast]
-    colours = [[m0 * scale[0], m1 * scale[1], m2 * scale[2]]]
-    if sp.mix is not None:
-        colours.append([(c - m) * f for c, m, f in zip(second, (m0, m1, m2), scale, strict=True)])
-    colours.append([(c - m) * f for c, m, f in zip(strap, (m0, m1, m2), scale, strict=True)])
-    colours.append([an.sigma] * 3)
+    colours = _colour_matrix(p["colors"], an, sp.mix is not None)
     planes = np.empty((len(colours), n, w), dtype=np.float32)
     view = [q[:, ::-1] for q in planes] if flip else list(planes)  # written in the sprite's orientation
     np.multiply(shade, alpha, out=view[0])
@@ -489,84 +313,32 @@ def _render(img: np.ndarray, rng: np.random.Generator, weights: dict[str, float]
     return MaskResult(out, alpha, (p, an, sp.geometry, dx, dy))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# JPEG in, JPEG out
-# ---------------------------------------------------------------------------------------------------------------
-def decode_image(data: bytes | memoryview) -> tuple[np.ndarray, Image.Image]:
-    """Decode JPEG/PNG bytes to an (H, W, 3) uint8 RGB array (and the PIL image, for its JPEG settings)."""
-    try:
-        im = Image.open(io.BytesIO(data))
-        im.load()
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad bytes
-        raise MaskError(f"cannot decode the image ({type(err).__name__}: {err})") from None
-    arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-    return arr, im
+def _shade(sp: Sprite, p: dict, an: _Analysis, rows: slice, cols: slice, r0: int, flip: bool) -> np.ndarray:
+    """Shading of the mask's rows: Lambert on the sprite's normals, times its detail and the face's own
+    illumination (in the sprite's orientation)."""
+    lx, ly, lz = p["light"]
+    amb = p["ambient"]
+    norm = 0.95 / (amb + (1.0 - amb) * (0.5 + 0.5 * lz))
+    k = (1.0 - amb) * norm
+    light = np.array([lx * k, ly * k, lz * k], dtype=np.float32)
+    n = rows.stop - rows.start
+    shade = (sp.normals[rows].reshape(-1, 3) @ light).reshape(n, -1)[:, cols]
+    np.maximum(shade, 0.0, out=shade)
+    shade += np.float32(amb * norm)
+    shade *= sp.detail[an.level, rows, cols]
+    gain = an.gain_rows[r0:, None] + (an.gain_cols[::-1] if flip else an.gain_cols)
+    shade *= gain
+    return shade
 
 
-def encode_like(arr: np.ndarray, source: Image.Image) -> bytes:
-    """JPEG-encode ``arr`` with the source JPEG's quantisation tables and subsampling (so the twin carries the
-    same compression artefacts); a grey source stays grey; a PNG source gets quality 95."""
-    out = Image.fromarray(arr)
-    if source.mode == "L":
-        out = out.convert("L")
-    buf = io.BytesIO()
-    if source.format == "JPEG" and getattr(source, "quantization", None):
-        tables = [source.quantization[k] for k in sorted(source.quantization)]
-        sampling = JpegImagePlugin.get_sampling(source)
-        out.save(buf, format="JPEG", qtables=tables, subsampling=sampling if sampling >= 0 else 2)
-    else:
-        out.save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
-def mask_jpeg(
-    data: bytes | memoryview,
-    seed: int,
-    key: int | str,
-    *,
-    weights: Mapping[str, float] | None = None,
-    kind: str | None = None,
-) -> bytes:
-    """The masked twin of an encoded aligned face: decode, :func:`render_mask`, JPEG-encode like the source."""
-    arr, im = decode_image(data)
-    return encode_like(render_mask(arr, seed, key, weights=weights, kind=kind).image, im)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# verification sets
-# ---------------------------------------------------------------------------------------------------------------
-MODES = ("one", "both")
-
-
-def masked_positions(count: int, mode: str) -> range:
-    """The images of a verification list that get a mask: the second of each pair (``one``) or all (``both``)."""
-    if mode not in MODES:
-        raise FacetoolError(f"mask mode must be 'one' or 'both', got {mode!r}")
-    return range(1, count, 2) if mode == "one" else range(count)
-
-
-def mask_verification_images(
-    images: Sequence[bytes],
-    mode: str,
-    seed: int = 0,
-    *,
-    weights: Mapping[str, float] | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[bytes]:
-    """SMFRD-style masked copy of a verification set's images (pair k = images 2k, 2k+1): ``mode="one"`` masks
-    the second image of every pair, ``"both"`` every image. Image ``i`` is masked with key ``i``, so the result
-    depends only on (images, mode, seed, weights); ``facetool masks bin`` and the masked benchmark share it.
-    ``progress(done, total)`` is called every 256 images and at the end."""
-    out = list(images)
-    w = normalise_weights(weights)
-    positions = masked_positions(len(out), mode)
-    for n, i in enumerate(positions):
-        try:
-            out[i] = mask_jpeg(out[i], seed, i, weights=w)
-        except MaskError as err:
-            raise MaskError(f"image {i}: {err}") from None
-        if progress is not None and n % 256 == 255:
-            progress(n + 1, len(positions))
-    if progress is not None:
-        progress(len(positions), len(positions))
-    return out
+def _colour_matrix(colors: tuple, an: _Analysis, mix: bool) -> list[list[float]]:
+    """Rows of RGB per plane: the main colour, (second - main) if the sprite mixes, (strap - main), the noise
+    level; each scaled by the face's exposure and colour cast."""
+    (m0, m1, m2), second, strap = colors
+    scale = [c * an.exposure for c in an.cast]
+    colours = [[m0 * scale[0], m1 * scale[1], m2 * scale[2]]]
+    if mix:
+        colours.append([(c - m) * f for c, m, f in zip(second, (m0, m1, m2), scale, strict=True)])
+    colours.append([(c - m) * f for c, m, f in zip(strap, (m0, m1, m2), scale, strict=True)])
+    colours.append([an.sigma] * 3)
+    return colours

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -99,33 +100,10 @@ class FaceIdentity:
     def sample(cls, rng: np.random.Generator) -> FaceIdentity:
         """Draw one identity's traits from ``rng`` (call with ``default_rng([seed, 1, i])``)."""
         u = rng.uniform
-        lm = TEMPLATE + rng.uniform(-1.2, 1.2, size=(5, 2))
-        lm[1, 1] = TEMPLATE[1, 1] + np.clip(lm[0, 1] - TEMPLATE[0, 1] + u(-0.4, 0.4), -1.2, 1.2)  # level eyes
-        j = int(rng.integers(len(_SKIN) - 1))
-        skin = _SKIN[j] + (_SKIN[j + 1] - _SKIN[j]) * u() + rng.uniform(-10, 10, 3) * np.array([1.0, 0.8, 0.8])
-        skin = np.clip(skin, 30, 255)
-        hair = _HAIR[rng.choice(len(_HAIR), p=_HAIR_P / _HAIR_P.sum())] + rng.uniform(-14, 14, 3)
-        hair = np.clip(hair, 8, 245)
-        style = int(rng.integers(len(STYLES)))
-        female_ish = u() < 0.5
-        hairline = {"fringe": u(30, 38), "receding": u(14, 20), "bald": u(8, 14)}.get(STYLES[style], u(17, 27))
-        brow_dark = u(0.45, 0.95)
-        brow = np.clip(hair * brow_dark + skin * (1 - brow_dark) * 0.35, 10, 230)
-        if STYLES[style] == "bald" or hair.mean() > 150:
-            brow = np.clip(skin * u(0.35, 0.65), 10, 200)
-        lip_mix = u(0.25, 0.6)
-        lip_tone = np.array([196, 72, 84]) if u() < 0.8 else np.array([150, 20, 50])
-        lip = skin * (1 - lip_mix) + lip_tone * lip_mix - u(0, 25)
-        beard = 0 if female_ish else int(rng.choice(4, p=[0.45, 0.2, 0.22, 0.13]))
-        n_moles = int(rng.choice(4, p=[0.35, 0.35, 0.2, 0.1]))
-        moles = []
-        for _ in range(n_moles):
-            side = rng.choice([-1.0, 1.0])
-            moles.append((56.0 + side * u(8, 30), u(30, 100), u(0.8, 1.6)))
-        glasses = int(rng.choice(3, p=[0.6, 0.2, 0.2]))
+        f = _first_draws(rng)
         return cls(
-            landmarks=tuple(float(v) for v in lm.ravel()),
-            skin=_color(skin),
+            landmarks=tuple(float(v) for v in f.lm.ravel()),
+            skin=_color(f.skin),
             face_w=u(35.0, 45.0),
             face_top=u(-6.0, 4.0),
             chin_y=u(105.0, 113.0),
@@ -133,14 +111,14 @@ class FaceIdentity:
             jaw_taper=u(0.0, 0.35),
             ear_size=u(0.8, 1.25),
             ear_y=u(58.0, 68.0),
-            hair=_color(hair),
-            hair_style=style,
-            hairline=hairline,
+            hair=_color(f.hair),
+            hair_style=f.style,
+            hairline=f.hairline,
             hair_volume=u(2.0, 11.0),
-            hair_long=bool(u() < (0.7 if female_ish else 0.12)) and STYLES[style] != "bald",
+            hair_long=bool(u() < (0.7 if f.female_ish else 0.12)) and STYLES[f.style] != "bald",
             sideburn=u(45.0, 72.0),
             part=u(-1.0, 1.0),
-            brow_color=_color(brow),
+            brow_color=_color(f.brow),
             brow_thick=u(1.4, 4.2),
             brow_arch=u(0.5, 4.5),
             brow_tilt=u(-2.5, 3.5),
@@ -152,20 +130,65 @@ class FaceIdentity:
             iris_r=u(2.9, 4.0),
             nose_w=u(10.0, 19.0),
             nose_len=u(10.0, 20.0),
-            lip_color=_color(np.clip(lip, 20, 240)),
+            lip_color=_color(np.clip(f.lip, 20, 240)),
             lip_upper=u(1.8, 4.5),
             lip_lower=u(2.5, 6.5),
-            beard=beard,
-            beard_color=_color(hair * u(0.8, 1.0)),
+            beard=f.beard,
+            beard_color=_color(f.hair * u(0.8, 1.0)),
             beard_top=u(74.0, 84.0),
-            moustache=bool(not female_ish and u() < 0.35),
-            glasses=glasses,
+            moustache=bool(not f.female_ish and u() < 0.35),
+            glasses=f.glasses,
             glasses_color=_color(_FRAMES[rng.integers(len(_FRAMES))]),
             glasses_size=u(0.9, 1.15),
             glasses_tint=u(0.0, 0.5) if u() < 0.25 else 0.0,
-            moles=tuple(moles),
+            moles=tuple(f.moles),
             blush=u(0.0, 0.25),
         )
+
+
+class _FirstDraws(NamedTuple):
+    lm: np.ndarray
+    skin: np.ndarray
+    hair: np.ndarray
+    style: int
+    female_ish: bool
+    hairline: float
+    brow: np.ndarray
+    lip: np.ndarray
+    beard: int
+    moles: list[tuple[float, float, float]]
+    glasses: int
+
+
+def _first_draws(rng: np.random.Generator) -> _FirstDraws:
+    """The identity's first draws (landmarks, colours, style, beard, moles, glasses), in their fixed order; the
+    traits that depend on them are derived here too."""
+    u = rng.uniform
+    lm = TEMPLATE + rng.uniform(-1.2, 1.2, size=(5, 2))
+    lm[1, 1] = TEMPLATE[1, 1] + np.clip(lm[0, 1] - TEMPLATE[0, 1] + u(-0.4, 0.4), -1.2, 1.2)  # level eyes
+    j = int(rng.integers(len(_SKIN) - 1))
+    skin = _SKIN[j] + (_SKIN[j + 1] - _SKIN[j]) * u() + rng.uniform(-10, 10, 3) * np.array([1.0, 0.8, 0.8])
+    skin = np.clip(skin, 30, 255)
+    hair = _HAIR[rng.choice(len(_HAIR), p=_HAIR_P / _HAIR_P.sum())] + rng.uniform(-14, 14, 3)
+    hair = np.clip(hair, 8, 245)
+    style = int(rng.integers(len(STYLES)))
+    female_ish = u() < 0.5
+    hairline = {"fringe": u(30, 38), "receding": u(14, 20), "bald": u(8, 14)}.get(STYLES[style], u(17, 27))
+    brow_dark = u(0.45, 0.95)
+    brow = np.clip(hair * brow_dark + skin * (1 - brow_dark) * 0.35, 10, 230)
+    if STYLES[style] == "bald" or hair.mean() > 150:
+        brow = np.clip(skin * u(0.35, 0.65), 10, 200)
+    lip_mix = u(0.25, 0.6)
+    lip_tone = np.array([196, 72, 84]) if u() < 0.8 else np.array([150, 20, 50])
+    lip = skin * (1 - lip_mix) + lip_tone * lip_mix - u(0, 25)
+    beard = 0 if female_ish else int(rng.choice(4, p=[0.45, 0.2, 0.22, 0.13]))
+    n_moles = int(rng.choice(4, p=[0.35, 0.35, 0.2, 0.1]))
+    moles = []
+    for _ in range(n_moles):
+        side = rng.choice([-1.0, 1.0])
+        moles.append((56.0 + side * u(8, 30), u(30, 100), u(0.8, 1.6)))
+    glasses = int(rng.choice(3, p=[0.6, 0.2, 0.2]))
+    return _FirstDraws(lm, skin, hair, style, female_ish, hairline, brow, lip, beard, moles, glasses)
 
 
 def _color(c: Iterable[float]) -> Color:
