@@ -37,6 +37,7 @@ class MaskParams:
     geometry: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The parameters as plain JSON-ready values."""
         return asdict(self)
 
 
@@ -52,6 +53,7 @@ class MaskResult:
 
     @property
     def region(self) -> np.ndarray:
+        """(H, W) bool: the pixels the mask or its straps cover at least half."""
         if self._region is None:
             h, w, _ = self.image.shape
             self._region = np.zeros((h, w), dtype=bool)
@@ -60,6 +62,7 @@ class MaskResult:
 
     @property
     def params(self) -> MaskParams:
+        """What was drawn for this image, in image coordinates (a mirrored mask's shift and light mirrored)."""
         if self._params is None:
             p, an, geometry, dx, dy = self._raw
             lx, ly, lz = p["light"]
