@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -49,12 +49,7 @@ def atomic_path(path: str | os.PathLike, *, tmp: str | os.PathLike | None = None
     writers never share one."""
     path = Path(path)
     if tmp is None:
-        try:
-            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        except OSError as e:
-            raise write_error(path, e) from None
-        os.close(fd)
-        tmp_path = Path(name)
+        tmp_path = _unique_tmp(path)
     else:
         tmp_path = Path(tmp)
     try:
@@ -89,6 +84,21 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 1)
     """Write ``obj`` as JSON (indented by default, one trailing newline) to ``path`` atomically."""
     text = json.dumps(obj, indent=indent)
     write_bytes_atomic(path, text + "\n" if indent is not None else text)
+
+
+def _unique_tmp(path: Path) -> Path:
+    """Create an empty, unique temporary file beside ``path`` with the permissions of a plain ``open`` (0666 less
+    the umask; ``tempfile.mkstemp`` would make it owner-only)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise write_error(path, e) from None
+    raise write_error(path, FileExistsError(f"no free temporary name beside {path.name}"))
 
 
 def _fsync_file(path: Path) -> None:

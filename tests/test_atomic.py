@@ -45,3 +45,13 @@ def test_a_missing_folder_names_the_file(tmp_path):
     path = tmp_path / "missing" / "x.json"
     with pytest.raises(FacetoolError, match=rf"^{path}: cannot write: No such file or directory$"):
         write_json_atomic(path, {})
+
+
+def test_published_files_get_the_usual_permissions(tmp_path):
+    """Not owner-only as a mkstemp file would be: datasets are shared between users."""
+    old = os.umask(0o022)
+    try:
+        write_bytes_atomic(tmp_path / "property", "2,112,112\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "property").stat().st_mode & 0o777 == 0o644
