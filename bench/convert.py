@@ -9,7 +9,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from facetool.pipeline.shards import DEFAULT_SAMPLES_PER_SHARD, ConvertOptions, Source, convert
+from facetool.pipeline import DEFAULT_SAMPLES_PER_SHARD
+from facetool.pipeline.atomic import atomic_path
+from facetool.pipeline.shards import ConvertOptions, Source, convert
 
 
 def _drop_tree(path: Path) -> None:
@@ -17,10 +19,9 @@ def _drop_tree(path: Path) -> None:
 
 
 def _copy(src: Path, dst: Path) -> None:
-    """The baseline: the kernel's own copy (``sendfile``), made durable."""
-    shutil.copyfile(src, dst)
-    with open(dst, "rb+") as f:
-        os.fsync(f.fileno())
+    """The baseline: the kernel's own copy (``sendfile``), published as convert publishes a shard (fsync, rename)."""
+    with atomic_path(dst, tmp=dst.with_name(dst.name + ".tmp")) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _settle() -> None:
