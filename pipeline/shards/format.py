@@ -49,9 +49,7 @@ def publish(path: Path, data: bytes | str) -> None:
         f.write(data.encode() if isinstance(data, str) else data)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # DALI index lines: ``v1.2 N``, then one line per sample of ``EXT OFFSET SIZE NAME`` groups, one per member
-# ---------------------------------------------------------------------------------------------------------------
 class IndexMember(NamedTuple):
     """One member of an index line: extension, data offset and size in the tar, member name."""
 
@@ -102,9 +100,7 @@ def read_index(path: str | os.PathLike) -> list[list[IndexMember]]:
     return [parse_index_line(line) for line in index_sample_lines(Path(path).read_bytes())]
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # the manifest
-# ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class ShardStats:
     """What the manifest says of one finished shard."""

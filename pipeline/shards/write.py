@@ -108,9 +108,7 @@ def _write_samples(shard: _Shard) -> tuple[int, int]:
     return _write_plain_with_twins(shard, layout, starts, lengths, classes)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # the plain-JPEG layout
-# ---------------------------------------------------------------------------------------------------------------
 class _Run(NamedTuple):
     """The per-record arrays of one ``PlainLayout.write`` call."""
 
@@ -242,9 +240,7 @@ def _render_twin(shard: _Shard, key: int, image: bytes | memoryview) -> bytes:
         raise RecordIOError(f"{shard.reader.path}: record {key}: cannot render its masked twin: {err}") from None
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # the checked path
-# ---------------------------------------------------------------------------------------------------------------
 def sample_members(
     key: int, labels: tuple[float, ...], image: bytes | memoryview, num_classes: int | None, rec_path: Path
 ) -> list[tuple[str, bytes | memoryview]]:
