@@ -9,7 +9,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from facetool.pipeline.shards import DEFAULT_SAMPLES_PER_SHARD, ConvertOptions, Source, convert
+from facetool.pipeline import DEFAULT_SAMPLES_PER_SHARD
+from facetool.pipeline.atomic import atomic_path
+from facetool.pipeline.shards import ConvertOptions, Source, convert
 
 
 def _drop_tree(path: Path) -> None:
@@ -17,10 +19,9 @@ def _drop_tree(path: Path) -> None:
 
 
 def _copy(src: Path, dst: Path) -> None:
-    """The baseline: the kernel's own copy (``sendfile``), made durable."""
-    shutil.copyfile(src, dst)
-    with open(dst, "rb+") as f:
-        os.fsync(f.fileno())
+    """The baseline: the kernel's own copy (``sendfile``), published as convert publishes a shard (fsync, rename)."""
+    with atomic_path(dst, tmp=dst.with_name(dst.name + ".tmp")) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _settle() -> None:
@@ -28,6 +29,29 @@ def _settle() -> None:
     timed step, so that neither contender pays for the other."""
     if hasattr(os, "sync"):
         os.sync()
+
+
+def _timed_copy(src: Path, target: Path) -> float:
+    """Seconds of one copy, made after an untimed one whose memory it then reuses (the copy's best case)."""
+    _copy(src, target)
+    target.unlink()
+    _settle()
+    t0 = time.perf_counter()
+    _copy(src, target)
+    seconds = time.perf_counter() - t0
+    target.unlink()
+    _settle()
+    return seconds
+
+
+def _timed_convert(source: Source, out: Path, options: ConvertOptions) -> tuple[float, dict]:
+    """Seconds of one full convert into ``out`` (removed afterwards), and its manifest."""
+    t0 = time.perf_counter()
+    manifest = convert(source.rec.parent, out, options)
+    seconds = time.perf_counter() - t0
+    _drop_tree(out)
+    _settle()
+    return seconds, manifest
 
 
 def run_convert_benchmark(
@@ -39,12 +63,13 @@ def run_convert_benchmark(
 ) -> dict:
     """Time a plain copy of ``train.rec`` and a full convert into the same folder, each ``repeats`` times.
 
-    Both read a warm page cache and both fsync what they write; the fastest run of each is reported, and the ratio
-    of the medians beside it. The copy is the I/O floor of the job (read every byte, write every byte); the ratio
-    says how close convert's parsing, tar framing, hashing and indexing come to it. Each timed copy follows an
-    untimed one: its page cache then lands in memory just freed, which is the copy's best case (on virtual machines
-    that hand idle memory back to the host, first touching memory can cost more than the copy itself), while
-    convert streams its shards out through a small window of the page cache and never needs that much.
+    Both read a warm page cache and both publish what they write (fsync, rename); the fastest run of each is
+    reported, and the ratio of the medians beside it. The copy is the I/O floor of the job (read every byte, write
+    every byte); the ratio says how close convert's parsing, tar framing, hashing and indexing come to it. Each
+    timed copy follows an untimed one: its page cache then lands in memory just freed, which is the copy's best
+    case (on virtual machines that hand idle memory back to the host, first touching memory can cost more than the
+    copy itself), while convert streams its shards out through a small window of the page cache and never needs
+    that much.
     """
     source = Source.locate(src)
     base = Path(tmp_dir) if tmp_dir is not None else source.rec.parent
@@ -55,24 +80,12 @@ def run_convert_benchmark(
                 pass
         rec_bytes = source.rec.stat().st_size
         copy_times, convert_times = [], []
+        options = ConvertOptions(samples_per_shard=samples_per_shard, workers=workers)
         for r in range(repeats):
-            target = work / f"copy-{r}.rec"
-            _copy(source.rec, target)  # untimed: the timed copy below then reuses the memory this one freed
-            target.unlink()
-            _settle()
-            t0 = time.perf_counter()
-            _copy(source.rec, target)
-            copy_times.append(time.perf_counter() - t0)
-            target.unlink()
-            _settle()
-
-            options = ConvertOptions(samples_per_shard=samples_per_shard, workers=workers)
-            t0 = time.perf_counter()
-            manifest = convert(source.rec.parent, work / f"shards-{r}", options)
-            convert_times.append(time.perf_counter() - t0)
+            copy_times.append(_timed_copy(source.rec, work / f"copy-{r}.rec"))
+            seconds, manifest = _timed_convert(source, work / f"shards-{r}", options)
+            convert_times.append(seconds)
             out_bytes = sum(s["bytes"] for s in manifest["shards"])
-            _drop_tree(work / f"shards-{r}")
-            _settle()
     finally:
         _drop_tree(work)
     records = manifest["samples"] + manifest["skipped"]

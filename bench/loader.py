@@ -223,17 +223,14 @@ def _decode_loop(args: tuple[str, list[bytes], float]) -> tuple[int, float, floa
 
 def read_jpegs(shards_dir: str, count: int) -> list[bytes]:
     """The image bytes of the first ``count`` samples of the shards (the order the loaders read them in)."""
+    from facetool.pipeline.shards.format import IMAGE_EXTS, index_sample_lines, parse_index_line
     from facetool.train.data import open_shards
 
     out: list[bytes] = []
     for shard in open_shards(shards_dir).shards:
         data = shard.tar.read_bytes()
-        for line in shard.index.read_bytes().split(b"\n")[1:-1]:
-            fields = line.split()
-            for i in range(0, len(fields), 4):
-                if fields[i] in (b"jpg", b"png"):
-                    offset, size = int(fields[i + 1]), int(fields[i + 2])
-                    out.append(data[offset : offset + size])
+        for line in index_sample_lines(shard.index.read_bytes()):
+            out += [data[m.offset : m.offset + m.size] for m in parse_index_line(line) if m.ext in IMAGE_EXTS]
             if len(out) >= count:
                 return out
     return out

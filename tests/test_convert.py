@@ -5,12 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,10 +15,22 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import MXNET_FIXTURES, write_layout_a
+from helpers import error_line, kill_when, run_cli, tree_bytes
 
 from facetool.cli import main
 from facetool.pipeline.recordio import RecordFile
-from facetool.pipeline.shards import ConvertOptions, _tar_header, convert
+from facetool.pipeline.shards import STATE_DIR, ConvertOptions, convert
+from facetool.pipeline.shards.format import (
+    IMAGE_EXTS,
+    JPEG_EXT,
+    LABEL_EXT,
+    MANIFEST,
+    MASK_EXT,
+    META_EXT,
+    read_index,
+    read_manifest,
+)
+from facetool.pipeline.shards.tar import tar_header, tar_headers
 
 
 def _source_multiset(src: Path) -> Counter:
@@ -29,8 +38,10 @@ def _source_multiset(src: Path) -> Counter:
         return Counter((hashlib.sha256(r.image).hexdigest(), r.class_id) for r in rf)
 
 
-def _tree_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+def _index_keys(path: Path, member: str | None = None) -> list[str]:
+    """The sample keys an index lists (only those with a ``member`` of that extension, when given)."""
+    samples = read_index(path)
+    return [s[0].key for s in samples if member is None or any(m.ext == member for m in s)]
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +65,14 @@ def test_manifest_counts_and_hashes(converted):
     for s in manifest["shards"]:
         data = (out / s["name"]).read_bytes()
         assert len(data) == s["bytes"] and hashlib.sha256(data).hexdigest() == s["sha256"]
-    assert json.loads((out / "manifest.json").read_text()) == manifest
-    assert not (out / ".facetool-convert").exists() and not list(out.glob("*.tmp"))
+    assert read_manifest(out) == manifest
+    assert not (out / STATE_DIR).exists() and not list(out.glob("*.tmp"))
 
 
 def test_globally_shuffled(converted):
     """The first shard mixes identities from all over the (identity-sorted) source."""
     _, out, _ = converted
-    first = (out / "shard-000000.idx").read_text().splitlines()[1:]
-    keys = [int(line.split()[3].split(".")[0]) for line in first]
+    keys = [int(k) for k in _index_keys(out / "shard-000000.idx")]
     assert len(set(k // 10 for k in keys)) > 15  # 50 samples from > 15 of the 24 identities
 
 
@@ -74,7 +84,7 @@ def test_webdataset_library_reads_every_sample_once(converted):
     got = Counter()
     keys = []
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        label = int(np.frombuffer(sample["label.i32"], "<i4")[0])
+        label = int(np.frombuffer(sample[LABEL_EXT], "<i4")[0])
         got[(hashlib.sha256(sample["jpg"]).hexdigest(), label)] += 1
         keys.append(sample["__key__"])
     assert got == _source_multiset(src)
@@ -94,7 +104,7 @@ def test_dali_webdataset_reader_reads_every_sample_once(converted):
         img, label = fn.readers.webdataset(
             paths=paths,
             index_paths=index_paths,
-            ext=["jpg;png", "label.i32"],
+            ext=[";".join(IMAGE_EXTS), LABEL_EXT],
             dtypes=[types.UINT8, types.INT32],
             missing_component_behavior="error",
             pad_last_batch=True,
@@ -132,13 +142,13 @@ def test_tar_headers_as_tarfile_writes_them():
     for name, size in [(b"000000001.jpg", 5321), (b"123456789.label.i32", 4), (b"000000002.json", 0)]:
         info = tarfile.TarInfo(name.decode())
         info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o444, 0, 0, "", ""
-        assert _tar_header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT)
+        assert tar_header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT)
 
 
 def test_deterministic_across_runs_and_worker_counts(small_dataset, converted, tmp_path):
     src, out, _ = small_dataset[0], converted[1], None
     convert(src, tmp_path / "w1", ConvertOptions(samples_per_shard=50, workers=1))
-    assert _tree_bytes(tmp_path / "w1") == _tree_bytes(out)
+    assert tree_bytes(tmp_path / "w1") == tree_bytes(out)
     convert(src, tmp_path / "seed1", ConvertOptions(samples_per_shard=50, seed=1))
     assert (tmp_path / "seed1" / "shard-000000.tar").read_bytes() != (out / "shard-000000.tar").read_bytes()
 
@@ -146,8 +156,8 @@ def test_deterministic_across_runs_and_worker_counts(small_dataset, converted, t
 def test_no_index_scan_gives_same_shards(small_dataset, converted, tmp_path):
     src, _ = small_dataset
     convert(src, tmp_path / "scan", ConvertOptions(samples_per_shard=50, use_index=False))
-    a, b = _tree_bytes(tmp_path / "scan"), _tree_bytes(converted[1])
-    assert {k: v for k, v in a.items() if k != "manifest.json"} == {k: v for k, v in b.items() if k != "manifest.json"}
+    a, b = tree_bytes(tmp_path / "scan"), tree_bytes(converted[1])
+    assert {k: v for k, v in a.items() if k != MANIFEST} == {k: v for k, v in b.items() if k != MANIFEST}
 
 
 def test_parts_merge_to_the_single_run(small_dataset, converted, tmp_path):
@@ -159,12 +169,12 @@ def test_parts_merge_to_the_single_run(small_dataset, converted, tmp_path):
             main, ["convert", str(src), str(out), "--samples-per-shard", "50", "--part", f"{i}/3", "--quiet"]
         )
         assert r.exit_code == 0, r.output
-    assert not (out / "manifest.json").exists()
+    assert not (out / MANIFEST).exists()
     r = runner.invoke(main, ["merge-parts", str(out)])
     assert r.exit_code == 0, r.output
     for p in out.glob("manifest.part-*"):
         p.unlink()
-    assert _tree_bytes(out) == _tree_bytes(converted[1])
+    assert tree_bytes(out) == tree_bytes(converted[1])
 
 
 def test_merge_refuses_missing_part(small_dataset, tmp_path):
@@ -187,8 +197,8 @@ def test_vector_labels_and_png_pass_through(tmp_path):
         e = by_key[s["__key__"]]
         image = s.get("jpg", s.get("png"))
         assert hashlib.sha256(image).hexdigest() == e["sha256"]
-        assert json.loads(s["json"])["label"] == pytest.approx(e["label"])
-        assert int(np.frombuffer(s["label.i32"], "<i4")[0]) == int(e["label"][0])
+        assert json.loads(s[META_EXT])["label"] == pytest.approx(e["label"])
+        assert int(np.frombuffer(s[LABEL_EXT], "<i4")[0]) == int(e["label"][0])
         n += 1
     assert n == 10
 
@@ -211,88 +221,95 @@ def test_on_error_skip_counts_and_reports(tmp_path):
     assert r.exit_code != 0 and f"record {key}" in r.output and f"offset {offset}" in r.output
     r = runner.invoke(main, ["convert", str(src), str(tmp_path / "skip"), "--on-error", "skip", "--quiet"])
     assert r.exit_code == 0, r.output
-    m = json.loads((tmp_path / "skip" / "manifest.json").read_text())
+    m = read_manifest(tmp_path / "skip")
     assert m["samples"] == 9 and m["skipped"] == 1 and m["skipped_records"][0]["key"] == key
     assert "1 skipped" in r.output
 
 
-def _error_line(args: list[str]) -> str:
-    """Run the real command line; assert a one-line error, non-zero exit and no traceback; return the line."""
-    proc = subprocess.run([sys.executable, "-m", "facetool", *args], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
+def _copy_fixture(tmp_path: Path, layout: str) -> Path:
+    d = tmp_path / "src"
+    shutil.copytree(MXNET_FIXTURES / layout, d)
+    return d
 
 
-def test_bad_inputs_give_one_line_errors(tmp_path):
-    base = MXNET_FIXTURES / "layout_a"
-
-    def copy(name: str) -> Path:
-        d = tmp_path / name
-        shutil.copytree(base, d)
-        return d
-
-    d = copy("magic")
+def _bad_magic(tmp_path: Path) -> tuple[Path, list[str]]:
+    d = _copy_fixture(tmp_path, "layout_a")
     key, offset = _corrupt_record(d, 2)
-    line = _error_line(["convert", str(d), str(tmp_path / "o1"), "--quiet"])
-    assert "train.rec" in line and f"record {key}" in line and f"offset {offset}" in line
+    return d, [r"train\.rec", rf"record {key}\b", rf"offset {offset}\b"]
 
-    d = copy("truncated")
+
+def _truncated(tmp_path: Path) -> tuple[Path, list[str]]:
+    d = _copy_fixture(tmp_path, "layout_a")
     data = (d / "train.rec").read_bytes()
     (d / "train.rec").write_bytes(data[: len(data) // 2])
-    line = _error_line(["convert", str(d), str(tmp_path / "o2"), "--quiet"])
-    assert "train.rec" in line and "record" in line and ("truncated" in line or "past the end" in line)
+    return d, [r"train\.rec", "record", "truncated|past the end"]
 
-    d = copy("noidx")
+
+def _no_index(tmp_path: Path) -> tuple[Path, list[str]]:
+    d = _copy_fixture(tmp_path, "layout_a")
     (d / "train.idx").unlink()
-    line = _error_line(["convert", str(d), str(tmp_path / "o3"), "--quiet"])
-    assert "train.idx" in line and "--no-index" in line
+    return d, [r"train\.idx", "--no-index"]
 
-    d = copy("property")
-    (d / "property").write_text("5,112,112\n")
-    line = _error_line(["convert", str(d), str(tmp_path / "o4"), "--quiet"])
-    assert "property" in line and "5 classes" in line
-    (d / "property").write_text("lots,of,faces\n")
-    assert "num_classes,height,width" in _error_line(["convert", str(d), str(tmp_path / "o4"), "--quiet"])
 
+def _property(text: str, *patterns: str, layout: str = "layout_a"):
+    def damage(tmp_path: Path) -> tuple[Path, list[str]]:
+        d = _copy_fixture(tmp_path, layout)
+        (d / "property").write_text(text)
+        return d, list(patterns)
+
+    return damage
+
+
+def _empty(tmp_path: Path) -> tuple[Path, list[str]]:
     d = tmp_path / "empty"
     d.mkdir()
     (d / "train.rec").write_bytes(b"")
     (d / "train.idx").write_text("")
-    assert "train.rec" in _error_line(["convert", str(d), str(tmp_path / "o5"), "--quiet"])
+    return d, [r"train\.rec"]
 
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    line = _error_line(["convert", str(base), str(blocker / "out"), "--quiet"])
-    assert "a-file" in line
+
+def _output_under_a_file(tmp_path: Path) -> tuple[Path, list[str]]:
+    (tmp_path / "a-file").write_text("not a folder")
+    return MXNET_FIXTURES / "layout_a", ["a-file"]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _bad_magic,
+        _truncated,
+        _no_index,
+        _property("5,112,112\n", "property", "5 classes"),
+        _property("lots,of,faces\n", "num_classes,height,width"),
+        _property("3,112,112\n", r"train\.rec", r"outside \[0, 3\)", "record", layout="layout_b"),
+        _empty,
+        _output_under_a_file,
+    ],
+    ids=["bad-magic", "truncated", "no-index", "property-count", "property-garbage", "label-beyond-property",
+         "empty", "output-under-a-file"],
+)  # fmt: skip
+def test_bad_inputs_give_one_line_errors(tmp_path, damage):
+    src, patterns = damage(tmp_path)  # only the last case makes a-file a file
+    line = error_line("convert", str(src), str(tmp_path / "a-file" / "out"), "--quiet")
+    for pattern in patterns:
+        assert re.search(pattern, line), (pattern, line)
 
 
 def _kill_then_resume(tmp_path: Path, classes: int, per_class: int, min_done: int, extra: list[str]) -> None:
     """Convert into shards of 5, kill -9 once ``min_done`` shards exist, resume; compare with an uninterrupted run."""
-    src = tmp_path / "src"
+    src, reference, out = tmp_path / "src", tmp_path / "reference", tmp_path / "out"
     write_layout_a(src, classes, per_class, seed=3)
-    args = [sys.executable, "-m", "facetool", "convert", str(src), "--samples-per-shard", "5", "--quiet", *extra]
+    args = ["--samples-per-shard", "5", "--quiet", *extra]
     total = classes * per_class // 5
-    reference = tmp_path / "reference"
-    subprocess.run([*args[:4], str(src), str(reference), *args[5:]], check=True, timeout=300)
-
-    out = tmp_path / "out"
-    proc = subprocess.Popen([*args[:4], str(src), str(out), *args[5:]])
-    deadline = time.monotonic() + 120
-    while len(list(out.glob("*.tar"))) < min_done and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    assert proc.poll() is None, "convert finished before it could be killed; make the test dataset larger"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert run_cli("convert", str(src), str(reference), *args).returncode == 0
+    kill_when(["convert", str(src), str(out), *args], lambda: len(list(out.glob("*.tar"))) >= min_done)
     finished = sorted(out.glob("*.tar"))
-    assert min_done <= len(finished) < total and not (out / "manifest.json").exists()
+    assert min_done <= len(finished) < total and not (out / MANIFEST).exists()
     for tar in finished:  # nothing partial under a final name
         assert tar.read_bytes() == (reference / tar.name).read_bytes()
-    subprocess.run([*args[:4], str(src), str(out), *args[5:]], check=True, timeout=300)
-    assert _tree_bytes(out) == _tree_bytes(reference)
-    assert not (out / ".facetool-convert").exists()
+    assert run_cli("convert", str(src), str(out), *args).returncode == 0
+    assert tree_bytes(out) == tree_bytes(reference)
+    assert not (out / STATE_DIR).exists()
 
 
 def test_kill_minus_nine_then_resume_is_byte_identical(tmp_path):
@@ -301,7 +318,7 @@ def test_kill_minus_nine_then_resume_is_byte_identical(tmp_path):
 
 def test_kill_minus_nine_then_resume_with_masks_is_byte_identical(tmp_path):
     _kill_then_resume(tmp_path, 20, 40, 20, ["--mask-fraction", "0.5", "--workers", "2"])
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest = read_manifest(tmp_path / "out")
     assert 300 <= manifest["masked"] <= 500
 
 
@@ -310,9 +327,9 @@ def test_rerun_of_finished_conversion_is_a_no_op_and_other_arguments_are_refused
     runner = CliRunner()
     args = ["convert", str(src), str(tmp_path), "--samples-per-shard", "100", "--quiet"]
     assert runner.invoke(main, args).exit_code == 0
-    before = _tree_bytes(tmp_path)
+    before = tree_bytes(tmp_path)
     assert runner.invoke(main, args).exit_code == 0
-    assert _tree_bytes(tmp_path) == before
+    assert tree_bytes(tmp_path) == before
     r = runner.invoke(
         main, ["convert", str(src), str(tmp_path), "--samples-per-shard", "100", "--seed", "7", "--quiet"]
     )
@@ -333,14 +350,12 @@ def test_bench_convert_reports_both_rates(small_dataset, tmp_path):
 
 
 def test_vectorised_headers_equal_single_headers():
-    from facetool.pipeline.shards import _tar_headers
-
     rng = np.random.default_rng(5)
     sizes = np.concatenate([rng.integers(0, 10**7, 200), [0, 1, 511, 512, 8**11 - 1]])
     names = [f"{int(k):09d}.label.i32".encode() for k in rng.integers(0, 10**9, sizes.size)]
-    block = _tar_headers(np.frombuffer(b"".join(names), np.uint8).reshape(len(names), -1), sizes)
+    block = tar_headers(np.frombuffer(b"".join(names), np.uint8).reshape(len(names), -1), sizes)
     for row, name, size in zip(block, names, sizes.tolist(), strict=True):
-        assert row.tobytes() == _tar_header(name, size)
+        assert row.tobytes() == tar_header(name, size)
 
 
 def test_shard_mixing_fast_and_checked_records(tmp_path):
@@ -353,19 +368,11 @@ def test_shard_mixing_fast_and_checked_records(tmp_path):
     got = Counter()
     for s in wds.WebDataset([str(tmp_path / "shard-000000.tar")], shardshuffle=False, empty_check=False):
         image = s.get("jpg", s.get("png"))
-        got[(hashlib.sha256(image).hexdigest(), int(np.frombuffer(s["label.i32"], "<i4")[0]))] += 1
+        got[(hashlib.sha256(image).hexdigest(), int(np.frombuffer(s[LABEL_EXT], "<i4")[0]))] += 1
     assert got == Counter((e["sha256"], int(e["label"][0])) for e in expected)
     with IndexCreator(str(tmp_path / "shard-000000.tar"), str(tmp_path / "ref.idx"), verbose=False) as ic:
         ic.create_index()
     assert (tmp_path / "ref.idx").read_bytes() == (tmp_path / "shard-000000.idx").read_bytes()
-
-
-def test_label_beyond_property_classes_is_an_error(tmp_path):
-    src = tmp_path / "src"
-    shutil.copytree(MXNET_FIXTURES / "layout_b", src)
-    (src / "property").write_text("3,112,112\n")
-    line = _error_line(["convert", str(src), str(tmp_path / "out"), "--quiet"])
-    assert "train.rec" in line and "outside [0, 3)" in line and "record" in line
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -396,7 +403,7 @@ def test_mask_fraction_one_gives_every_sample_a_decodable_twin(masked):
         members = _tar_members(out / s["name"])
         names = [name for name, _ in members]
         keys = [name[:9] for name in names[::3]]
-        assert names == [f"{k}.{ext}" for k in keys for ext in ("jpg", "label.i32", "mask.jpg")]  # sorted members
+        assert names == [f"{k}.{ext}" for k in keys for ext in (JPEG_EXT, LABEL_EXT, MASK_EXT)]  # sorted members
         for (_, jpg), (_, label), (_, twin) in zip(members[0::3], members[1::3], members[2::3], strict=True):
             a, b = Image.open(io.BytesIO(jpg)), Image.open(io.BytesIO(twin))
             b.load()  # decodable
@@ -419,9 +426,9 @@ def test_masked_index_files_identical_to_wds2idx(masked, tmp_path):
         with IndexCreator(str(folder / tar), str(tmp_path / "ref.idx"), verbose=False) as ic:
             ic.create_index()
         assert (tmp_path / "ref.idx").read_bytes() == (folder / idx).read_bytes(), tar
-        for line in (folder / idx).read_text().splitlines()[1:]:
-            exts = line.split()[0::4]
-            assert exts == sorted(exts) and "mask.jpg" in exts
+        for sample in read_index(folder / idx):
+            exts = [m.ext for m in sample]
+            assert exts == sorted(exts) and MASK_EXT in exts
 
 
 def test_tenth_of_10000_faces_masked_and_counts_match_the_shards(tmp_path):
@@ -436,11 +443,10 @@ def test_tenth_of_10000_faces_masked_and_counts_match_the_shards(tmp_path):
          "--quiet"],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_manifest(out)
     masked_keys = []
     for s in manifest["shards"]:
-        lines = (out / s["index"]).read_text().splitlines()[1:]
-        twins = [line.split()[3][:9] for line in lines if " mask.jpg " in line]
+        twins = _index_keys(out / s["index"], MASK_EXT)
         assert s["masked"] == len(twins)
         masked_keys += [int(k) for k in twins]
     assert manifest["masked"] == len(masked_keys) == sum(s["masked"] for s in manifest["shards"])
@@ -455,7 +461,7 @@ def test_masked_conversion_deterministic_across_workers_and_fast_path_kept(small
     options = {"samples_per_shard": 50, "mask_fraction": 0.3, "mask_weights": (("kn95", 1.0), ("cloth", 1.0))}
     a = convert(src, tmp_path / "w1", ConvertOptions(workers=1, **options))
     convert(src, tmp_path / "w2", ConvertOptions(workers=2, **options))
-    assert _tree_bytes(tmp_path / "w1") == _tree_bytes(tmp_path / "w2")
+    assert tree_bytes(tmp_path / "w1") == tree_bytes(tmp_path / "w2")
     assert 0 < a["masked"] < 240 and a["arguments"]["mask_weights"] == {
         "surgical": 0.0,
         "kn95": 0.5,
@@ -465,10 +471,10 @@ def test_masked_conversion_deterministic_across_workers_and_fast_path_kept(small
     # the same tar as the plain conversion once the twins are taken out; --mask-fraction 0 writes no twin at all
     for s in converted[2]["shards"]:
         with_twins = _tar_members(tmp_path / "w1" / s["name"])
-        assert [m for m in with_twins if not m[0].endswith(".mask.jpg")] == _tar_members(converted[1] / s["name"])
-    plain = _tree_bytes(converted[1])
+        assert [m for m in with_twins if not m[0].endswith(f".{MASK_EXT}")] == _tar_members(converted[1] / s["name"])
+    plain = tree_bytes(converted[1])
     assert converted[2]["masked"] == 0 and converted[2]["arguments"]["mask_fraction"] == 0.0
-    assert not any(b"mask.jpg" in v for k, v in plain.items() if k.endswith(".idx"))
+    assert not any(MASK_EXT.encode() in v for k, v in plain.items() if k.endswith(".idx"))
 
 
 def test_dali_reads_masked_shards(tmp_path, small_dataset):
@@ -476,11 +482,7 @@ def test_dali_reads_masked_shards(tmp_path, small_dataset):
 
     src, _ = small_dataset
     m = convert(src, tmp_path, ConvertOptions(samples_per_shard=240, mask_fraction=0.5))
-    twins = {
-        line.split()[3][:9]
-        for line in (tmp_path / m["shards"][0]["index"]).read_text().splitlines()[1:]
-        if " mask.jpg " in line
-    }
+    twins = set(_index_keys(tmp_path / m["shards"][0]["index"], MASK_EXT))
     assert len(twins) == m["masked"]
 
     @pipeline_def(batch_size=16, num_threads=1, device_id=None)
@@ -488,7 +490,7 @@ def test_dali_reads_masked_shards(tmp_path, small_dataset):
         img, label, twin = fn.readers.webdataset(
             paths=[str(tmp_path / m["shards"][0]["name"])],
             index_paths=[str(tmp_path / m["shards"][0]["index"])],
-            ext=["jpg", "label.i32", "mask.jpg"],
+            ext=[JPEG_EXT, LABEL_EXT, MASK_EXT],
             dtypes=[types.UINT8, types.INT32, types.UINT8],
             missing_component_behavior="empty",
         )
@@ -528,7 +530,7 @@ def test_undecodable_jpeg_chosen_for_a_twin_is_an_error_or_skipped(tmp_path):
     cut = [[img[:40] if key == broken else img for key, label, img in records if label == c] for c in range(4)]
     write_dataset(src, cut)  # rewrite with record 7 cut short
     convert(src, tmp_path / "plain", ConvertOptions(samples_per_shard=16))  # no twins: passes through
-    line = _error_line(["convert", str(src), str(tmp_path / "fail"), "--mask-fraction", "1", "--quiet"])
+    line = error_line("convert", str(src), str(tmp_path / "fail"), "--mask-fraction", "1", "--quiet")
     assert "train.rec" in line and f"record {broken}" in line and "masked twin" in line
     m = convert(src, tmp_path / "skip", ConvertOptions(samples_per_shard=16, mask_fraction=1.0, on_error="skip"))
     assert m["samples"] == m["masked"] == 39 and [s["key"] for s in m["skipped_records"]] == [broken]

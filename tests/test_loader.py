@@ -23,6 +23,7 @@ from shard_edit import read_samples, rewrite_shard, update_manifest_entry
 from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.recordio import RecordFile
 from facetool.pipeline.shards import ConvertOptions, convert
+from facetool.pipeline.shards.format import JPEG_EXT, LABEL_EXT, MASK_EXT, index_header, read_index
 from facetool.pipeline.synth import write_synth
 from facetool.train.data import (
     DaliLoader,
@@ -57,10 +58,10 @@ class Reference:
             for key, members in read_samples(tar):
                 members = dict(members)
                 self.keys.add(key)
-                variants = [(False, members["jpg"])]
-                if "mask.jpg" in members:
+                variants = [(False, members[JPEG_EXT])]
+                if MASK_EXT in members:
                     self.has_mask.add(key)
-                    variants.append((True, members["mask.jpg"]))
+                    variants.append((True, members[MASK_EXT]))
                 for masked, data in variants:
                     pixels = _decode(data)
                     for flipped, img in ((False, pixels), (True, pixels[:, ::-1])):
@@ -316,8 +317,8 @@ def test_missing_index_is_an_error_naming_the_shard(damaged, kind):
 @pytest.mark.parametrize("kind", ["dali", "wds"])
 def test_truncated_shard_is_an_error_naming_the_shard(damaged, kind):
     tar = damaged / "shard-000001.tar"
-    line = (damaged / "shard-000001.idx").read_bytes().split(b"\n")[30].split()
-    cut = int(line[1]) + int(line[2]) // 2  # in the middle of sample 29's image
+    image = read_index(damaged / "shard-000001.idx")[29][0]
+    cut = image.offset + image.size // 2  # in the middle of sample 29's image
     with open(tar, "r+b") as f:
         f.truncate(cut)
     with pytest.raises(FacetoolError, match=r"shard-000001\.tar: truncated"):
@@ -338,7 +339,7 @@ def _drop_label(shards: Path, name: str, victim: int) -> str:
     tar = shards / name
     samples = read_samples(tar)
     key, members = samples[victim]
-    samples[victim] = (key, [m for m in members if m[0] != "label.i32"])
+    samples[victim] = (key, [m for m in members if m[0] != LABEL_EXT])
     size, digest, masked = rewrite_shard(tar, samples)
     update_manifest_entry(shards, name, size, digest, masked, len(samples))
     return key
@@ -377,7 +378,7 @@ def test_masked_prob_above_the_rendered_fraction_fails_before_anything_runs(data
 def test_index_that_disagrees_with_the_manifest_is_an_error(damaged):
     idx = damaged / "shard-000004.idx"
     lines = idx.read_bytes().split(b"\n")
-    idx.write_bytes(b"\n".join([b"v1.2 39", *lines[1:-2], b""]))
+    idx.write_bytes(index_header(39) + b"\n".join([*lines[1:-2], b""]))
     with pytest.raises(FacetoolError, match=r"shard-000004\.idx: lists 39 samples .* manifest says .* 40"):
         open_shards(damaged)
 

@@ -27,10 +27,11 @@ from collections.abc import Iterator
 import torch
 
 from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.shards.format import IMAGE_EXTS, LABEL_EXT, MASK_EXT
 from facetool.train.data.batch import Batch
 from facetool.train.data.config import LoaderConfig
 from facetool.train.data.epochs import batches_per_epoch, derive_seed, tar_order
-from facetool.train.data.shardset import MASK_EXT, ShardSet
+from facetool.train.data.shardset import ShardSet
 
 READER_NAME = "Reader"
 _MEAN = 127.5
@@ -87,7 +88,8 @@ def build_pipeline(
         enable_conditionals=True,
     )
     def graph():
-        exts = ["jpg;png", MASK_EXT, "label.i32"] if pick > 0 else ["jpg;png", "label.i32"]
+        images = ";".join(IMAGE_EXTS)
+        exts = [images, MASK_EXT, LABEL_EXT] if pick > 0 else [images, LABEL_EXT]
         outputs = fn.readers.webdataset(
             paths=[str(shards.shards[i].tar) for i in order],
             index_paths=[str(shards.shards[i].index) for i in order],

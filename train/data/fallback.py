@@ -26,11 +26,11 @@ from PIL import Image, ImageEnhance, ImageFilter
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from facetool.pipeline.errors import FacetoolError
-from facetool.pipeline.shards import LABEL_EXT
+from facetool.pipeline.shards.format import IMAGE_EXTS, LABEL_EXT, MASK_EXT, parse_index_line
 from facetool.train.data.batch import Batch
 from facetool.train.data.config import LoaderConfig
 from facetool.train.data.epochs import batches_per_epoch, derive_seed, tar_order
-from facetool.train.data.shardset import IMAGE_EXTS, MASK_EXT, ShardSet
+from facetool.train.data.shardset import ShardSet
 
 _SCALE = np.float32(1.0 / 127.5)
 
@@ -119,10 +119,13 @@ def _header_offset(index: str, sample: int) -> int:
     """Byte offset of the tar header of a shard's ``sample``-th sample (its first member's data offset - 512)."""
     with open(index, "rb") as f:
         line = next(itertools.islice(f, sample + 1, sample + 2), b"")
-    fields = line.split()
-    if len(fields) < 4:
+    try:
+        members = parse_index_line(line)
+    except ValueError:
+        raise FacetoolError(f"{index}: malformed line for sample {sample}") from None
+    if not members:
         raise FacetoolError(f"{index}: no line for sample {sample}")
-    return int(fields[1]) - 512
+    return members[0].header_offset
 
 
 def _check_sample(sample: dict, tar: str) -> None:

@@ -11,16 +11,21 @@ manifest, every sample has one image and one label, and the last member ends ins
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from facetool.pipeline.errors import FacetoolError
-from facetool.pipeline.shards import LABEL_EXT, read_manifest
-
-IMAGE_EXTS = ("jpg", "png")
-MASK_EXT = "mask.jpg"
-_INDEX_HEADER = re.compile(rb"v1\.2 (\d+)\n")
+from facetool.pipeline.shards.format import (
+    FORMAT_VERSION,
+    IMAGE_EXTS,
+    LABEL_EXT,
+    MANIFEST,
+    MASK_EXT,
+    index_sample_lines,
+    parse_index_header,
+    parse_index_line,
+    read_manifest,
+)
 
 
 @dataclass(frozen=True)
@@ -76,8 +81,9 @@ def open_shards(path: str | os.PathLike, check: bool = True) -> ShardSet:
     """Load ``manifest.json`` of a shard folder and (unless ``check=False``) check every shard against it."""
     root = Path(path)
     manifest = read_manifest(root)
-    if manifest.get("format_version") != 1:
-        raise FacetoolError(f"{root / 'manifest.json'}: shard format version {manifest.get('format_version')}, need 1")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version")
+        raise FacetoolError(f"{root / MANIFEST}: shard format version {version}, need {FORMAT_VERSION}")
     if manifest.get("part", {}).get("count", 1) != 1:
         raise FacetoolError(f"{root}: holds one part of a cluster conversion; run `facetool merge-parts` first")
     shards = []
@@ -112,10 +118,9 @@ def check_shard(shard: Shard, expected_bytes: int | None = None) -> None:
         text = shard.index.read_bytes()
     except OSError as err:
         raise FacetoolError(f"{shard.index}: cannot read ({err.strerror})") from None
-    head = _INDEX_HEADER.match(text)
-    if head is None:
+    n = parse_index_header(text)
+    if n is None:
         raise FacetoolError(f"{shard.index}: not a DALI webdataset index (first line must be 'v1.2 N')")
-    n = int(head.group(1))
     lines = text.count(b"\n") - 1
     if n != shard.samples or lines != n:
         raise FacetoolError(
@@ -145,23 +150,23 @@ def check_shard(shard: Shard, expected_bytes: int | None = None) -> None:
 
 def _last_member_end(shard: Shard, text: bytes) -> tuple[int, str]:
     """Where the last sample's members end, and the member that ends last."""
-    last = text.rstrip(b"\n").rsplit(b"\n", 1)[-1].split()
-    if len(last) % 4:
-        raise FacetoolError(f"{shard.index}: malformed last line {b' '.join(last).decode(errors='replace')!r}")
+    last = text.rstrip(b"\n").rsplit(b"\n", 1)[-1]
     try:
-        ends = [(int(last[i + 1]) + int(last[i + 2]), last[i + 3].decode()) for i in range(0, len(last), 4)]
+        members = parse_index_line(last)
     except ValueError:
-        raise FacetoolError(f"{shard.index}: malformed last line") from None
-    return max(ends)
+        raise FacetoolError(f"{shard.index}: malformed last line {last.decode(errors='replace')!r}") from None
+    return max((m.offset + m.size, m.name) for m in members)
 
 
 def _find_incomplete_sample(shard: Shard, text: bytes) -> None:
     """Slow path, only on error: name the first sample that lacks an image or a label (or has two)."""
-    for i, line in enumerate(text.split(b"\n")[1:-1]):
-        fields = line.split()
-        exts = [f.decode(errors="replace") for f in fields[0::4]]
-        names = [f.decode(errors="replace") for f in fields[3::4]]
-        key = names[0].split(".", 1)[0] if names else f"#{i}"
+    for i, line in enumerate(index_sample_lines(text)):
+        try:
+            members = parse_index_line(line)
+        except ValueError:
+            raise FacetoolError(f"{shard.index}: malformed line {i + 2} {line.decode(errors='replace')!r}") from None
+        exts = [m.ext for m in members]
+        key = members[0].key if members else f"#{i}"
         n_images = sum(e in IMAGE_EXTS for e in exts)
         if exts.count(LABEL_EXT) != 1:
             what = "has no label" if LABEL_EXT not in exts else "has more than one label"

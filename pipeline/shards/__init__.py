@@ -1,0 +1,61 @@
+"""RecordIO -> WebDataset tar shards (format v1, see docs/FORMAT.md): shuffled, indexed, parallel, resumable.
+
+- ``format``: member and file names, DALI index lines, the manifest (``read_manifest``, ``merge_parts``);
+- ``tar``: tar headers, index lines and ``ShardWriter``, which streams one tar;
+- ``plan``: ``ConvertOptions``, ``Source``, the seeded permutation and parts, the resumable state folder;
+- ``write``: writing one shard; ``convert``: the command, over a pool of worker processes.
+"""
+
+from facetool.pipeline import DEFAULT_SAMPLES_PER_SHARD
+from facetool.pipeline.shards.convert import convert
+from facetool.pipeline.shards.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    IMAGE_EXTS,
+    LABEL_EXT,
+    MASK_EXT,
+    IndexMember,
+    ShardStats,
+    merge_parts,
+    parse_index_line,
+    read_manifest,
+    shard_name,
+)
+from facetool.pipeline.shards.plan import (
+    STATE_DIR,
+    ConvertJob,
+    ConvertOptions,
+    MaskPlan,
+    Source,
+    part_shards,
+    plan_permutation,
+)
+from facetool.pipeline.shards.tar import ShardWriter, tar_header, tar_headers
+from facetool.pipeline.shards.write import write_shard
+
+__all__ = [
+    "DEFAULT_SAMPLES_PER_SHARD",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "IMAGE_EXTS",
+    "LABEL_EXT",
+    "MASK_EXT",
+    "STATE_DIR",
+    "ConvertJob",
+    "ConvertOptions",
+    "IndexMember",
+    "MaskPlan",
+    "ShardStats",
+    "ShardWriter",
+    "Source",
+    "convert",
+    "merge_parts",
+    "parse_index_line",
+    "part_shards",
+    "plan_permutation",
+    "read_manifest",
+    "shard_name",
+    "tar_header",
+    "tar_headers",
+    "write_shard",
+]

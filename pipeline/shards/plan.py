@@ -1,0 +1,269 @@
+"""The plan of a conversion: checked options, the source, the seeded permutation, the parts, and the state folder.
+
+The plan is a pure function of (record count, seed, samples per shard): shard ``s`` holds the records at positions
+``perm[s*S:(s+1)*S]`` of a seeded permutation, so shards can be written in any order, by any number of processes
+or cluster jobs (``part``). ``.facetool-convert/`` in the output folder records the plan being carried out
+(``claim_plan``) and each finished shard's stats until the manifest is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from facetool.pipeline import DEFAULT_SAMPLES_PER_SHARD
+from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.recordio import RecordFile, read_property
+from facetool.pipeline.shards.format import ShardStats, manifest_name, publish, shard_name
+
+STATE_DIR = ".facetool-convert"
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What decides the output bytes (plus ``workers``, which does not)."""
+
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD
+    seed: int = 0
+    shuffle: bool = True
+    on_error: str = "fail"  # or "skip"
+    part: tuple[int, int] = (0, 1)  # (I, N): this job writes the I-th of N contiguous blocks of shards
+    workers: int = 1
+    use_index: bool = True
+    mask_fraction: float = 0.0  # share of samples that get a masked twin (``mask.jpg``), chosen by (seed, key)
+    mask_weights: tuple[tuple[str, float], ...] | None = None  # (kind, weight) pairs; None: the renderer's defaults
+
+    def validate(self) -> None:
+        """Raise a FacetoolError naming the first option out of range (before any work is done)."""
+        if self.samples_per_shard < 1:
+            raise FacetoolError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
+        if self.on_error not in ("fail", "skip"):
+            raise FacetoolError(f"--on-error must be 'fail' or 'skip', got {self.on_error!r}")
+        if not 0.0 <= self.mask_fraction <= 1.0:
+            raise FacetoolError(f"--mask-fraction must be in [0, 1], got {self.mask_fraction}")
+        if self.mask_fraction > 0 and self.seed < 0:
+            raise FacetoolError(f"--seed must be >= 0 with --mask-fraction, got {self.seed}")
+        self.mask_probabilities()  # unknown kinds or bad weights
+        pi, pn = self.part
+        if not (pn >= 1 and 0 <= pi < pn):
+            raise FacetoolError(f"--part must be I/N with 0 <= I < N, got {pi}/{pn}")
+
+    def mask_probabilities(self) -> dict[str, float] | None:
+        """The kinds' normalised weights, or None when no sample is masked."""
+        if self.mask_fraction <= 0:
+            return None
+        from facetool.pipeline.masks import normalise_weights
+
+        return normalise_weights(dict(self.mask_weights) if self.mask_weights is not None else None)
+
+    def output_arguments(self) -> dict:
+        """The arguments recorded in the manifest: those that change the shards (not workers, not the part)."""
+        return {
+            "samples_per_shard": self.samples_per_shard,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "on_error": self.on_error,
+            "mask_fraction": self.mask_fraction,
+            "mask_weights": self.mask_probabilities(),
+        }
+
+
+@dataclass
+class Source:
+    """An InsightFace dataset folder (or a ``.rec`` with its ``.idx`` and ``property`` beside it)."""
+
+    rec: Path
+    idx: Path | None
+    property: Path | None
+
+    @classmethod
+    def locate(cls, src: str | os.PathLike, use_index: bool = True) -> Source:
+        """Find ``train.rec``/``train.idx``/``property``; a missing ``.idx`` is an error unless ``use_index`` is off."""
+        src = Path(src)
+        if src.is_dir():
+            rec = src / "train.rec"
+        elif src.suffix == ".rec":
+            rec = src
+        else:
+            raise FacetoolError(f"{src}: not a dataset folder (with train.rec) nor a .rec file")
+        if not rec.is_file():
+            raise FacetoolError(f"{rec}: not found")
+        idx = rec.with_suffix(".idx")
+        if use_index and not idx.is_file():
+            raise FacetoolError(
+                f"{idx}: index file not found (pass --no-index to scan {rec.name} sequentially instead)"
+            )
+        prop = rec.parent / "property"
+        return cls(rec, idx if use_index else None, prop if prop.is_file() else None)
+
+    def num_classes(self, reader: RecordFile) -> int | None:
+        """Classes from ``property``, cross-checked against layout A's identity records."""
+        if self.property is None:
+            return reader.num_identities
+        num_classes, _, _ = read_property(self.property)
+        if reader.num_identities is not None and reader.num_identities != num_classes:
+            raise FacetoolError(
+                f"{self.property}: says {num_classes} classes but {self.rec} holds {reader.num_identities} "
+                "identity records"
+            )
+        return num_classes
+
+
+def plan_permutation(num_records: int, seed: int, shuffle: bool) -> np.ndarray:
+    """Positions of the image records in write order: a seeded global permutation (or identity order)."""
+    if not shuffle:
+        return np.arange(num_records, dtype=np.int64)
+    return np.random.default_rng(seed).permutation(num_records).astype(np.int64)
+
+
+def part_shards(num_shards: int, part: tuple[int, int]) -> range:
+    """The contiguous block of shard numbers that job ``I`` of ``N`` writes."""
+    i, n = part
+    return range(num_shards * i // n, num_shards * (i + 1) // n)
+
+
+@dataclass(frozen=True)
+class MaskPlan:
+    """Which samples get a masked twin and how it is drawn (see ``facetool.pipeline.masks``)."""
+
+    fraction: float
+    seed: int
+    weights: dict[str, float]
+
+
+@dataclass(frozen=True, eq=False)
+class ConvertJob:
+    """One conversion, planned: everything a shard writer needs, in this process or a worker (sent once)."""
+
+    out: Path
+    source: Source
+    options: ConvertOptions
+    num_classes: int | None
+    layout: str
+    source_bytes: int
+    perm: np.ndarray
+    masks: MaskPlan | None
+
+    @classmethod
+    def plan(cls, out: Path, source: Source, reader: RecordFile, options: ConvertOptions) -> ConvertJob:
+        """Plan the conversion of ``reader`` (the open ``source``) into ``out``."""
+        num_classes = source.num_classes(reader)
+        if len(reader) == 0:
+            raise FacetoolError(f"{source.rec}: no image records to convert")
+        weights = options.mask_probabilities()
+        masks = MaskPlan(options.mask_fraction, options.seed, weights) if weights is not None else None
+        perm = plan_permutation(len(reader), options.seed, options.shuffle)
+        return cls(out, source, options, num_classes, reader.layout, reader.size, perm, masks)
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.perm.size // self.options.samples_per_shard)
+
+    @property
+    def mine(self) -> range:
+        """The shards this part writes."""
+        return part_shards(self.num_shards, self.options.part)
+
+    def positions(self, shard: int) -> np.ndarray:
+        """The record positions (in the reader's key order) that ``shard`` holds, in write order."""
+        S = self.options.samples_per_shard
+        return self.perm[shard * S : (shard + 1) * S]
+
+    def is_written(self, shard: int) -> bool:
+        """Whether the shard's tar is under its final name (it is renamed last, so then it is complete)."""
+        return (self.out / f"{shard_name(shard)}.tar").is_file()
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.out / manifest_name(self.options.part)
+
+    @property
+    def plan_path(self) -> Path:
+        pi, pn = self.options.part
+        return self.out / STATE_DIR / f"plan.part-{pi:04d}-of-{pn:04d}.json"
+
+    def stats_path(self, shard: int) -> Path:
+        """Where a finished shard's stats wait for the manifest."""
+        return self.out / STATE_DIR / f"{shard_name(shard)}.json"
+
+    def record(self) -> dict:
+        """What the state folder records of this plan: a resumed run must match it."""
+        return {
+            "source": str(self.source.rec.resolve()),
+            "source_bytes": self.source_bytes,
+            "records": int(self.perm.size),
+            "arguments": self.options.output_arguments(),
+            "part": list(self.options.part),
+        }
+
+
+def finished_manifest(job: ConvertJob) -> dict | None:
+    """The manifest of this conversion when it is already complete in ``job.out`` (None when it is not); a
+    complete conversion with other arguments or another source is an error."""
+    path = job.manifest_path
+    if not path.is_file() or job.plan_path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    plan = job.record()
+    if manifest.get("arguments") != plan["arguments"] or manifest["source"]["path"] != plan["source"]:
+        raise FacetoolError(f"{path}: this folder holds a conversion with other arguments or source")
+    return manifest
+
+
+def check_output_dir(out: Path) -> None:
+    """Create the output and state folders, or fail with one line when they cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / STATE_DIR).mkdir(exist_ok=True)
+        probe = out / STATE_DIR / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")  # a probe, removed at once: not a file facetool publishes
+        probe.unlink()
+    except OSError as err:
+        raise FacetoolError(f"{out}: output folder is not writable ({err.strerror})") from None
+
+
+def claim_plan(job: ConvertJob) -> None:
+    """Record what this output folder is being made from; refuse to mix two different conversions in it."""
+    plan = job.record()
+    if job.plan_path.is_file():
+        old = json.loads(job.plan_path.read_text())
+        if old != plan:
+            diff = sorted(k for k in plan if old.get(k) != plan[k])
+            raise FacetoolError(
+                f"{job.out}: holds an unfinished conversion that differs in {', '.join(diff)}; "
+                "re-run it with the same arguments or use another output folder"
+            )
+        return
+    publish(job.plan_path, json.dumps(plan, indent=1))
+
+
+def save_stats(job: ConvertJob, shard: int, stats: ShardStats) -> None:
+    """Record a finished shard's stats in the state folder (before its tar gets its final name)."""
+    publish(job.stats_path(shard), json.dumps(asdict(stats)))
+
+
+def load_stats(job: ConvertJob, shard: int) -> ShardStats:
+    """The stats a finished shard recorded; an error naming the shard when they are missing."""
+    path = job.stats_path(shard)
+    try:
+        return ShardStats(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        raise FacetoolError(
+            f"{job.out / (shard_name(shard) + '.tar')}: exists but its record {path} is missing; "
+            "delete the shard and re-run"
+        ) from None
+
+
+def clear_state(job: ConvertJob) -> None:
+    """Remove this part's state once its manifest is written (and the state folder, when no part is left)."""
+    for s in job.mine:
+        job.stats_path(s).unlink(missing_ok=True)
+    job.plan_path.unlink(missing_ok=True)
+    try:
+        (job.out / STATE_DIR).rmdir()
+    except OSError:
+        pass  # other parts still at work
