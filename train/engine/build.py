@@ -10,21 +10,19 @@ import torch
 from torch import nn
 
 from facetool.pipeline.errors import FacetoolError
+from facetool.train.data import DaliLoader, WdsLoader, create_loader, open_shards
 from facetool.train.engine.config import SCHEDULE_KEYS, Config, backbone_options, head_options, loader_config
 from facetool.train.engine.context import Context
+from facetool.train.engine.data import SyntheticLoader
 from facetool.train.engine.optim import Schedule, create_optimizer, parameter_groups
 
 
-def build_loader(cfg: Config, ctx: Context) -> Any:
+def build_loader(cfg: Config, ctx: Context) -> DaliLoader | WdsLoader | SyntheticLoader:
     """This rank's loader: the shard loader ``[data]`` describes, or the synthetic source (model-only rate)."""
     data = cfg["data"]
     if data["source"] == "synthetic":
-        from facetool.train.engine.data import SyntheticLoader
-
         return SyntheticLoader(data["synthetic_samples"], data["synthetic_classes"], data["batch_size"], ctx.rank,
                                ctx.world_size, cfg["run"]["seed"], ctx.device)  # fmt: skip
-    from facetool.train.data import create_loader, open_shards
-
     shards = open_shards(data["shards"])
     config = loader_config(cfg)
     if data["batch_size"] * ctx.world_size > shards.samples:

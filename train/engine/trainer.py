@@ -23,6 +23,7 @@ from torch import nn
 
 from facetool.pipeline.atomic import write_bytes_atomic, write_json_atomic
 from facetool.pipeline.errors import FacetoolError
+from facetool.train.data import Batch
 from facetool.train.engine import checkpoint as ckpt
 from facetool.train.engine.build import (
     build_backbone,
@@ -159,7 +160,7 @@ class Trainer:
         return result
 
     # -- the loop --------------------------------------------------------------------------------------------------
-    def _loss(self, batch) -> torch.Tensor:
+    def _loss(self, batch: Batch) -> torch.Tensor:
         images, labels, masked = batch
         if self.mae is not None:
             return self.model(images)
@@ -170,7 +171,7 @@ class Trainer:
             emb.register_hook(lambda g, w=self.ctx.world_size: g * w)
         return self.head(emb.float(), labels)
 
-    def _batches(self) -> Iterator:
+    def _batches(self) -> Iterator[Batch]:
         """The loader's batches from the current step on: the loader starts the step's epoch directly (every
         loader derives an epoch from the seed and its number alone), and the batches before the position in that
         epoch are drawn and dropped (the loader draws the same ones again, so the position is exact)."""
@@ -183,7 +184,7 @@ class Trainer:
                 yield batch
             skip = 0
 
-    def train_step(self, batch, session: Session) -> tuple[float, float]:
+    def train_step(self, batch: Batch, session: Session) -> tuple[float, float]:
         """One optimiser step on ``batch`` at the scheduled learning rate; returns (lr, loss)."""
         ctx, run = self.ctx, self.cfg["run"]
         lr = self.schedule(self.step)
@@ -214,7 +215,7 @@ class Trainer:
         session.images += self.global_batch
         return lr, value
 
-    def after_step(self, lr: float, loss: float, session: Session, bar=None) -> None:
+    def after_step(self, lr: float, loss: float, session: Session, bar: Any = None) -> None:
         """What follows a step: the scalars every ``run.log_every`` steps, a checkpoint every
         ``run.checkpoint_every``, an evaluation (and the summary) every ``eval.every``, and all three at the end."""
         run, last = self.cfg["run"], self.step == self.total
@@ -271,7 +272,7 @@ class Trainer:
             f"{self.scalars.kind}"
         )
 
-    def _progress_bar(self):
+    def _progress_bar(self) -> Any:
         if not self.ctx.main or self.quiet:
             return None
         from tqdm import tqdm
