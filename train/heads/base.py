@@ -180,7 +180,6 @@ class Head(nn.Module):
         return self._generators[device]
 
     # -- the shared mechanism ----------------------------------------------------------------------------------
-
     def sample_classes(self, labels: Tensor) -> Tensor:
         """Sorted local class indices to use this step: every class of ``labels`` held here, plus random others.
 

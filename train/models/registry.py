@@ -38,9 +38,10 @@ def create_backbone(name: str, **options: Any) -> nn.Module:
     if name not in _BACKBONES:
         raise FacetoolError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}")
     fn = _BACKBONES[name]
-    takes = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    params = inspect.signature(fn).parameters.values()
+    takes = [p.name for p in params if p.kind is not p.VAR_KEYWORD]
     unknown = sorted(set(options) - set(takes))
-    if unknown:
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
         raise FacetoolError(f"option not taken by {name}: {', '.join(unknown)}; it takes {', '.join(takes)}")
     try:
         return fn(**options)
