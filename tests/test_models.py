@@ -54,7 +54,7 @@ def test_registry_lists_every_backbone() -> None:
 
 
 def test_unknown_backbone_lists_known_names() -> None:
-    with pytest.raises(ValueError, match="unknown backbone 'resnet9'") as err:
+    with pytest.raises(FacetoolError, match="unknown backbone 'resnet9'") as err:
         create_backbone("resnet9")
     assert "ir100" in str(err.value) and "facet_base" in str(err.value)
 
@@ -166,11 +166,19 @@ def test_prompts_only_in_the_first_layers() -> None:
     assert (t1 - t0).abs().max() > 1e-3
 
 
-def test_option_errors() -> None:
-    with pytest.raises(ValueError, match="norm"):
-        create_backbone("facet_tiny", norm="postnorm")
-    with pytest.raises(ValueError, match="prompt_layers"):
-        create_backbone("facet_tiny", prompt_layers=5)
+@pytest.mark.parametrize(
+    "name, options, match",
+    [
+        ("facet_tiny", {"norm": "postnorm"}, "norm must be one of"),
+        ("facet_tiny", {"prompt_layers": 5}, "prompt_layers must be in 0..4"),
+        ("tinynet", {"depth": 3}, "option not taken by tinynet: depth; it takes embedding_size, width"),
+        ("ir50", {"width": 2, "norm": "x"}, "option not taken by ir50: norm, width"),
+    ],
+)
+def test_option_errors(name: str, options: dict, match: str) -> None:
+    with pytest.raises(FacetoolError, match=match) as err:
+        create_backbone(name, **options)
+    assert "\n" not in str(err.value)
 
 
 def test_deepnorm_and_prenorm_build() -> None:

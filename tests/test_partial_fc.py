@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from facetool.pipeline.errors import FacetoolError
 from facetool.train.heads import class_shard, create_head
 
 torch.set_num_threads(1)
@@ -189,7 +190,7 @@ def test_class_shard_remainder_rule():
     assert [s.size for s in shards] == [257_489] * 2 + [257_488] * 6
     assert [s.start for s in shards] == [0, 257_489, 514_978, 772_466, 1_029_954, 1_287_442, 1_544_930, 1_802_418]
     assert shards[-1].start + shards[-1].size == 2_059_906
-    with pytest.raises(ValueError, match="cannot be sharded"):
+    with pytest.raises(FacetoolError, match="cannot be sharded"):
         class_shard(3, 0, 4)
 
 
@@ -209,3 +210,25 @@ def test_one_rank_partial_fc_sampling():
     assert logits.shape == (6, 10)
     sampled.eval()  # evaluation uses every class
     assert sampled.logits(x, y).shape == (6, 50)
+
+
+def test_class_sampler_travels_in_the_head_state_dict():
+    """A head loaded from another's state_dict draws the classes that one would have drawn next (exact resume)."""
+    y = torch.tensor([1, 7, 30])
+    first = create_head("arcface", E, 50, partial_fc=True, sample_rate=0.2, seed=3)
+    assert first.state_dict()["_extra_state"] == {}  # nothing drawn yet: the seed decides
+    first.sample_classes(y)
+    state = first.state_dict()
+    assert set(state["_extra_state"]) == {"sampler"}
+    going_on = [first.sample_classes(y) for _ in range(3)]
+    resumed = create_head("arcface", E, 50, partial_fc=True, sample_rate=0.2, seed=3)
+    resumed.sample_classes(y)  # its own draws are replaced by the loaded state
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["_extra_state"]["sampler"].equal(state["_extra_state"]["sampler"])
+    again = [resumed.sample_classes(y) for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(going_on, again, strict=True))
+    assert not torch.equal(going_on[0], going_on[1])  # the draws do change from step to step
+    fresh = create_head("arcface", E, 50, partial_fc=True, sample_rate=0.2, seed=3)
+    fresh.load_state_dict(create_head("arcface", E, 50, partial_fc=True, sample_rate=0.2, seed=3).state_dict())
+    assert torch.equal(fresh.sample_classes(y), create_head("arcface", E, 50, partial_fc=True, sample_rate=0.2,
+                                                             seed=3).sample_classes(y))  # fmt: skip

@@ -3,27 +3,31 @@ training, MAE, NaN stop; on shards written by our own synth + convert."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import error_line, kill_when, run_cli
 
 from facetool.cli import main
 from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.shards import ConvertOptions, convert
 from facetool.pipeline.synth import write_synth
-from facetool.train.engine import MAE, Schedule, load_config, parameter_groups, to_toml
-from facetool.train.engine.config import defaults
+from facetool.train.data import LoaderConfig
+from facetool.train.engine import MAE, Schedule, Trainer, load_config, parameter_groups, to_toml
+from facetool.train.engine.config import defaults, loader_config
+from facetool.train.engine.scalars import ScalarLog
 from facetool.train.models import create_backbone, save_backbone
 
+ENV = {"OMP_NUM_THREADS": "1"}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -59,10 +63,9 @@ def write_config(path: Path, root: Path, **tables: dict) -> Path:
     return path
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "facetool", "train", *args, "--quiet"], capture_output=True,
-                          text=True, env=env, timeout=300)  # fmt: skip
+def train(*args: str) -> subprocess.CompletedProcess:
+    """``facetool train ARGS --quiet`` in a fresh process, one torch thread (no traceback, whatever the exit)."""
+    return run_cli("train", *args, "--quiet", env=ENV, timeout=300)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -91,6 +94,13 @@ def test_config_round_trip_and_overrides(tmp_path, data) -> None:
         ({"optim": {"betas": [0.9, "x"]}}, None, "optim.betas must be a list of numbers"),
         ({}, "optim.momentun=0.8", "--set optim.momentun=0.8: unknown key optim.momentun (did you mean 'momentum'?)"),
         ({}, "data.batch_size=big", "--set data.batch_size=big: data.batch_size must be an integer, got 'big'"),
+        ({"data": {"batch_size": 0}}, None, "data.batch_size must be an integer >= 1, got 0"),
+        ({"data": {"masked_prob": 1.5}}, None, "data.masked_prob must be in [0, 1], got 1.5"),
+        ({"data": {"crop_area": [0.9]}}, None, "data.crop_area must be a pair (low, high), got (0.9,)"),
+        ({"data": {"brightness": "x"}}, None, "data.brightness must be a number, got 'x'"),
+        ({"data": {"dtype": "float16"}}, None, "unknown key data.dtype"),
+        ({"schedule": {"kind": "linear"}}, None, "schedule.kind must be one of cosine, poly, step, constant"),
+        ({"mae": {"decoder_depth": 1.5}}, None, "mae.decoder_depth must be an integer, got 1.5"),
     ],
 )
 def test_config_errors_name_key_and_file(tmp_path, data, patch, override, message) -> None:
@@ -102,6 +112,19 @@ def test_config_errors_name_key_and_file(tmp_path, data, patch, override, messag
         assert str(err.value).startswith(f"{path}: ")
 
 
+def test_data_table_is_the_loader_config(tmp_path, data) -> None:
+    """[data] takes LoaderConfig's options (but those the engine sets) with its defaults, and fills it."""
+    engine_set = {"seed", "last_batch", "image_size", "dtype"}
+    fields = {f.name: f.default for f in dataclasses.fields(LoaderConfig) if f.name not in engine_set}
+    table = defaults()["data"]
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in table.items() if k in fields} == fields
+    assert engine_set.isdisjoint(table)
+    path = write_config(tmp_path / "c.toml", data, data={"crop_area": [0.9, 1], "hue": 5})
+    got = loader_config(load_config(path))
+    assert got == LoaderConfig(seed=1, last_batch="drop", batch_size=8, masked_prob=0.25, shuffle_buffer=16,
+                               crop_area=(0.9, 1.0), hue=5.0)  # fmt: skip
+
+
 def test_missing_shards_and_bins_fail_before_training(tmp_path, data) -> None:
     path = write_config(tmp_path / "c.toml", data, data={"shards": str(tmp_path / "nowhere")})
     with pytest.raises(FacetoolError, match="data.shards: .*nowhere is not a folder"):
@@ -111,23 +134,38 @@ def test_missing_shards_and_bins_fail_before_training(tmp_path, data) -> None:
         load_config(path)
 
 
-def test_cli_errors_are_one_line_before_any_step(tmp_path, data) -> None:
-    other = tmp_path / "mfn.pt"
+FACET = {"name": "facet_tiny"}
+
+
+@pytest.mark.parametrize(
+    "model, overrides, message",
+    [
+        (None, [], "holds a 'facet_tiny' backbone, this run trains 'tinynet'"),
+        (None, ["model.depth=3"], "[model] option not taken by tinynet: depth; it takes embedding_size, width"),
+        (FACET, ["model.norm=postnorm"], "[model] norm must be one of prenorm, deepnorm"),
+        (None, ["head.m=2.0"], "[head] an angular margin must be in [0, pi/2), got 2.0"),
+        (None, ["head.name=nosuch"], "head.name 'nosuch' is not a head; known: arcface"),
+        (None, ["run.task=mae"], "run.task = 'mae' needs a FaceT backbone, not 'tinynet'"),
+        (FACET, ["run.task=mae", "mae.mask_ratio=0.001"], "[mae] mask_ratio 0.001 masks 0 of 196 patches"),
+    ],
+)
+def test_cli_errors_are_one_line_before_any_step(tmp_path, data, model, overrides, message) -> None:
+    other = tmp_path / "facet.pt"
     save_backbone(other, create_backbone("facet_tiny"), "facet_tiny", {})
-    path = write_config(tmp_path / "c.toml", data, run={"init_from": str(other)})
-    result = CliRunner().invoke(main, ["train", str(path), "--output", str(tmp_path / "out"), "--quiet"])
-    assert result.exit_code == 1
-    assert "holds a 'facet_tiny' backbone, this run trains 'tinynet'" in result.output
-    assert "Traceback" not in result.output
+    path = write_config(tmp_path / "c.toml", data, run={"init_from": "" if overrides else str(other)})
+    if model is not None:
+        path.write_text(to_toml({**tomllib.loads(path.read_text()), "model": model}))
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    line = error_line("train", str(path), "--output", str(tmp_path / "out"), *sets, "--quiet", env=ENV)
+    assert line.startswith(f"Error: {path}: ") or line.startswith("Error: run.init_from: ")
+    assert message in line
     assert not (tmp_path / "out" / "checkpoints").exists()
-    result = CliRunner().invoke(main, ["train", str(path), "--set", "model.depth=3", "--quiet"])
-    assert result.exit_code == 1 and "[model] option not taken by tinynet" in result.output
 
 
 def test_resume_with_another_backbone_is_refused(tmp_path, data) -> None:
     path = write_config(tmp_path / "c.toml", data, run={"steps": 2})
     out = tmp_path / "out"
-    assert run_cli(str(path), "--output", str(out)).returncode == 0
+    assert train(str(path), "--output", str(out)).returncode == 0
     result = CliRunner().invoke(main, ["train", str(path), "--output", str(out), "--resume", "--set",
                                        "model.width=8", "--set", "run.steps=4", "--quiet"])  # fmt: skip
     assert result.exit_code == 1
@@ -197,28 +235,21 @@ def test_sigkill_and_resume_give_bitwise_the_same_weights(tmp_path, data, backen
     path = write_config(tmp_path / "c.toml", data, run={"steps": 30, "checkpoint_every": 5, "seed": 3},
                         data={"backend": backend, "threads": 1})  # fmt: skip
     full = tmp_path / "full"
-    assert run_cli(str(path), "--output", str(full)).returncode == 0, "uninterrupted run failed"
+    assert train(str(path), "--output", str(full)).returncode == 0, "uninterrupted run failed"
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "facetool", "train", str(path), "--output", str(killed), "--quiet"],
-                            env=env)  # fmt: skip
     first = killed / "checkpoints" / "step-00000020" / "COMPLETE"
     scalars = killed / "logs" / "scalars.jsonl"
 
     def logged_past_checkpoint() -> bool:  # step 21 or 22 logged: the resumed run will log them again
         return first.exists() and scalars.exists() and any(f'"step": {n},' in scalars.read_text() for n in (21, 22))
 
-    deadline = time.time() + 240
-    while not logged_past_checkpoint() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(["train", str(path), "--output", str(killed), "--quiet"], logged_past_checkpoint, env=ENV)
     assert not (killed / "backbone.pt").exists(), "the run finished before it was killed"
     steps = sorted(p.name for p in (killed / "checkpoints").iterdir() if (p / "COMPLETE").exists())
     assert steps and steps[-1] < "step-00000030"
 
-    result = run_cli(str(path), "--output", str(killed), "--resume")
+    result = train(str(path), "--output", str(killed), "--resume")
     assert result.returncode == 0, result.stderr
     a, b = weights(full / "backbone.pt"), weights(killed / "backbone.pt")
     assert a.keys() == b.keys()
@@ -237,9 +268,23 @@ def test_sigkill_and_resume_give_bitwise_the_same_weights(tmp_path, data, backen
     assert losses(killed) == losses(full) and [s for s, _ in losses(full)] == list(range(1, 31))
 
 
-def test_resumed_scalar_log_drops_what_came_after_the_checkpoint(tmp_path) -> None:
-    from facetool.train.engine.trainer import ScalarLog
+def test_checkpoint_with_the_sampler_among_its_rng_states_resumes_it(tmp_path, data) -> None:
+    """Checkpoints written before the head carried its class sampler (in its state_dict's extra state) kept the
+    sampler's generator among the RNG states: they resume it all the same."""
+    path = write_config(tmp_path / "c.toml", data, run={"steps": 2})
+    out = tmp_path / "out"
+    assert train(str(path), "--output", str(out)).returncode == 0
+    rank0 = out / "checkpoints/step-00000002/rank-00000.pt"
+    state = torch.load(rank0, weights_only=True)
+    sampler = state["head"].pop("_extra_state")["sampler"]
+    state["rng"]["head_sampler"] = sampler
+    torch.save(state, rank0)
+    trainer = Trainer(load_config(path, ["run.steps=4"]), out, resume=True, quiet=True)
+    trainer.scalars.close()
+    assert trainer.step == 2 and torch.equal(trainer.head.get_extra_state()["sampler"], sampler)
 
+
+def test_resumed_scalar_log_drops_what_came_after_the_checkpoint(tmp_path) -> None:
     log = tmp_path / "logs"
     log.mkdir()
     rows = [json.dumps({"step": n, "train/loss": 1.0 / n}) for n in range(1, 6)]
@@ -254,8 +299,6 @@ def test_resumed_scalar_log_drops_what_came_after_the_checkpoint(tmp_path) -> No
 def test_tensorboard_events_beside_the_jsonl_and_purged_on_resume(tmp_path) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from facetool.train.engine.trainer import ScalarLog
 
     log = tmp_path / "logs"
     first = ScalarLog(log, True)
@@ -279,7 +322,7 @@ def test_eval_summary_and_exported_backbone(tmp_path, data) -> None:
     path = write_config(tmp_path / "c.toml", data, run={"steps": 4}, eval={"bins": [str(data / "src/synth.bin")],
                         "every": 2})  # fmt: skip
     out = tmp_path / "out"
-    result = run_cli(str(path), "--output", str(out))
+    result = train(str(path), "--output", str(out))
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["images_per_s"] > 0
@@ -306,10 +349,9 @@ def test_eval_summary_and_exported_backbone(tmp_path, data) -> None:
 def test_nonfinite_loss_stops_naming_the_step(tmp_path, data) -> None:
     path = write_config(tmp_path / "c.toml", data, run={"steps": 6, "checkpoint_every": 1},
                         optim={"lr": 1e30}, schedule={"warmup_steps": 0})  # fmt: skip
-    result = run_cli(str(path), "--output", str(tmp_path / "out"))
-    assert result.returncode == 1
-    assert "the loss is nan (not finite); training stopped, the last good checkpoint is" in result.stderr
-    assert "step " in result.stderr and "Traceback" not in result.stderr
+    line = error_line("train", str(path), "--output", str(tmp_path / "out"), "--quiet", env=ENV)
+    assert "the loss is nan (not finite); training stopped, the last good checkpoint is" in line
+    assert line.startswith("Error: step ")
 
 
 def test_defaults_cover_every_table() -> None:
@@ -328,7 +370,7 @@ def test_two_gloo_ranks_follow_the_one_process_loss_curve(tmp_path, data) -> Non
     }
     one = write_config(tmp_path / "one.toml", data, **{**common, "data": {**common["data"], "batch_size": 8}})
     two = write_config(tmp_path / "two.toml", data, **{**common, "data": {**common["data"], "batch_size": 4}})
-    assert run_cli(str(one), "--output", str(tmp_path / "one")).returncode == 0
+    assert train(str(one), "--output", str(tmp_path / "one")).returncode == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "facetool",
            "train", str(two), "--output", str(tmp_path / "two"), "--quiet"]  # fmt: skip

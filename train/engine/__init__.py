@@ -3,6 +3,11 @@ resume, evaluation hook, logging) and MAE pre-training for FaceT.
 
     from facetool.train.engine import load_config, train
     summary = train(load_config("configs/demo.toml"), "runs/demo", evaluate=my_eval)
+
+Modules: ``config`` (schema, loading, checks), ``context`` (ranks and device), ``build`` (loader, backbone, head,
+MAE, optimiser, schedule), ``trainer`` (the loop), ``state`` (what a checkpoint holds, exact resume),
+``checkpoint`` (the checkpoint files), ``scalars`` (the scalar log), ``optim``, ``mae`` and ``data`` (synthetic
+batches).
 """
 
 from .config import SCHEMA, Config, load_config, to_toml

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from facetool.pipeline.atomic import atomic_open, fsync_dir, write_bytes_atomic, write_error
 from facetool.pipeline.errors import FacetoolError
 
 COMPLETE = "COMPLETE"
@@ -25,24 +26,21 @@ _STEP_DIR = re.compile(r"step-(\d{8})$")
 
 
 def step_dir(root: Path, step: int) -> Path:
+    """The folder of the complete checkpoint of ``step``."""
     return root / f"step-{step:08d}"
 
 
 def rank_file(folder: Path, rank: int) -> Path:
+    """Rank ``rank``'s file in a checkpoint folder."""
     return folder / f"rank-{rank:05d}.pt"
 
 
 def write_rank(root: Path, step: int, rank: int, state: dict[str, Any]) -> Path:
-    """Write this rank's state into the step's temporary folder (a temp name, then a rename)."""
+    """Write this rank's state into the step's temporary folder (atomically: a temp name, then a rename)."""
     tmp_dir = root / f".step-{step:08d}.tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    target = rank_file(tmp_dir, rank)
-    part = target.with_suffix(".part")
-    with open(part, "wb") as f:
+    with atomic_open(rank_file(tmp_dir, rank), "wb") as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, target)
     return tmp_dir
 
 
@@ -52,11 +50,15 @@ def commit(root: Path, step: int, world_size: int, keep: int) -> Path:
     missing = [r for r in range(world_size) if not rank_file(tmp_dir, r).is_file()]
     if missing:
         raise FacetoolError(f"{tmp_dir}: rank {missing[0]} did not write its checkpoint file")
-    (tmp_dir / COMPLETE).write_text(f"{world_size}\n")
+    write_bytes_atomic(tmp_dir / COMPLETE, f"{world_size}\n")
     final = step_dir(root, step)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp_dir, final)
+    try:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp_dir, final)
+    except OSError as err:
+        raise write_error(final, err) from None
+    fsync_dir(root)
     for old in complete_checkpoints(root)[:-keep]:
         shutil.rmtree(old[1], ignore_errors=True)
     return final
@@ -97,6 +99,7 @@ def read_rank(folder: Path, rank: int, world_size: int) -> dict[str, Any]:
 
 
 def rng_state(generator: torch.Generator | None = None) -> torch.Tensor:
+    """A copy of ``generator``'s state (torch's global generator by default)."""
     return (generator.get_state() if generator is not None else torch.get_rng_state()).clone()
 
 
@@ -121,6 +124,7 @@ def numpy_state() -> dict[str, Any]:
 
 
 def set_numpy_state(state: dict[str, Any]) -> None:
+    """Put back numpy's and Python's global RNG states saved by :func:`numpy_state`."""
     import random
 
     import numpy as np

@@ -1,23 +1,61 @@
 """Training configs: TOML recipes read with ``tomllib``, every key checked against one schema, ``--set`` overrides.
 
-A config is a set of tables (``run``, ``data``, ``model``, ``head``, ``optim``, ``schedule``, ``eval``). Each key
-has a type and a default here; a key not in the schema, or a value of the wrong type, is an error naming the key
-and the file. ``model`` and ``head`` also take the options of the chosen backbone or head (checked against its
-constructor when the run is built). The resolved config (defaults filled in, overrides applied) is written beside
-the checkpoints as ``config.toml`` so a run can be repeated from its output folder alone.
+A config is a set of tables (``run``, ``data``, ``model``, ``head``, ``optim``, ``schedule``, ``eval``, ``mae``).
+Each key has a type and a default; a key not in the schema, or a value of the wrong type, is an error naming the
+key and the file. Tables that fill an object take their keys, types and defaults from it: ``[data]`` from
+:class:`~facetool.train.data.LoaderConfig`'s fields, ``[schedule]`` from :class:`.optim.Schedule`'s and ``[mae]``
+from :class:`.mae.MAE`'s options, beside the keys only the table has. ``model`` and ``head`` also take the options
+of the chosen backbone or head (checked against its constructor when the run is built). The resolved config
+(defaults filled in, overrides applied) is written beside the checkpoints as ``config.toml`` so a run can be
+repeated from its output folder alone.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import math
 import os
 import tomllib
+import typing
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from facetool.pipeline.errors import FacetoolError
+from facetool.train.data import BACKENDS, DEVICES, LoaderConfig
+from facetool.train.engine.mae import MAE
+from facetool.train.engine.optim import NO_DECAY_KINDS, OPTIMIZERS, SCHEDULE_KINDS, Schedule
+
+# Schema kinds of the annotated types an object's options may have (tuples are TOML arrays).
+_KIND_OF_TYPE: dict[Any, Any] = {int: int, float: float, str: str, bool: bool, tuple[float, float]: "list[float]"}
+
+
+def keys_of(source: type, skip: Iterable[str] = ()) -> dict[str, tuple[Any, Any]]:
+    """Schema entries (kind, default) for the options of ``source``, a dataclass (its fields) or a class (its
+    constructor's keyword parameters with defaults), but ``skip``: the object is the one source of the table's
+    keys, types and defaults."""
+    if dataclasses.is_dataclass(source):
+        hints = typing.get_type_hints(source)
+        found = [(f.name, f.default) for f in dataclasses.fields(source) if f.default is not dataclasses.MISSING]
+    else:
+        hints = typing.get_type_hints(source.__init__)
+        params = inspect.signature(source).parameters.values()
+        found = [(p.name, p.default) for p in params if p.default is not inspect.Parameter.empty]
+    out = {}
+    for name, default in found:
+        if name not in skip:
+            out[name] = (_KIND_OF_TYPE[hints[name]], list(default) if isinstance(default, tuple) else default)
+    return out
+
+
+# What the engine sets in the loader itself: the run's seed, full batches only (equal on every rank), and the
+# 112x112 float32 images every backbone takes.
+_LOADER = keys_of(LoaderConfig, skip=("seed", "last_batch", "image_size", "dtype"))
+# Schedule fields the engine computes from the run: the peak lr, the length, warm-up and milestones in steps.
+_SCHEDULE = keys_of(Schedule, skip=("peak", "total", "warmup", "milestones"))
+LOADER_KEYS, SCHEDULE_KEYS = tuple(_LOADER), tuple(_SCHEDULE)
 
 # key -> (type(s), default). Types: int, float (ints accepted), str, bool, "list[int]", "list[float]", "list[str]",
 # "table" (a free table checked elsewhere). Open tables (model, head) accept further keys: the options of the
@@ -44,17 +82,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "source": (str, "shards"),  # shards | synthetic (random images, for the model-only step rate)
         "backend": (str, "auto"),  # auto | dali | wds
         "loader_device": (str, "auto"),  # auto | cpu | gpu (where DALI decodes)
-        "batch_size": (int, 128),  # per rank
-        "masked_prob": (float, 0.0),  # q: share of samples shown masked
-        "flip_prob": (float, 0.5),
-        "crop_prob": (float, 0.0),
-        "color_prob": (float, 0.0),
-        "gray_prob": (float, 0.0),
-        "blur_prob": (float, 0.0),
-        "downup_prob": (float, 0.0),
-        "shuffle_buffer": (int, 16384),
-        "workers": (int, 0),  # webdataset fallback: DataLoader workers per rank (0: this rank's cores)
-        "threads": (int, 0),  # DALI threads per rank (0: this rank's cores, one more when DALI runs on the CPU)
+        **_LOADER,  # batch_size (per rank), masked_prob (q), augmentations, threads...
         "synthetic_classes": (int, 1000),  # data.source = "synthetic": classes of the random labels
         "synthetic_samples": (int, 100000),  # ... and samples per epoch
     },
@@ -81,27 +109,17 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "clip_grad": (float, 0.0),  # max global gradient norm (0: no clipping)
     },
     "schedule": {
-        "kind": (str, "cosine"),  # cosine | poly | step | constant (after the warm-up)
+        **_SCHEDULE,  # kind, warmup_start, min_lr, power, gamma
         "warmup_epochs": (float, 0.0),
         "warmup_steps": (int, 0),  # > 0 wins over warmup_epochs
-        "warmup_start": (float, 0.0),  # warm-up starts at this fraction of the peak lr
-        "min_lr": (float, 0.0),  # cosine and poly end here
-        "power": (float, 2.0),  # poly exponent
         "milestones": ("list[float]", []),  # step schedule: epochs at which lr is multiplied by gamma
-        "gamma": (float, 0.1),
     },
     "eval": {
         "bins": ("list[str]", []),  # verification .bin files (relative paths: to the config file)
         "every": (int, 0),  # steps between evaluations (0: only at the end)
         "batch_size": (int, 64),
     },
-    "mae": {
-        "mask_ratio": (float, 0.75),
-        "decoder_depth": (int, 8),
-        "decoder_dim": (int, 516),
-        "decoder_heads": (int, 12),
-        "decoder_mlp_ratio": (float, 3.0),
-    },
+    "mae": keys_of(MAE),  # mask_ratio, decoder_depth, decoder_dim, decoder_heads, decoder_mlp_ratio
 }
 OPEN_TABLES = ("model", "head")  # tables that take the backbone's or head's own options too
 CHOICES = {
@@ -110,12 +128,11 @@ CHOICES = {
     ("run", "amp"): ("none", "bf16", "fp16"),
     ("run", "dist_backend"): ("auto", "nccl", "gloo"),
     ("data", "source"): ("shards", "synthetic"),
-    ("data", "backend"): ("auto", "dali", "wds"),
-    ("data", "loader_device"): ("auto", "cpu", "gpu"),
-    ("optim", "name"): ("sgd", "adamw"),
-    ("schedule", "kind"): ("cosine", "poly", "step", "constant"),
+    ("data", "backend"): BACKENDS,
+    ("data", "loader_device"): DEVICES,
+    ("optim", "name"): OPTIMIZERS,
+    ("schedule", "kind"): SCHEDULE_KINDS,
 }
-NO_DECAY_KINDS = ("norm", "bias", "1d", "model", "prelu")
 PATH_KEYS = (("data", "shards"), ("run", "init_from"))
 
 
@@ -133,62 +150,37 @@ def defaults() -> dict[str, dict[str, Any]]:
     return {table: {k: copy.deepcopy(v[1]) for k, v in keys.items()} for table, keys in SCHEMA.items()}
 
 
-_TYPE_NAMES = {
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-    bool: "true or false",
-    "table": "a table",
-    "list[int]": "a list of integers",
-    "list[float]": "a list of numbers",
-    "list[str]": "a list of strings",
-}
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", "table": "a table",
+               "list[int]": "a list of integers", "list[float]": "a list of numbers",
+               "list[str]": "a list of strings"}  # fmt: skip
+_BAD = object()  # what _convert returns for a value that is not of the kind
 
 
-def _type_name(kind: Any) -> str:
-    return _TYPE_NAMES[kind]
+def _convert(kind: Any, value: Any, finite: bool = True) -> Any:
+    """``value`` as a value of the schema ``kind`` (floats take ints; ``finite``: no inf or nan), or ``_BAD``."""
+    if kind == "table":
+        return value if isinstance(value, dict) else _BAD
+    if isinstance(kind, str):  # "list[int]", "list[float]", "list[str]"
+        inner = {"list[int]": int, "list[float]": float, "list[str]": str}[kind]
+        items = [_convert(inner, v, finite=False) for v in value] if isinstance(value, list) else [_BAD]
+        return _BAD if any(v is _BAD for v in items) else items
+    if kind is bool or isinstance(value, bool):
+        return value if kind is bool and isinstance(value, bool) else _BAD
+    if kind is float and isinstance(value, int | float) and (math.isfinite(value) or not finite):
+        return float(value)
+    return value if kind in (int, str) and isinstance(value, kind) else _BAD
 
 
 def check_value(table: str, key: str, value: Any, where: str) -> Any:
     """``value`` converted to the schema's type for ``table.key``; a FacetoolError naming both and ``where``."""
     kind = SCHEMA[table][key][0]
-    bad = FacetoolError(f"{where}: {table}.{key} must be {_type_name(kind)}, got {value!r}")
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise bad
-    elif kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-    elif kind is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise bad
-        value = float(value)
-    elif kind is str:
-        if not isinstance(value, str):
-            raise bad
-    elif kind == "table":
-        if not isinstance(value, dict):
-            raise bad
-    elif kind.startswith("list["):
-        inner = {"list[int]": int, "list[float]": float, "list[str]": str}[kind]
-        if not isinstance(value, list):
-            raise bad
-        out = []
-        for v in value:
-            if inner is str and not isinstance(v, str):
-                raise bad
-            if inner is int and (isinstance(v, bool) or not isinstance(v, int)):
-                raise bad
-            if inner is float:
-                if isinstance(v, bool) or not isinstance(v, int | float):
-                    raise bad
-                v = float(v)
-            out.append(v)
-        value = out
+    converted = _convert(kind, value)
+    if converted is _BAD:
+        raise FacetoolError(f"{where}: {table}.{key} must be {_TYPE_NAMES[kind]}, got {value!r}")
     choices = CHOICES.get((table, key))
-    if choices is not None and value not in choices:
+    if choices is not None and converted not in choices:
         raise FacetoolError(f"{where}: {table}.{key} must be one of {', '.join(choices)}, got {value!r}")
-    return value
+    return converted
 
 
 def _close_keys(key: str, known: Iterable[str]) -> str:
@@ -289,13 +281,11 @@ def validate(cfg: Config) -> None:
     need(run["checkpoint_every"] >= 0, "run.checkpoint_every must be >= 0")
     need(run["keep_checkpoints"] >= 1, "run.keep_checkpoints must be >= 1")
     need(run["threads"] >= 0, "run.threads must be >= 0")
-    need(data["batch_size"] >= 1, "data.batch_size must be >= 1")
+    loader_config(cfg)  # the loader's own checks of its options, as data.KEY errors
     need(
         data["source"] == "synthetic" or bool(data["shards"]),
         "data.shards is required (a folder from `facetool convert`)",
     )
-    for key in ("masked_prob", "flip_prob", "crop_prob", "color_prob", "gray_prob", "blur_prob", "downup_prob"):
-        need(0.0 <= data[key] <= 1.0, f"data.{key} must be in [0, 1], got {data[key]}")
     need(data["synthetic_classes"] >= 1 and data["synthetic_samples"] >= 1, "data.synthetic_* must be >= 1")
     need(optim["lr"] > 0, "optim.lr must be positive")
     need(optim["lr_batch"] >= 0, "optim.lr_batch must be >= 0")
@@ -329,6 +319,19 @@ def validate(cfg: Config) -> None:
         need((Path(data["shards"]) / "manifest.json").is_file(), f"data.shards: {data['shards']} has no manifest.json")
     if run["init_from"]:
         need(Path(run["init_from"]).is_file(), f"run.init_from: {run['init_from']} does not exist")
+
+
+def loader_config(cfg: Config) -> LoaderConfig:
+    """The loader options of the ``[data]`` table (with the run's seed; training drops the last partial batch); an
+    option out of range is an error naming the key and the file."""
+    data = cfg["data"]
+    values = {k: tuple(data[k]) if isinstance(data[k], list) else data[k] for k in LOADER_KEYS}
+    try:
+        return LoaderConfig(seed=cfg["run"]["seed"], last_batch="drop", **values)
+    except FacetoolError as err:  # "loader KEY must ...": the same option is data.KEY here
+        message = str(err)
+        message = "data." + message.removeprefix("loader ") if message.startswith("loader ") else message
+        raise FacetoolError(f"{cfg.source}: {message}") from None
 
 
 def backbone_options(cfg: Config) -> dict[str, Any]:

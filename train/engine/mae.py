@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from facetool.pipeline.errors import FacetoolError
 from facetool.train.models.facet import DeepNormBlock, FaceT
 
 
@@ -43,12 +44,12 @@ class MAE(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(encoder, FaceT):
-            raise TypeError("MAE pre-training needs a FaceT backbone")
+            raise FacetoolError(f"MAE pre-training needs a FaceT backbone, not {type(encoder).__name__}")
         self.encoder = encoder
         self.num_patches = encoder.num_patches
         self.num_masked = int(mask_ratio * self.num_patches)
         if not 0 < self.num_masked < self.num_patches:
-            raise ValueError(f"mask_ratio {mask_ratio} masks {self.num_masked} of {self.num_patches} patches")
+            raise FacetoolError(f"mask_ratio {mask_ratio} masks {self.num_masked} of {self.num_patches} patches")
         self.enc_to_dec = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.randn(1, 1, decoder_dim))
         self.register_buffer("decoder_pos", sincos_2d(encoder.grid, decoder_dim).unsqueeze(0), persistent=False)

@@ -14,6 +14,9 @@ from torch import nn
 from facetool.pipeline.errors import FacetoolError
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+NO_DECAY_KINDS = ("norm", "bias", "1d", "model", "prelu")  # what ``no_decay`` may name
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULE_KINDS = ("cosine", "poly", "step", "constant")
 
 
 def _param_kinds(model: nn.Module) -> dict[str, set[str]]:

@@ -5,26 +5,16 @@ labels)`` the scaled, margin-adjusted logits (a list, one per sphere, for MultiF
 class weight by rows over the ranks of torch.distributed; see docs/PARTIAL_FC.md.
 """
 
+from .base import HEADS, Batch, Head, create_head, list_heads, register_head
 from .distributed import Shard, all_gather_rows, class_shard, sharded_cross_entropy
-from .heads import (
-    ArcFace,
-    Batch,
-    CosFace,
-    CurricularFace,
-    Head,
-    MagFace,
-    MultiFace,
-    Softmax,
-    create_head,
-    list_heads,
-    register_head,
-)
+from .heads import ArcFace, CosFace, CurricularFace, MagFace, MultiFace, Softmax
 
 __all__ = [
     "ArcFace",
     "Batch",
     "CosFace",
     "CurricularFace",
+    "HEADS",
     "Head",
     "MagFace",
     "MultiFace",

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from facetool.pipeline.errors import FacetoolError
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -36,7 +38,7 @@ def class_shard(num_classes: int, rank: int, world_size: int) -> Shard:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of {world_size}")
     if num_classes < world_size:
-        raise ValueError(f"{num_classes} classes cannot be sharded over {world_size} ranks (need >= 1 per rank)")
+        raise FacetoolError(f"{num_classes} classes cannot be sharded over {world_size} ranks (need >= 1 per rank)")
     base, rem = divmod(num_classes, world_size)
     size = base + (1 if rank < rem else 0)
     start = rank * base + min(rank, rem)

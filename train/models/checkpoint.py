@@ -81,7 +81,7 @@ def build_from_payload(payload: dict[str, Any], path: str | os.PathLike) -> nn.M
     name = payload["backbone"]
     try:
         return create_backbone(name, **payload["options"])
-    except (ValueError, TypeError, KeyError) as err:
+    except (FacetoolError, ValueError) as err:
         raise FacetoolError(f"{path}: cannot build backbone {name!r}: {err}") from None
 
 

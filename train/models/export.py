@@ -11,6 +11,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from facetool.pipeline.atomic import atomic_open
+
 OPSET = 17
 
 
@@ -53,12 +55,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, batch_size: int = 2) 
         wrapper, args = _ImagesOnly(model), (images,)
     wrapper.eval()  # the exporter restores the wrapper's mode afterwards, recursively: keep it eval
     axes = {name: {0: "batch"} for name in [*names, "embeddings"]}
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), atomic_open(path, "wb") as f:
         warnings.simplefilter("ignore")  # tracer warnings about Python scalars that are constants here
         torch.onnx.export(
             wrapper,
             args,
-            os.fspath(path),
+            f,
             input_names=names,
             output_names=["embeddings"],
             dynamic_axes=axes,

@@ -12,6 +12,8 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models.vision_transformer import Attention, Block
 from torch import Tensor, nn
 
+from facetool.pipeline.errors import FacetoolError
+
 from .registry import register_backbone
 
 NORMS = ("prenorm", "deepnorm")
@@ -90,12 +92,12 @@ class FaceT(nn.Module):
     ) -> None:
         super().__init__()
         if norm not in NORMS:
-            raise ValueError(f"norm must be one of {', '.join(NORMS)}, not {norm!r}")
+            raise FacetoolError(f"norm must be one of {', '.join(NORMS)}, not {norm!r}")
         prompt_layers = depth if prompt_layers is None else prompt_layers
         if not 0 <= prompt_layers <= depth:
-            raise ValueError(f"prompt_layers must be in 0..{depth}, not {prompt_layers}")
+            raise FacetoolError(f"prompt_layers must be in 0..{depth}, not {prompt_layers}")
         if img_size % patch_size or embed_dim % num_heads:
-            raise ValueError("img_size must be a multiple of patch_size and embed_dim of num_heads")
+            raise FacetoolError("img_size must be a multiple of patch_size and embed_dim of num_heads")
         self.embed_dim, self.depth, self.norm = embed_dim, depth, norm
         self.patch_size, self.grid = patch_size, img_size // patch_size
         self.num_patches = self.grid**2

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from torch import nn
+
+from facetool.pipeline.errors import FacetoolError
 
 _BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -30,9 +33,17 @@ def list_backbones() -> list[str]:
 
 
 def create_backbone(name: str, **options: Any) -> nn.Module:
-    """Build the backbone ``name``: a module mapping (N,3,112,112) images in [-1,1] to (N,512) embeddings."""
+    """Build the backbone ``name``: a module mapping (N,3,112,112) images in [-1,1] to (N,512) embeddings. An
+    unknown name, an option it does not take or a value it refuses is a one-line :class:`FacetoolError`."""
+    if name not in _BACKBONES:
+        raise FacetoolError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}")
+    fn = _BACKBONES[name]
+    params = inspect.signature(fn).parameters.values()
+    takes = [p.name for p in params if p.kind is not p.VAR_KEYWORD]
+    unknown = sorted(set(options) - set(takes))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
+        raise FacetoolError(f"option not taken by {name}: {', '.join(unknown)}; it takes {', '.join(takes)}")
     try:
-        fn = _BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}") from None
-    return fn(**options)
+        return fn(**options)
+    except TypeError as err:  # an option of the wrong type (width = "big")
+        raise FacetoolError(f"backbone {name!r}: {err}") from None

@@ -1,0 +1,193 @@
+"""Building a run from its config: the loader, the backbone, the margin head (Partial FC) or the MAE decoder, the
+optimiser and the learning-rate schedule. Every option is checked here, before the first step, and a bad one is a
+one-line error naming the config file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from facetool.pipeline.errors import FacetoolError
+from facetool.train.data import DaliLoader, WdsLoader, create_loader, open_shards
+from facetool.train.engine.config import SCHEDULE_KEYS, Config, backbone_options, head_options, loader_config
+from facetool.train.engine.context import Context
+from facetool.train.engine.data import SyntheticLoader
+from facetool.train.engine.optim import Schedule, create_optimizer, parameter_groups
+
+
+def build_loader(cfg: Config, ctx: Context) -> DaliLoader | WdsLoader | SyntheticLoader:
+    """This rank's loader: the shard loader ``[data]`` describes, or the synthetic source (model-only rate)."""
+    data = cfg["data"]
+    if data["source"] == "synthetic":
+        return SyntheticLoader(data["synthetic_samples"], data["synthetic_classes"], data["batch_size"], ctx.rank,
+                               ctx.world_size, cfg["run"]["seed"], ctx.device)  # fmt: skip
+    shards = open_shards(data["shards"])
+    config = loader_config(cfg)
+    if data["batch_size"] * ctx.world_size > shards.samples:
+        raise FacetoolError(
+            f"{data['shards']}: {shards.samples} samples, fewer than one global batch "
+            f"({data['batch_size']} x {ctx.world_size} ranks)"
+        )
+    device = data["loader_device"]
+    if device == "auto":
+        device = "gpu" if ctx.device.type == "cuda" else "cpu"
+    return create_loader(
+        shards,
+        config,
+        ctx.rank,
+        ctx.world_size,
+        device=device,
+        backend=data["backend"],
+        device_id=ctx.device.index if ctx.device.type == "cuda" else None,
+    )
+
+
+def build_backbone(cfg: Config) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The configured backbone, its name and options; a name or option it does not take is an error naming the
+    config file."""
+    from facetool.train.models import create_backbone, list_backbones
+
+    name, options = cfg["model"]["name"], backbone_options(cfg)
+    if name not in list_backbones():
+        raise FacetoolError(
+            f"{cfg.source}: model.name {name!r} is not a backbone; known: {', '.join(list_backbones())}"
+        )
+    try:
+        model = create_backbone(name, **options)
+    except FacetoolError as err:
+        raise FacetoolError(f"{cfg.source}: [model] {err}") from None
+    if cfg["model"]["frozen_bn"]:
+        freeze_batchnorm(model)
+    return model, name, options
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """BatchNorm layers normalise with their running statistics and never update them (batch-independent)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            m.train = lambda mode=True, _m=m: _m  # type: ignore[method-assign]
+
+
+def embedding_size(model: nn.Module) -> int:
+    """The width of ``model``'s embeddings, from one forward pass of two blank images."""
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        try:
+            out = model(torch.zeros(2, 3, 112, 112))
+        finally:
+            model.train(was)
+    return int(out.shape[1])
+
+
+def build_head(cfg: Config, width: int, classes: int) -> nn.Module:
+    """The margin head with Partial FC (the classifier always sharded over the ranks; ``sample_rate`` 1 is exact),
+    its class weight drawn by :func:`init_class_weights`."""
+    from facetool.train.heads import create_head, list_heads
+
+    name, options = cfg["head"]["name"], head_options(cfg)
+    if name not in list_heads():
+        raise FacetoolError(f"{cfg.source}: head.name {name!r} is not a head; known: {', '.join(list_heads())}")
+    if options.get("partial_fc", True) is not True:
+        raise FacetoolError(
+            f"{cfg.source}: head.partial_fc: the engine always shards the classifier over the ranks (Partial FC); "
+            "set head.sample_rate = 1.0 for the exact softmax"
+        )
+    options = {**options, "partial_fc": True}
+    options.setdefault("seed", cfg["run"]["seed"])
+    try:
+        head = create_head(name, width, classes, **options)
+    except FacetoolError as err:
+        raise FacetoolError(f"{cfg.source}: [head] {err}") from None
+    init_class_weights(head, cfg["run"]["seed"])
+    return head
+
+
+def init_class_weights(head: nn.Module, seed: int) -> None:
+    """N(0, 0.01) class weights drawn from ``seed`` for all classes in order, in chunks, keeping this rank's rows:
+    the weights do not depend on the number of ranks."""
+    shard = head.shard
+    gen = torch.Generator().manual_seed(seed * 7919 + 17)
+    end = shard.start + shard.size
+    with torch.no_grad():
+        for weight in head.class_weights():
+            done, chunk = 0, 65536
+            while done < end:
+                n = min(chunk, end - done)
+                rows = torch.empty(n, weight.shape[1]).normal_(0.0, 0.01, generator=gen)
+                lo, hi = max(done, shard.start), min(done + n, end)
+                if lo < hi:
+                    weight[lo - shard.start : hi - shard.start].copy_(rows[lo - done : hi - done])
+                done += n
+
+
+def build_mae(cfg: Config, backbone: nn.Module, name: str) -> nn.Module:
+    """The MAE pre-trainer (``run.task = "mae"``) around a FaceT backbone, with the ``[mae]`` decoder."""
+    from facetool.train.engine.mae import MAE
+    from facetool.train.models.facet import FaceT
+
+    if not isinstance(backbone, FaceT):
+        raise FacetoolError(f"{cfg.source}: run.task = 'mae' needs a FaceT backbone, not {name!r}")
+    try:
+        return MAE(backbone, **cfg["mae"])
+    except FacetoolError as err:
+        raise FacetoolError(f"{cfg.source}: [mae] {err}") from None
+
+
+def mae_extra(mae: nn.Module | None) -> nn.Module | None:
+    """The MAE parts outside the encoder (decoder, mask token) as one module, for the optimiser's groups."""
+    if mae is None:
+        return None
+    extra = nn.Module()
+    for n, m in mae.named_children():
+        if n != "encoder":
+            extra.add_module(n, m)
+    extra.register_parameter("mask_token", mae.mask_token)
+    return extra
+
+
+def build_optimizer(
+    cfg: Config, backbone: nn.Module, head: nn.Module | None, mae: nn.Module | None, global_batch: int
+) -> tuple[torch.optim.Optimizer, float]:
+    """The ``[optim]`` optimiser over the parameter groups, and its peak learning rate (scaled by the global
+    batch over ``lr_batch`` when that is set)."""
+    optim = cfg["optim"]
+    groups = parameter_groups(
+        backbone,
+        head,
+        optim["weight_decay"],
+        optim["no_decay"],
+        optim["head_weight_decay"],
+        optim["weight_decay_by_name"],
+        optim["layer_decay"],
+        extra=mae_extra(mae),
+    )
+    peak = optim["lr"] * (global_batch / optim["lr_batch"] if optim["lr_batch"] else 1.0)
+    optimizer = create_optimizer(optim["name"], groups, peak, momentum=optim["momentum"],
+                                 nesterov=optim["nesterov"], betas=optim["betas"], eps=optim["eps"])  # fmt: skip
+    return optimizer, peak
+
+
+def build_schedule(cfg: Config, peak: float, total: int, steps_per_epoch: int) -> Schedule:
+    """The ``[schedule]`` learning rate per step (warm-up and milestones given in epochs become steps)."""
+    sched = cfg["schedule"]
+    return Schedule(
+        peak=peak,
+        total=total,
+        warmup=sched["warmup_steps"] or round(sched["warmup_epochs"] * steps_per_epoch),
+        milestones=tuple(round(m * steps_per_epoch) for m in sched["milestones"]),
+        **{k: sched[k] for k in SCHEDULE_KEYS},
+    )
+
+
+def distributed(trained: nn.Module, ctx: Context, find_unused: bool) -> nn.Module:
+    """``trained`` wrapped in DDP when there are several ranks (the Partial FC head is never wrapped)."""
+    if ctx.world_size == 1:
+        return trained
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DDP(trained, device_ids=ids, find_unused_parameters=find_unused)

@@ -1,0 +1,58 @@
+"""Where a training process runs: one process, or one rank of many under torchrun (gloo on CPUs, NCCL on GPUs)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from facetool.pipeline.errors import FacetoolError
+from facetool.train.engine.config import Config
+
+
+@dataclass
+class Context:
+    """Where this process runs: rank, world size, local rank, device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        """Whether this is rank 0 (the one that writes the run's shared files and logs)."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every rank (a no-op in one process)."""
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def setup_distributed(cfg: Config) -> Context:
+    """Join torchrun's process group when it launched us (WORLD_SIZE > 1), pick the device and the threads."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg["run"]["device"]
+    if want == "cuda" and not torch.cuda.is_available():
+        raise FacetoolError(f"{cfg.source}: run.device = 'cuda' but torch sees no GPU")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count())) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    threads = cfg["run"]["threads"]
+    if not threads and not use_cuda:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if threads:
+        torch.set_num_threads(threads)
+    if world_size > 1 and not dist.is_initialized():
+        backend = cfg["run"]["dist_backend"]
+        if backend == "auto":
+            backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+    return Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device)

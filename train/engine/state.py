@@ -1,0 +1,146 @@
+"""A run's state in its checkpoints, and the exact resume from them: the backbone, the head's class-weight shard
+(with its class sampler), the MAE decoder, optimiser, gradient scaler, step, RNG states and evaluation history.
+
+The files themselves (one folder per step, one file per rank, committed atomically) are :mod:`.checkpoint`'s.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from facetool.pipeline.errors import FacetoolError
+from facetool.train.engine import checkpoint as ckpt
+from facetool.train.engine.config import to_toml
+from facetool.train.models.checkpoint import backbone_payload
+
+if TYPE_CHECKING:
+    from facetool.train.engine.trainer import Trainer
+
+TRAIN_FORMAT = "facetool-train"
+
+
+def cpu_copy(value: Any) -> Any:
+    """``value`` with every tensor in it (in dicts, at any depth) detached and copied to the CPU."""
+    if torch.is_tensor(value):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: cpu_copy(v) for k, v in value.items()}
+    return value
+
+
+def module_state(module: nn.Module, skip: str | None = None) -> dict[str, Any]:
+    """``module``'s state dict on the CPU (its extra state included), without the keys starting with ``skip``."""
+    return {k: cpu_copy(v) for k, v in module.state_dict().items() if skip is None or not k.startswith(skip)}
+
+
+def rng_states(device: torch.device) -> dict[str, Any]:
+    """torch's, numpy's and Python's global RNG states, and the device's on a GPU."""
+    rng: dict[str, Any] = {"torch": ckpt.rng_state(), **ckpt.numpy_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device).clone()
+    return rng
+
+
+def set_rng_states(rng: dict[str, Any], device: torch.device) -> None:
+    """Put back what :func:`rng_states` saved."""
+    torch.set_rng_state(rng["torch"])
+    ckpt.set_numpy_state(rng)
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def training_state(trainer: Trainer) -> dict[str, Any]:
+    """What this rank writes into a checkpoint: everything an exact resume needs (rank 0's file also holds the
+    backbone as ``save_backbone`` writes it; the other ranks keep only its state, the same on every rank)."""
+    ctx = trainer.ctx
+    epoch, batch = divmod(trainer.step, trainer.steps_per_epoch)
+    state: dict[str, Any] = {
+        "format": TRAIN_FORMAT,
+        "version": 1,
+        "step": trainer.step,
+        "epoch": epoch,
+        "batch_in_epoch": batch,
+        "world_size": ctx.world_size,
+        "rank": ctx.rank,
+        "task": trainer.task,
+        "model": {"name": trainer.name, "options": dict(trainer.options)},
+        "optimizer": trainer.optimizer.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "rng": rng_states(ctx.device),
+        "history": json.dumps(trainer.history),
+        "config": to_toml(trainer.cfg),
+    }
+    if trainer.head is not None:
+        state["head"] = module_state(trainer.head)  # its extra state holds the class sampler's generator
+    if trainer.mae is not None:
+        state["mae"] = module_state(trainer.mae, skip="encoder.")
+    if ctx.main:
+        state["backbone"] = backbone_payload(trainer.backbone, trainer.name, trainer.options)
+    else:
+        state["backbone_state"] = module_state(trainer.backbone)
+    return state
+
+
+def save_checkpoint(trainer: Trainer) -> Path:
+    """Every rank writes its file, then rank 0 commits the step's folder (atomic rename) and prunes old ones."""
+    ctx, root = trainer.ctx, trainer.ckpt_root
+    ckpt.write_rank(root, trainer.step, ctx.rank, training_state(trainer))
+    ctx.barrier()
+    if ctx.main:
+        ckpt.commit(root, trainer.step, ctx.world_size, trainer.cfg["run"]["keep_checkpoints"])
+    ctx.barrier()
+    return ckpt.step_dir(root, trainer.step)
+
+
+def check_resume_backbone(state: dict[str, Any], name: str, options: dict[str, Any], path: Path) -> None:
+    """A checkpoint resumes only the backbone (name and options) it was written for."""
+    saved = state.get("model", {})
+    if saved.get("name") != name or saved.get("options") != options:
+        raise FacetoolError(
+            f"{path}: checkpoint of backbone {saved.get('name')!r} {saved.get('options')}, the config trains "
+            f"{name!r} {options}; resume with the config it was trained with"
+        )
+
+
+def restore(trainer: Trainer, folder: Path) -> None:
+    """Load this rank's file of the checkpoint ``folder`` into ``trainer``: the run continues bitwise as if it
+    had not stopped."""
+    ctx = trainer.ctx
+    state = ckpt.read_rank(folder, ctx.rank, ctx.world_size)
+    check_resume_backbone(state, trainer.name, trainer.options, folder)
+    if state.get("task") != trainer.task:
+        raise FacetoolError(f"{folder}: a {state.get('task')!r} checkpoint, the config's run.task is {trainer.task!r}")
+    restore_modules(trainer, state, folder)
+    try:
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:
+        raise FacetoolError(f"{folder}: optimizer state does not fit [optim] of the config ({err})") from None
+    if state["scaler"]:
+        trainer.scaler.load_state_dict(state["scaler"])
+    set_rng_states(state["rng"], ctx.device)
+    trainer.step = int(state["step"])
+    trainer.history = json.loads(state["history"])
+    if trainer.history and "sets" in trainer.history[-1]:
+        trainer.verification = trainer.history[-1]["sets"]
+
+
+def restore_modules(trainer: Trainer, state: dict[str, Any], folder: Path) -> None:
+    """The backbone, the head (class weights and sampler) and the MAE decoder from a checkpoint's ``state``."""
+    backbone = state["backbone"]["state_dict"] if "backbone" in state else state["backbone_state"]
+    trainer.backbone.load_state_dict(backbone)
+    if trainer.head is not None:
+        head = dict(state["head"])
+        if "_extra_state" not in head:  # written before the head carried its sampler: it was in the RNG states
+            sampler = state["rng"].get("head_sampler")
+            head["_extra_state"] = {} if sampler is None else {"sampler": sampler}
+        try:
+            trainer.head.load_state_dict(head)
+        except (RuntimeError, KeyError) as err:
+            raise FacetoolError(f"{folder}: head state does not fit [head] of the config ({err})") from None
+    if trainer.mae is not None:
+        trainer.mae.load_state_dict({**state["mae"], **{f"encoder.{k}": v for k, v in backbone.items()}})
