@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.shards.format import MANIFEST
 from facetool.train.data import BACKENDS, DEVICES, LoaderConfig
 from facetool.train.engine.mae import MAE
 from facetool.train.engine.optim import NO_DECAY_KINDS, OPTIMIZERS, SCHEDULE_KINDS, Schedule
@@ -316,7 +317,7 @@ def validate(cfg: Config) -> None:
         need(Path(path).is_file(), f"eval.bins: {path} does not exist")
     if data["source"] == "shards":
         need(Path(data["shards"]).is_dir(), f"data.shards: {data['shards']} is not a folder")
-        need((Path(data["shards"]) / "manifest.json").is_file(), f"data.shards: {data['shards']} has no manifest.json")
+        need((Path(data["shards"]) / MANIFEST).is_file(), f"data.shards: {data['shards']} has no {MANIFEST}")
     if run["init_from"]:
         need(Path(run["init_from"]).is_file(), f"run.init_from: {run['init_from']} does not exist")
 
