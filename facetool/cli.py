@@ -15,7 +15,7 @@ from facetool import __version__
 from facetool.cli_loader import bench_loader_command
 from facetool.cli_masks import WEIGHTS_HELP, bench_masks_command, masks_group, parse_weights_option
 from facetool.cli_models import bench_models_command, export_command
-from facetool.cli_options import json_option, write_json
+from facetool.cli_options import json_option, progress_bar, write_json
 from facetool.cli_train import bench_train_command, train_command
 from facetool.cli_verification import bench_verification_command
 from facetool.pipeline import DEFAULT_SAMPLES_PER_SHARD
@@ -47,21 +47,6 @@ def main() -> None:
       facetool bench convert data/          # convert speed against a plain copy
       facetool masks preview masks.png      # what the synthetic masks look like
     """
-
-
-def _progress_bar(desc: str, unit: str = "rec"):
-    """A tqdm bar driven by ``callback(done, total)``; returns (callback, close)."""
-    from tqdm import tqdm
-
-    bar = tqdm(desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, disable=None, smoothing=0.1)
-
-    def update(done: int, total: int) -> None:
-        if bar.total != total:
-            bar.total = total
-            bar.refresh()
-        bar.update(done - bar.n)
-
-    return update, bar.close
 
 
 def _parse_part(value: str) -> tuple[int, int]:
@@ -206,7 +191,7 @@ def convert(
         mask_fraction=mask_fraction,
         mask_weights=parse_weights_option(mask_weights),
     )
-    update, close = _progress_bar("convert") if not quiet else (None, lambda: None)
+    update, close = progress_bar("convert") if not quiet else (None, lambda: None)
     try:
         manifest = run_convert(src, out, options, progress=update)
     finally:

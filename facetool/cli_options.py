@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import click
 
 
 def json_option(what: str = "result"):
-    """``--json FILE``: the command's machine-readable output (DESIGN.md), written atomically."""
+    """``--json FILE``: the command's machine-readable output, written atomically."""
     return click.option(
         "--json",
         "json_path",
@@ -24,3 +25,18 @@ def write_json(path: Path | None, obj: Any) -> None:
         from facetool.pipeline.atomic import write_json_atomic
 
         write_json_atomic(path, obj)
+
+
+def progress_bar(desc: str, unit: str = "rec") -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """A tqdm bar driven by the library's ``progress(done, total)``; returns (callback, close)."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, disable=None, smoothing=0.1)
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+            bar.refresh()
+        bar.update(done - bar.n)
+
+    return update, bar.close

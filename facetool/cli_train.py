@@ -60,8 +60,7 @@ def train_command(config: Path, overrides: tuple[str, ...], output: Path | None,
     out = output or (Path(cfg["run"]["output"]) if cfg["run"]["output"] else Path("runs") / config.stem)
     evaluate = None
     if cfg["eval"]["bins"]:
-        sets = [v.read_bin_set(p) for p in cfg["eval"]["bins"]]  # untrusted pickles refused before training
-        v.check_unique_names(sets)
+        sets = v.load_sets(bins=cfg["eval"]["bins"])  # untrusted pickles refused before training
         evaluate = functools.partial(v.evaluate_model, sets=sets, batch_size=cfg["eval"]["batch_size"])
     summary = train(cfg, out, resume=resume, evaluate=evaluate, quiet=quiet)
     if summary and not quiet:

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from facetool.cli_options import json_option
+from facetool.cli_options import json_option, progress_bar, write_json
 
 _PATH = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -115,99 +117,57 @@ def bench_verification_command(
       facetool bench verification model.pt --bin lfw.bin --masked one --pairs /data/rmfvd
       facetool bench verification --features feats.npy --flip-features flipped.npy --bin lfw.bin
     """
-    from facetool.bench import verification as v
-    from facetool.pipeline.atomic import write_json_atomic
+    from facetool.bench.verification import format_table, plot_roc, run_verification, timing_line
 
+    _check_options(checkpoint, bins, bin_dirs, pairs_dirs, masked, features, flip_features)
+    show_progress = not quiet and features is None
+    update, close = progress_bar("verification", unit="img") if show_progress else (None, lambda: None)
+    try:
+        report = run_verification(
+            checkpoint, bins=bins, bin_dirs=bin_dirs, pairs=pairs_dirs, masked=masked, mask_seed=mask_seed,
+            features=features, flip_features=flip_features, batch_size=batch_size, device=device,
+            retain_memory=True, progress=update, notify=_notify(show_progress),
+        )  # fmt: skip
+    finally:
+        close()
+    for line in format_table(report.results):
+        click.echo(line)
+    click.echo(timing_line(report))
+    write_json(json_path, report.json)
+    if plot_path:
+        plot_roc(report.results, plot_path, title=report.title)
+
+
+def _check_options(
+    checkpoint: Path | None,
+    bins: tuple[Path, ...],
+    bin_dirs: tuple[Path, ...],
+    pairs_dirs: tuple[Path, ...],
+    masked: str | None,
+    features: Path | None,
+    flip_features: Path | None,
+) -> None:
+    """Combinations of options that cannot work, as usage errors before anything is read."""
     if features is None and flip_features is not None:
         raise click.UsageError("--flip-features goes with --features")
     if features is not None and checkpoint is not None:
         raise click.UsageError("give a CHECKPOINT or --features, not both")
     if features is None and checkpoint is None:
         raise click.UsageError("give a CHECKPOINT to embed with, or --features with embeddings computed elsewhere")
-    paths = list(bins) + [p for d in bin_dirs for p in v.bin_dir_paths(d)]
-    if features is not None and (len(paths) != 1 or pairs_dirs):
+    if features is not None and (len(bins) + len(bin_dirs) != 1 or pairs_dirs):
         raise click.UsageError("--features goes with exactly one --bin set (its rows are that set's images)")
     if features is not None and masked is not None:
         raise click.UsageError("--masked renders new images; --features holds embeddings of the original ones")
-    if masked is not None and not paths:
+    if masked is not None and not (bins or bin_dirs):
         raise click.UsageError("--masked masks .bin sets: give --bin or --bin-dir")
-    if not paths and not pairs_dirs:
+    if not (bins or bin_dirs or pairs_dirs):
         raise click.UsageError("no sets: give --bin, --bin-dir or --pairs")
 
-    # Sets first (untrusted pickles are refused before any model is built), then the model.
-    sets = []
-    for s in (v.read_bin_set(p) for p in paths):
-        sets.append(s)
-        if masked is not None:
-            sets.append(_masked_set(v, s, masked, mask_seed, quiet))
-    sets += [v.read_pairs_dir(p) for p in pairs_dirs]
-    v.check_unique_names(sets)
-    for note in v.known_set_warnings(sets):
-        click.echo(note, err=True)
 
-    results: dict[str, v.SetMetrics] = {}
-    meta: dict[str, object] = {}
-    if features is not None:
-        feats = v.load_features(features)
-        flips = v.load_features(flip_features) if flip_features is not None else None
-        results[sets[0].name] = v.evaluate_features(sets[0], feats, flips)
-        meta = {"features": str(features), "flip_features": None if flip_features is None else str(flip_features)}
-        title = f"ROC: {features.name}"
-    else:
-        model, name, options = v.load_model(checkpoint)
-        v.retain_freed_memory()  # CPU forwards reuse their buffers instead of faulting them in every batch
-        dev = v.resolve_device(None if device == "auto" else device)
-        shown = ", ".join(f"{k}={val}" for k, val in sorted(options.items()))
-        click.echo(f"{checkpoint}: {name}({shown}) on {dev}", err=True)
-        meta = {"checkpoint": str(checkpoint), "backbone": name, "options": options, "device": dev}
-        if masked is not None:
-            meta["masked"] = {"mode": masked, "seed": mask_seed}
-        batch_size = batch_size or v.default_batch_size(dev)
-        meta["batch_size"] = batch_size
-        title = f"ROC: {checkpoint.name} ({name})"
-        for s in sets:
-            bar = None
-            if not quiet:
-                from tqdm import tqdm
-
-                bar = tqdm(total=len(s.images), desc=s.name, unit="img", dynamic_ncols=True, disable=None)
-            try:
-                progress = None if bar is None else (lambda done, b=bar: b.update(done - b.n))
-                results[s.name] = v.evaluate_set(model, s, batch_size=batch_size, device=dev, progress=progress)
-            finally:
-                if bar is not None:
-                    bar.close()
-
-    for line in v.format_table(results):
-        click.echo(line)
-    embed_s = sum(m.extra["embed_seconds"] or 0.0 for m in results.values())
-    metric_s = sum(m.extra["metric_seconds"] for m in results.values())
-    images = sum(m.extra["images"] for m in results.values())
-    if features is None:
-        click.echo(
-            f"embedding: {images:,} images (+ flips) in {embed_s:.2f} s ({images / max(embed_s, 1e-9):,.1f} images/s);"
-            f" metrics: {metric_s:.4f} s"
-        )
-    else:
-        click.echo(f"metrics: {metric_s:.4f} s")
-    meta["embed_seconds"] = round(embed_s, 4)
-    meta["metric_seconds"] = round(metric_s, 6)
-    if json_path:
-        write_json_atomic(json_path, v.report_json(results, **meta))
-    if plot_path:
-        v.plot_roc(results, plot_path, title=title)
-
-
-def _masked_set(v, pair_set, mode: str, seed: int, quiet: bool):
-    """The masked version of one ``.bin`` set, with a progress bar while it renders."""
-    if quiet:
-        return v.masked_bin_set(pair_set, mode, seed)
+def _notify(under_bar: bool) -> Callable[[str], None]:
+    """Notes go to stderr; above the progress bar when there is one."""
+    if not under_bar:
+        return lambda message: click.echo(message, err=True)
     from tqdm import tqdm
 
-    with tqdm(desc=f"masking {pair_set.name}", unit="img", dynamic_ncols=True, disable=None) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        return v.masked_bin_set(pair_set, mode, seed, progress=progress)
+    return lambda message: tqdm.write(message, file=sys.stderr)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facetool.pipeline.atomic import atomic_open
 from facetool.pipeline.errors import FacetoolError
 
 try:  # numpy >= 2
@@ -142,11 +143,6 @@ def load_bin(path: str | os.PathLike) -> VerificationSet:
 def write_bin(path: str | os.PathLike, images: list[bytes], issame: list[bool] | np.ndarray) -> None:
     """Write ``(images, issame)`` as InsightFace does (bytes images, bool list), atomically."""
     if len(images) != 2 * len(issame):
-        raise ValueError(f"{len(images)} images for {len(issame)} pairs")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+        raise FacetoolError(f"{path}: {len(images)} images for {len(issame)} pairs (need exactly twice as many)")
+    with atomic_open(path, "wb") as f:
         pickle.dump(([bytes(b) for b in images], [bool(v) for v in issame]), f, protocol=4)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

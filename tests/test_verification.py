@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from bin_payloads import ENCODINGS, Evil
 from conftest import random_jpeg
+from helpers import error_line, run_cli
 from PIL import Image
-from test_verification_bin import _py2_pickle
 
 from facetool.bench import verification as v
-from facetool.cli import main
+from facetool.bench.verification import embed as verification_embed
 from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.synth import write_synth
 from facetool.pipeline.verification_bin import UnsafePickleError, load_bin, write_bin
@@ -200,44 +199,31 @@ def mbf_checkpoint(tmp_path_factory):
     return path
 
 
-def _run(*args: str):
-    return CliRunner().invoke(main, ["bench", "verification", *args])
+def _bench(*args: str):
+    """``facetool bench verification ARGS`` in a fresh process (never a traceback)."""
+    return run_cli("bench", "verification", *args)
 
 
-def _one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    assert isinstance(result.exception, SystemExit), result.exception  # a clean exit, not an escaped exception
-    msg = result.output.strip().splitlines()[-1]  # notes (stderr) may come before the error line
-    assert msg.startswith("Error: "), result.output
-    for needle in needles:
-        assert needle in msg, msg
-    return msg
+def _failure(*args: str) -> str:
+    """``facetool bench verification ARGS`` must fail with exit 1 and an ``Error: `` line last on stderr (notes
+    about the sets and the model may come before it); returns that line."""
+    proc = _bench(*args)
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("Error: "), proc.stderr
+    assert not any(line.startswith("Error: ") for line in lines[:-1]), proc.stderr
+    return lines[-1]
 
 
-@pytest.mark.parametrize(
-    "payload",
-    [
-        pytest.param(lambda: _py2_pickle(IMAGES, ISSAME), id="python2-str-bytes-encoding"),
-        pytest.param(lambda: pickle.dumps((IMAGES, ISSAME), protocol=4), id="python3-bytes-bool-list"),
-        pytest.param(
-            lambda: pickle.dumps(([np.frombuffer(b, np.uint8) for b in IMAGES], np.array(ISSAME)), protocol=3),
-            id="uint8-arrays-bool-array",
-        ),
-        pytest.param(
-            lambda: pickle.dumps(([np.frombuffer(b, np.uint8) for b in IMAGES], ISSAME), protocol=2),
-            id="uint8-arrays-bool-list",
-        ),
-    ],
-)
-def test_bin_encodings_evaluate_identically(tmp_path, mbf_checkpoint, payload):
+@pytest.mark.parametrize("encoding", list(ENCODINGS))
+def test_bin_encodings_evaluate_identically(tmp_path, mbf_checkpoint, encoding):
     """Every historical encoding gives the same set, so the command's report is the same."""
     path = tmp_path / "LFW.bin"
-    path.write_bytes(payload())
+    path.write_bytes(ENCODINGS[encoding](IMAGES, ISSAME))
     s = v.read_bin_set(path)
     assert s.name == "lfw" and s.images == IMAGES and s.issame.tolist() == ISSAME and not s.masked.any()
-    result = _run(str(mbf_checkpoint), "--bin", str(path), "--json", str(tmp_path / "r.json"), "--quiet")
-    assert result.exit_code == 0, result.output
+    proc = _bench(str(mbf_checkpoint), "--bin", str(path), "--json", str(tmp_path / "r.json"), "--quiet")
+    assert proc.returncode == 0, proc.stderr
     got = json.loads((tmp_path / "r.json").read_text())["sets"]["lfw"]
     expected_path = tmp_path / "expected.bin"
     write_bin(expected_path, IMAGES, ISSAME)
@@ -246,64 +232,95 @@ def test_bin_encodings_evaluate_identically(tmp_path, mbf_checkpoint, payload):
         assert got[key] == expected.to_json()[key], key
 
 
-class _Evil:
-    def __init__(self, cmd: str) -> None:
-        self.cmd = cmd
-
-    def __reduce__(self):
-        return (os.system, (self.cmd,))
-
-
-def test_malicious_bin_refused_through_the_command(tmp_path, mbf_checkpoint, monkeypatch):
+def test_malicious_bin_refused_before_any_model(tmp_path, mbf_checkpoint, monkeypatch):
     marker = tmp_path / "pwned"
     path = tmp_path / "lfw.bin"
-    path.write_bytes(pickle.dumps(([_Evil(f"touch {marker}")] + IMAGES[1:], ISSAME)))
+    path.write_bytes(pickle.dumps(([Evil(f"touch {marker}")] + IMAGES[1:], ISSAME)))
+    # through the command, with a CHECKPOINT that would fail if it were read first
+    not_a_model = tmp_path / "notes.txt"
+    not_a_model.write_text("certainly not a checkpoint\n")
+    line = error_line("bench", "verification", str(not_a_model), "--bin", str(path))
+    assert "refused" in line and "lfw.bin" in line and "system" in line  # os.system pickles as posix.system
+    # through the library, with the model loader that run_verification calls replaced
     loaded = []
-    monkeypatch.setattr(v, "load_model", lambda p: loaded.append(p))  # sets are checked before any model
-    msg = _one_line_error(_run(str(mbf_checkpoint), "--bin", str(path)), "refused", "lfw.bin")
-    assert "system" in msg  # os.system pickles as posix.system
+    monkeypatch.setattr(verification_embed, "load_model", lambda p: loaded.append(p))
+    with pytest.raises(UnsafePickleError):
+        v.run_verification(mbf_checkpoint, bins=[path])
     assert not marker.exists() and not loaded
     with pytest.raises(UnsafePickleError):
         v.read_bin_set(path)
     assert not marker.exists()
 
 
-def test_wrong_image_count_names_set_and_index(tmp_path):
+def test_wrong_image_count_through_the_command(tmp_path):
     path = tmp_path / "cfp_fp.bin"
     path.write_bytes(pickle.dumps((IMAGES[:23], ISSAME)))
-    _one_line_error(_run("--features", str(path), "--bin", str(path)), "cfp_fp", "23 images for 12 pairs", "image 23")
-    path.write_bytes(pickle.dumps((IMAGES[:22], ISSAME)))
-    with pytest.raises(FacetoolError, match=r"'cfp_fp'.*pair 11 lacks image 22 and 23"):
-        load_bin(path)
-    path.write_bytes(pickle.dumps((IMAGES + IMAGES[:3], ISSAME)))
-    with pytest.raises(FacetoolError, match=r"'cfp_fp'.*image 24 onwards belongs to no pair"):
+    line = error_line("bench", "verification", "--features", str(path), "--bin", str(path))
+    assert "cfp_fp" in line and "23 images for 12 pairs" in line and "image 23" in line
+
+
+@pytest.mark.parametrize(
+    ("images", "match"),
+    [
+        (IMAGES[:22], r"'cfp_fp'.*pair 11 lacks image 22 and 23"),
+        (IMAGES[:23], r"'cfp_fp'.*23 images for 12 pairs.*pair 11 lacks image 23\)"),
+        (IMAGES + IMAGES[:3], r"'cfp_fp'.*image 24 onwards belongs to no pair"),
+    ],
+)
+def test_wrong_image_count_names_set_and_index(tmp_path, images, match):
+    path = tmp_path / "cfp_fp.bin"
+    path.write_bytes(pickle.dumps((images, ISSAME)))
+    with pytest.raises(FacetoolError, match=match):
         load_bin(path)
 
 
-def test_undecodable_image_names_set_and_index(tmp_path, mbf_checkpoint):
+@pytest.mark.parametrize(
+    ("broken", "needles"),
+    [
+        pytest.param(b"\xff\xd8\xff\xe0 not really a jpeg", ("'agedb_30'", "image 17", "decode"), id="garbage"),
+        pytest.param(IMAGES[17][: len(IMAGES[17]) // 2], ("'agedb_30'", "image 17"), id="truncated-jpeg"),
+    ],
+)
+def test_undecodable_image_names_set_and_index(tmp_path, mbf_checkpoint, broken, needles):
     path = tmp_path / "agedb_30.bin"
-    broken = list(IMAGES)
-    broken[17] = b"\xff\xd8\xff\xe0 not really a jpeg"
-    write_bin(path, broken, ISSAME)
-    _one_line_error(_run(str(mbf_checkpoint), "--bin", str(path), "--quiet"), "'agedb_30'", "image 17", "decode")
-    broken[17] = IMAGES[17][: len(IMAGES[17]) // 2]  # truncated JPEG
-    write_bin(path, broken, ISSAME)
-    _one_line_error(_run(str(mbf_checkpoint), "--bin", str(path), "--quiet"), "'agedb_30'", "image 17")
+    write_bin(path, [*IMAGES[:17], broken, *IMAGES[18:]], ISSAME)
+    line = _failure(str(mbf_checkpoint), "--bin", str(path), "--quiet")
+    assert all(needle in line for needle in needles), line
 
 
-def test_checkpoint_errors(tmp_path, mbf_checkpoint):
+def _wrong_arch(tmp_path, checkpoint):
+    torch.save({**torch.load(checkpoint, weights_only=True), "backbone": "ir50"}, tmp_path / "wrong_arch.pt")
+    return tmp_path / "wrong_arch.pt"
+
+
+def _text(tmp_path, checkpoint):
+    (tmp_path / "notes.txt").write_text("certainly not a checkpoint\n")
+    return tmp_path / "notes.txt"
+
+
+def _state_dict(tmp_path, checkpoint):
+    torch.save(torch.load(checkpoint, weights_only=True)["state_dict"], tmp_path / "state_dict.pt")
+    return tmp_path / "state_dict.pt"
+
+
+@pytest.mark.parametrize(
+    ("make", "needles"),
+    [
+        (_wrong_arch, ("wrong_arch.pt", "does not fit backbone 'ir50'")),
+        (_text, ("notes.txt", "not a facetool checkpoint")),
+        (_state_dict, ("state_dict.pt", "not a facetool checkpoint")),
+    ],
+)
+def test_checkpoint_errors(tmp_path, mbf_checkpoint, make, needles):
     good = tmp_path / "lfw.bin"
     write_bin(good, IMAGES, ISSAME)
-    payload = torch.load(mbf_checkpoint, weights_only=True)
-    wrong = tmp_path / "wrong_arch.pt"
-    torch.save({**payload, "backbone": "ir50"}, wrong)
-    _one_line_error(_run(str(wrong), "--bin", str(good)), "wrong_arch.pt", "does not fit backbone 'ir50'")
-    text = tmp_path / "notes.txt"
-    text.write_text("certainly not a checkpoint\n")
-    _one_line_error(_run(str(text), "--bin", str(good)), "notes.txt", "not a facetool checkpoint")
-    plain = tmp_path / "state_dict.pt"
-    torch.save(payload["state_dict"], plain)
-    _one_line_error(_run(str(plain), "--bin", str(good)), "state_dict.pt", "not a facetool checkpoint")
+    line = _failure(str(make(tmp_path, mbf_checkpoint)), "--bin", str(good))
+    assert all(needle in line for needle in needles), line
+
+
+def test_a_set_file_is_not_a_checkpoint(tmp_path):
+    good = tmp_path / "lfw.bin"
+    write_bin(good, IMAGES, ISSAME)
     with pytest.raises(FacetoolError, match="not a facetool checkpoint"):
         v.load_model(good)  # a .bin is a pickle, but not one torch's weights-only loader accepts
 
@@ -338,17 +355,59 @@ def test_set_names_and_bin_dir_order(tmp_path):
     assert v.known_set_warnings([v.read_bin_set(tmp_path / "lfw.bin")]) == [
         "note: lfw has 12 pairs, the standard lfw has 6000"
     ]
+    # load_sets: the --bin files, then each folder's sets in that order; one name twice is refused
+    (tmp_path / "more").mkdir()
+    write_bin(tmp_path / "more" / "CALFW.bin", IMAGES, ISSAME)
+    sets = v.load_sets(bins=[tmp_path / "more" / "CALFW.bin"], bin_dirs=[tmp_path])
+    assert [s.name for s in sets] == ["calfw", "lfw", "cfp_fp", "cplfw", "alpha", "zeta"]
+    with pytest.raises(FacetoolError, match="two sets named 'zeta'"):
+        v.load_sets(bins=[tmp_path / "zeta.bin"], bin_dirs=[tmp_path])
 
 
-def test_features_errors(tmp_path):
+def _features(tmp_path, rows: int = 23):
+    np.save(tmp_path / "f.npy", np.ones((rows, 8), np.float32))
+    return tmp_path / "f.npy"
+
+
+def _object_array(tmp_path):
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return tmp_path / "obj.npy"
+
+
+@pytest.mark.parametrize(
+    ("make", "needles"),
+    [
+        (_features, ("f.npy: shape (23, 8)", "(24, D)")),
+        (_object_array, ("obj.npy", "not a plain")),
+    ],
+)
+def test_features_errors(tmp_path, make, needles):
     path = tmp_path / "lfw.bin"
     write_bin(path, IMAGES, ISSAME)
-    np.save(tmp_path / "f.npy", np.ones((23, 8), np.float32))
-    _one_line_error(_run("--features", str(tmp_path / "f.npy"), "--bin", str(path)), "shape (23, 8)", "(24, D)")
-    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    _one_line_error(_run("--features", str(tmp_path / "obj.npy"), "--bin", str(path)), "obj.npy", "not a plain")
-    result = _run("--features", str(tmp_path / "f.npy"))
-    assert result.exit_code == 2 and "exactly one --bin" in result.output
+    line = _failure("--features", str(make(tmp_path)), "--bin", str(path))
+    assert all(needle in line for needle in needles), line
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--features", "{f}"), "exactly one --bin"),
+        (("--features", "{f}", "--bin", "{bin}", "--bin", "{bin}"), "exactly one --bin"),
+        (("{ckpt}", "--features", "{f}", "--bin", "{bin}"), "not both"),
+        (("--flip-features", "{f}", "--bin", "{bin}"), "--flip-features goes with --features"),
+        (("--bin", "{bin}"), "give a CHECKPOINT"),
+        (("{ckpt}",), "no sets"),
+        (("{ckpt}", "--pairs", "{tmp}", "--masked", "one"), "--masked masks .bin sets"),
+        (("--features", "{f}", "--bin", "{bin}", "--masked", "one"), "--masked renders new images"),
+        (("--features", "{tmp}/missing.npy", "--bin", "{bin}"), "does not exist"),
+    ],
+)
+def test_usage_errors(tmp_path, mbf_checkpoint, args, needle):
+    path = tmp_path / "lfw.bin"
+    write_bin(path, IMAGES, ISSAME)
+    names = {"f": _features(tmp_path, 24), "bin": path, "ckpt": mbf_checkpoint, "tmp": tmp_path}
+    proc = _bench(*(a.format(**names) for a in args))
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,16 +425,16 @@ def test_end_to_end_checkpoint_json_plot_and_features(tmp_path, synth_bin, mbf_c
     report, plot = tmp_path / "report.json", tmp_path / "roc.png"
     lfw = tmp_path / "lfw.bin"
     lfw.write_bytes(synth_bin.read_bytes())  # a second set, under a well-known name
-    result = _run(
+    result = _bench(
         str(mbf_checkpoint), "--bin", str(synth_bin), "--bin", str(lfw), "--device", "cpu", "--batch-size", "16",
         "--json", str(report), "--plot", str(plot), "--quiet",
     )  # fmt: skip
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
     rows = result.stdout.splitlines()  # the table; notes (the "lfw" set is small) go to stderr
     assert "note: lfw has 40 pairs" in result.stderr
     assert rows[0].split()[:3] == ["set", "pairs", "accuracy"]
     assert rows[1].split()[:2] == ["synth", "40"] and rows[2].split()[:2] == ["lfw", "40"]
-    assert "not estimable at FAR 1e-2" in result.output  # 20 impostor pairs: only 1e-1 can be estimated
+    assert "not estimable at FAR 1e-2" in result.stdout  # 20 impostor pairs: only 1e-1 can be estimated
     data = json.loads(report.read_text())
     assert data["backbone"] == "mobilefacenet" and data["device"] == "cpu" and data["batch_size"] == 16
     assert list(data["sets"]) == ["synth", "lfw"]
@@ -396,11 +455,12 @@ def test_end_to_end_checkpoint_json_plot_and_features(tmp_path, synth_bin, mbf_c
     emb, flip = v.embed_set(model, v.read_bin_set(synth_bin), batch_size=7, device="cpu")
     np.save(tmp_path / "f.npy", emb)
     np.save(tmp_path / "g.npy", flip)
-    result = _run(
+    result = _bench(
         "--features", str(tmp_path / "f.npy"), "--flip-features", str(tmp_path / "g.npy"), "--bin", str(synth_bin),
         "--json", str(tmp_path / "f.json"),
     )  # fmt: skip
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].startswith("metrics: ")
     feat = json.loads((tmp_path / "f.json").read_text())["sets"]["synth"]
     assert feat["accuracy"] == s["accuracy"] and feat["fold_thresholds"] == s["fold_thresholds"]
     assert feat["tar_at_far"] == s["tar_at_far"] and abs(feat["auc"] - s["auc"]) < 1e-12
@@ -411,8 +471,8 @@ def test_masked_sets_are_the_masks_bin_sets(tmp_path, synth_bin, mbf_checkpoint,
     """--masked evaluates, beside each .bin set, exactly the set `facetool masks bin` writes (same seed), with the
     masked flag on the images that got a mask; the masked rows differ from the holistic ones."""
     written = tmp_path / f"synth_{mode}.bin"
-    result = CliRunner().invoke(main, ["masks", "bin", str(synth_bin), str(written), "--mode", mode, "--seed", "3"])
-    assert result.exit_code == 0, result.output
+    result = run_cli("masks", "bin", str(synth_bin), str(written), "--mode", mode, "--seed", "3")
+    assert result.returncode == 0, result.stderr
     rendered = v.masked_bin_set(v.read_bin_set(synth_bin), mode, seed=3)
     assert rendered.images == load_bin(written).images and rendered.name == f"synth_masked_{mode}"
     expected = np.zeros(len(rendered.images), dtype=bool)
@@ -421,17 +481,40 @@ def test_masked_sets_are_the_masks_bin_sets(tmp_path, synth_bin, mbf_checkpoint,
     assert sum(a != b for a, b in zip(rendered.images, v.read_bin_set(synth_bin).images, strict=True)) == expected.sum()
 
     report = tmp_path / "report.json"
-    result = _run(
+    result = _bench(
         str(mbf_checkpoint), "--bin", str(synth_bin), "--masked", mode, "--mask-seed", "3", "--device", "cpu",
         "--json", str(report), "--quiet",
     )  # fmt: skip
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
     data = json.loads(report.read_text())
     assert list(data["sets"]) == ["synth", f"synth_masked_{mode}"] and data["masked"] == {"mode": mode, "seed": 3}
     holistic, masked = data["sets"]["synth"], data["sets"][f"synth_masked_{mode}"]
     assert masked["masked_images"] == int(expected.sum()) and holistic["masked_images"] == 0
     assert masked["fold_accuracies"] != holistic["fold_accuracies"] or masked["auc"] != holistic["auc"]
-    assert _run("--features", str(tmp_path / "x.npy"), "--bin", str(synth_bin), "--masked", mode).exit_code != 0
+    assert _bench("--features", str(tmp_path / "x.npy"), "--bin", str(synth_bin), "--masked", mode).returncode != 0
+
+
+def test_run_verification_reports_progress_and_json(tmp_path, synth_bin):
+    """The library call behind the command: one (done, total) over masking then embedding, its Report's JSON the
+    command's object, and the same metrics as evaluating each set on its own."""
+    path = tmp_path / "tiny.pt"
+    torch.manual_seed(0)
+    save_backbone(path, create_backbone("tinynet"), "tinynet", {})
+    calls: list[tuple[int, int]] = []
+    got = v.run_verification(path, bins=[synth_bin], masked="one", device="cpu", progress=lambda *a: calls.append(a))
+    assert list(got.results) == ["synth", "synth_masked_one"] and got.meta["masked"] == {"mode": "one", "seed": 0}
+    assert got.json == v.report_json(got.results, **got.meta) and got.title == "ROC: tiny.pt (tinynet)"
+    assert got.meta["batch_size"] == 16 and got.meta["embed_seconds"] > 0
+    sets = v.load_sets(bins=[synth_bin], masked="one")
+    model = v.load_model(path)[0]
+    for s in sets:
+        expected = v.evaluate_set(model, s, device="cpu").to_json()
+        for key in ("accuracy", "fold_thresholds", "tar_at_far", "auc", "eer", "masked_images"):
+            assert got.json["sets"][s.name][key] == expected[key], (s.name, key)
+    rendered, embedded = 40, 160  # the second image of each of the 40 pairs gets a mask; 2 x 80 images embedded
+    assert calls[-1] == (rendered + embedded, rendered + embedded) and (rendered, rendered) in calls
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and {t for _, t in calls} == {rendered, rendered + embedded}
 
 
 def test_embedding_is_image_plus_flip(synth_bin, mbf_checkpoint):
@@ -497,22 +580,33 @@ def test_pairs_folder_and_masked_flags_reach_facet(tmp_path, synth_bin):
     (explicit / "masked_pairs.txt").write_text(text.replace(first, first[:-3] + "1 1", 1))
     with pytest.raises(FacetoolError, match="line 42: image .*unmasked_0_0.jpg' is marked both masked and holistic"):
         v.read_pairs_dir(explicit)
-    (explicit / "masked_pairs.txt").write_text("a.jpg b.jpg 1\n")
-    with pytest.raises(FacetoolError, match=r"masked_pairs.txt line 1: image 'a.jpg' not found"):
-        v.read_pairs_dir(explicit)
-    (explicit / "masked_pairs.txt").write_text("../x.jpg b.jpg 1\n")
-    with pytest.raises(FacetoolError, match="outside"):
-        v.read_pairs_dir(explicit)
-    (explicit / "masked_pairs.txt").write_text("\n\nx.jpg 1\n")
-    with pytest.raises(FacetoolError, match="line 3: expected 'path1 path2 label"):
-        v.read_pairs_dir(explicit)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (b"a.jpg b.jpg 1\n", r"masked_pairs.txt line 1: image 'a.jpg' not found"),
+        (b"../x.jpg b.jpg 1\n", r"masked_pairs.txt line 1: image '../x.jpg' lies outside"),
+        (b"\n\nx.jpg 1\n", r"masked_pairs.txt line 3: expected 'path1 path2 label"),
+        (b"a.jpg b.jpg 2\n", r"masked_pairs.txt line 1: label and mask flags must be 0 or 1"),
+        (b"a.jpg b.jpg 1 0 x\n", r"masked_pairs.txt line 1: label and mask flags must be 0 or 1"),
+        (b"# a comment, nothing else\n", r"masked_pairs.txt: no pairs"),
+        (b"a.jpg \xff.jpg 1\n", r"masked_pairs.txt: not a UTF-8 text file"),
+        (None, r"no pairs list masked_pairs.txt"),
+    ],
+)
+def test_pairs_list_errors_name_the_file_and_line(tmp_path, text, match):
+    if text is not None:
+        (tmp_path / "masked_pairs.txt").write_bytes(text)
+    with pytest.raises(FacetoolError, match=match):
+        v.read_pairs_dir(tmp_path)
 
 
 def test_pairs_folder_through_the_command(tmp_path, synth_bin, mbf_checkpoint):
     root = tmp_path / "rmfvd"
     _pairs_folder(root, synth_bin)
-    result = _run(str(mbf_checkpoint), "--pairs", str(root), "--json", str(tmp_path / "r.json"), "--quiet")
-    assert result.exit_code == 0, result.output
+    result = _bench(str(mbf_checkpoint), "--pairs", str(root), "--json", str(tmp_path / "r.json"), "--quiet")
+    assert result.returncode == 0, result.stderr
     got = json.loads((tmp_path / "r.json").read_text())["sets"]["rmfvd"]
     assert got["pairs"] == 41 and got["images"] == 80 and got["masked_images"] == 40
 

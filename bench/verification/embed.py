@@ -1,0 +1,246 @@
+"""Embedding verification sets with a backbone: model loading, device, decoding, batches, image + flip embeddings,
+and the metrics of a set from a model or from embeddings computed elsewhere.
+
+Images are normalised as in training ((x - 127.5) / 127.5, RGB, NCHW), each with its horizontal flip; torch is
+imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from facetool.pipeline.atomic import Progress
+from facetool.pipeline.errors import FacetoolError
+
+from .metrics import SetMetrics, embedding_metrics
+from .sets import PairSet
+
+IMAGE_SIZE = 112
+#: Images per forward pass by default (each with its flip): small on a CPU, where MobileFaceNet's large activation
+#: maps outgrow the caches and its throughput falls with bigger batches; large on a GPU.
+DEFAULT_BATCH = {"cpu": 16, "cuda": 256}
+
+
+def load_model(path: str | os.PathLike) -> tuple[Any, str, dict[str, Any]]:
+    """The backbone in ``path`` (an exported backbone or a training checkpoint), through the one backbone-file
+    resolver; returns (model in eval mode, backbone name, options). A bad file is a one-line FacetoolError."""
+    from facetool.train.models.checkpoint import load_backbone
+
+    return load_backbone(path)
+
+
+def retain_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse rather than hand it back to the kernel at once.
+
+    A CPU forward pass allocates activation buffers of tens of MB and frees them again; by default glibc returns
+    such blocks to the kernel (mmap/munmap, heap trimming), so every batch faults them in afresh and the kernel
+    zeroes them: measured on a 2-vCPU VM, 95 s of the 170 s it took to embed 12,000 images with MobileFaceNet went
+    to the kernel (BENCHMARKS.md). Raising both thresholds to 1 GiB ends that. Process-wide, so the command calls
+    it (a short-lived process) and library callers such as a training loop decide for themselves. Returns whether
+    it took effect (glibc only; elsewhere nothing changes).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h> parameter numbers
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+def resolve_device(device: str | None) -> str:
+    """``None``/``auto``: CUDA when available, else CPU; an explicit ``cuda`` without a GPU is an error."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FacetoolError(f"--device {device}: no CUDA GPU is available to torch here")
+    return device
+
+
+def decode_face(data: bytes, where: str) -> np.ndarray:
+    """One encoded image as RGB uint8 (112, 112, 3), resized (bilinear) when another size, as InsightFace does."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("RGB")
+            if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+                img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+        raise FacetoolError(f"{where}: cannot decode the image ({type(err).__name__}: {err})") from None
+
+
+def _decode_batch(pair_set: PairSet, start: int, stop: int) -> np.ndarray:
+    return np.stack(
+        [
+            decode_face(pair_set.images[i], f"{pair_set.where()}, {pair_set.describe_image(i)}")
+            for i in range(start, stop)
+        ]
+    )
+
+
+def _batches(pair_set: PairSet, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Decoded batches in order; the next one is decoded on a thread (PIL releases the GIL) while the model runs."""
+    n = len(pair_set.images)
+    starts = list(range(0, n, batch_size))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_decode_batch, pair_set, 0, min(n, batch_size)) if starts else None
+        for k, start in enumerate(starts):
+            batch = pending.result()
+            if k + 1 < len(starts):
+                nxt = starts[k + 1]
+                pending = pool.submit(_decode_batch, pair_set, nxt, min(n, nxt + batch_size))
+            yield start, batch
+
+
+def default_batch_size(device: str) -> int:
+    """Images per forward (plus as many flips) when the user gives none: 16 on a CPU, 256 on a GPU."""
+    return DEFAULT_BATCH["cuda" if device.startswith("cuda") else "cpu"]
+
+
+def embed_set(
+    model: Any,
+    pair_set: PairSet,
+    batch_size: int | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw embeddings of every image of ``pair_set`` and of its horizontal flip, (images, D) float32 each.
+
+    Images are normalised as in training ((x - 127.5) / 127.5, RGB, NCHW); each batch goes through the model
+    once with its flips appended. Backbones that take the mask flag (FaceT with prompts) get ``pair_set.masked``.
+    ``progress(images_done, images)`` is called after each batch. The model is put in eval mode. ``batch_size``
+    None: see :func:`default_batch_size`.
+    """
+    import torch
+
+    device = resolve_device(device)
+    batch_size = batch_size or default_batch_size(device)
+    model = model.eval().to(device)
+    takes_flag = bool(getattr(model, "uses_masked", False))
+    n = len(pair_set.images)
+    if n == 0:
+        raise FacetoolError(f"{pair_set.where()} has no images")
+    # Results go into arrays allocated once: keeping each batch's small output alive between the large transient
+    # buffers of the next forwards fragments the heap (measured: hundreds of MB more per 10,000 images on a CPU).
+    out = out_flip = None
+    with torch.inference_mode():
+        for start, batch in _batches(pair_set, batch_size):
+            x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().contiguous().sub_(127.5).div_(127.5)
+            both = torch.cat([x, torch.flip(x, dims=[3])])
+            if takes_flag:
+                flags = torch.from_numpy(pair_set.masked[start : start + len(batch)]).to(device)
+                emb = model(both, torch.cat([flags, flags]))
+            else:
+                emb = model(both)
+            emb = emb.float().cpu().numpy()
+            if out is None:
+                out = np.empty((n, emb.shape[1]), dtype=np.float32)
+                out_flip = np.empty_like(out)
+            out[start : start + len(batch)] = emb[: len(batch)]
+            out_flip[start : start + len(batch)] = emb[len(batch) :]
+            del x, both, emb
+            if progress is not None:
+                progress(start + len(batch), n)
+    return out, out_flip
+
+
+def evaluate_set(
+    model: Any,
+    pair_set: PairSet,
+    batch_size: int | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+) -> SetMetrics:
+    """Embed ``pair_set`` with ``model`` (image + flip) and compute its metrics; timings go into ``extra``."""
+    t0 = time.perf_counter()
+    emb, flip = embed_set(model, pair_set, batch_size, device, progress)
+    t1 = time.perf_counter()
+    metrics = _set_metrics(pair_set, emb, flip)
+    t2 = time.perf_counter()
+    metrics.extra.update(_set_extra(pair_set, embed_seconds=t1 - t0, metric_seconds=t2 - t1))
+    return metrics
+
+
+def evaluate_features(
+    pair_set: PairSet,
+    features: np.ndarray,
+    flip_features: np.ndarray | None = None,
+    labels: tuple[str, str] = ("features", "flip features"),
+) -> SetMetrics:
+    """Metrics of embeddings computed elsewhere: row i is image i of the set (and of its flip, when given).
+    ``labels`` name the two arrays in error messages (their files, say)."""
+    for label, arr in zip(labels, (features, flip_features), strict=True):
+        if arr is None:
+            continue
+        if arr.ndim != 2 or arr.shape[0] != len(pair_set.images):
+            raise FacetoolError(
+                f"{label}: shape {arr.shape}, expected ({len(pair_set.images)}, D): one row per image of "
+                f"{pair_set.source} in its order"
+            )
+        if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
+            raise FacetoolError(f"{label}: expected a numeric array, got dtype {arr.dtype}")
+    if flip_features is not None and flip_features.shape != features.shape:
+        raise FacetoolError(f"{labels[1]}: shape {flip_features.shape} differs from {labels[0]} {features.shape}")
+    t0 = time.perf_counter()
+    metrics = _set_metrics(pair_set, features, flip_features)
+    metrics.extra.update(_set_extra(pair_set, embed_seconds=None, metric_seconds=time.perf_counter() - t0))
+    return metrics
+
+
+def _set_metrics(pair_set: PairSet, embeddings: np.ndarray, flipped: np.ndarray | None) -> SetMetrics:
+    """:func:`embedding_metrics` of the set's pairs; an error names the set."""
+    try:
+        return embedding_metrics(embeddings, pair_set.pairs, pair_set.issame, flipped)
+    except FacetoolError as err:
+        raise FacetoolError(f"{pair_set.where()}: {err}") from None
+
+
+def _set_extra(pair_set: PairSet, embed_seconds: float | None, metric_seconds: float) -> dict[str, Any]:
+    return {
+        "images": len(pair_set.images),
+        "masked_images": int(pair_set.masked.sum()),
+        "source": pair_set.source,
+        "embed_seconds": None if embed_seconds is None else round(embed_seconds, 4),
+        "metric_seconds": round(metric_seconds, 6),
+    }
+
+
+def evaluate_model(
+    model: Any, sets: Sequence[PairSet], batch_size: int | None = None, device: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """The report's ``sets`` object for ``model`` on ``sets``; leaves the model's train/eval mode as it found it.
+
+    This is the evaluation the training engine is handed as a callable (e.g. ``functools.partial`` over the sets).
+    """
+    was_training = bool(getattr(model, "training", False))
+    try:
+        return {s.name: evaluate_set(model, s, batch_size, device).to_json() for s in sets}
+    finally:
+        model.train(was_training)
+
+
+def load_features(path: str | os.PathLike) -> np.ndarray:
+    """A ``.npy`` array of embeddings, without pickles (``allow_pickle=False``)."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except OSError as err:
+        raise FacetoolError(f"{path}: cannot read ({err.strerror or err})") from None
+    except ValueError as err:
+        raise FacetoolError(f"{path}: not a plain numeric .npy array ({err})") from None
+    if not isinstance(arr, np.ndarray):
+        raise FacetoolError(f"{path}: expected one array (.npy), got an archive")
+    return arr
