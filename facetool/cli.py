@@ -95,7 +95,7 @@ def synth(
     verification set synth.bin of held-out identities. It is the built-in dataset of `make demo` and the tests."""
     from facetool.pipeline.synth import write_synth
 
-    progress, close = _progress_bar("synth", unit="img") if not quiet else (None, lambda: None)
+    progress, close = progress_bar("synth", unit="img") if not quiet else (None, lambda: None)
     try:
         summary = write_synth(
             out,
