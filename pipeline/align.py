@@ -212,8 +212,9 @@ def read_rgb(path: str | os.PathLike, where: str) -> np.ndarray:
         with Image.open(path) as img:
             return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
     except OSError as err:
-        reason = getattr(err, "strerror", None) or err
-        raise FacetoolError(f"{where}: cannot read image {path} ({reason})") from None
+        if err.errno is not None:  # the file system's error; PIL's decoding errors are OSErrors without errno
+            raise FacetoolError(f"{where}: cannot read image {path} ({err.strerror or err})") from None
+        raise FacetoolError(f"{where}: cannot decode image {path} ({err})") from None
     except Exception as err:  # PIL raises ValueError, SyntaxError, DecompressionBombError... for bad bytes
         raise FacetoolError(f"{where}: cannot decode image {path} ({type(err).__name__}: {err})") from None
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import auc, roc_curve
 
 #: The FARs of the 1:1 table, keyed as the report writes them.
 FARS = {"1e-6": 1e-6, "1e-5": 1e-5, "1e-4": 1e-4, "1e-3": 1e-3, "1e-2": 1e-2, "1e-1": 1e-1}
@@ -70,6 +69,8 @@ def roc(labels: np.ndarray, scores: np.ndarray) -> Roc:
     The pairs are handed over sorted by score (:func:`sorted_by_score`); the curve does not depend on their order
     (pairs of equal score make one point whatever their order), and scikit-learn's stable sort then finds a single
     run instead of sorting 15 M scores."""
+    from sklearn.metrics import auc, roc_curve
+
     fpr, tpr, _ = roc_curve(*sorted_by_score(np.asarray(labels), np.asarray(scores, dtype=np.float64)))
     return Roc(far=fpr, tar=tpr, auc=float(auc(fpr, tpr)), impostor_pairs=int(np.sum(labels == 0)))
 

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy.sparse import csr_matrix
 
 from facetool.bench.verification import l2_normalize
 from facetool.pipeline.atomic import Progress
@@ -114,6 +113,8 @@ def pool_templates(
     The images are read ``POOL_CHUNK`` rows at a time, in order (``features`` may be memory-mapped); a chunk's
     weighted sums per template are one sparse-times-dense product (a row per template of the chunk, one weight per
     image), added to those templates' rows."""
+    from scipy.sparse import csr_matrix
+
     n = len(index.image_rows)
     flips = flips if options.flip else None
     sums = np.zeros((len(index.ids), features.shape[1]), dtype=np.float64)

@@ -185,6 +185,9 @@ def run_ijb(
                                            {**settings, "target": target}, progress)  # fmt: skip
     if flips is None:
         options = replace(options, flip=False)
+    import scipy.sparse  # noqa: F401  (imported before the clock: the timings measure the computation)
+    import sklearn.metrics  # noqa: F401
+
     clock["features"] = time.perf_counter()
     index = template_index(meta.templates, meta.medias, meta.scores, options)
     pooled = pool_templates(feats, flips, index, options)
