@@ -37,6 +37,8 @@ JPEG_QUALITY = 95
 #: The 68-point indices that make the five points: eye corners (averaged), nose tip, mouth corners.
 _EYES_68 = ((36, 39), (42, 45))
 _NOSE_68, _MOUTH_68 = 30, (48, 54)
+#: Numbers on a list line -> (landmarks, whether a detector score ends the line).
+_LAYOUTS = {10: (5, False), 11: (5, True), 136: (68, False), 137: (68, True)}
 
 
 def template_points(size: int = TEMPLATE_SIZE) -> np.ndarray:
@@ -75,12 +77,12 @@ def invert_affine(matrix: np.ndarray) -> np.ndarray:
 
 
 def five_points(points: np.ndarray) -> np.ndarray:
-    """(5, 2) landmarks as they are, or the five points of (68, 2) ones (eye centres from the eye corners)."""
+    """(..., 5, 2) landmarks as they are, or the five points of (..., 68, 2) ones (eye centres from the corners)."""
     p = np.asarray(points, dtype=np.float64)
-    if p.shape == (68, 2):
-        eyes = [(p[i] + p[j]) / 2 for i, j in _EYES_68]
-        return np.stack([*eyes, p[_NOSE_68], p[_MOUTH_68[0]], p[_MOUTH_68[1]]])
-    if p.shape != (5, 2):
+    if p.shape[-2:] == (68, 2):
+        eyes = [(p[..., i, :] + p[..., j, :]) / 2 for i, j in _EYES_68]
+        return np.stack([*eyes, p[..., _NOSE_68, :], p[..., _MOUTH_68[0], :], p[..., _MOUTH_68[1], :]], axis=-2)
+    if p.shape[-2:] != (5, 2):
         raise FacetoolError(f"expected 5 or 68 landmarks (x, y), got shape {p.shape}")
     return p
 
@@ -141,21 +143,29 @@ class LandmarkList:
         return f"{self.path}:{int(self.lines[i])}"
 
 
-def _parse_landmark_line(tokens: list[str], where: str, require_score: bool) -> tuple[np.ndarray, float | None]:
-    n = len(tokens) - 1
-    points, has_score = {10: (5, False), 11: (5, True), 136: (68, False), 137: (68, True)}.get(n, (0, False))
+def _check_fields(tokens: list[str], where: str, require_score: bool, width: int | None) -> None:
+    """A line's field count must be a layout (5 or 68 points, with or without a score) and the first line's."""
+    points, has_score = _LAYOUTS.get(len(tokens) - 1, (0, False))
     if not points or (require_score and not has_score):
         need = "x1 y1 ... x5 y5 score" if require_score else "x1 y1 ... x5 y5 [score]"
         raise FacetoolError(f"{where}: expected 'name {need}', got {len(tokens)} fields")
-    try:
-        values = [float(t) for t in tokens[1:]]
-    except ValueError:
-        bad = next(t for t in tokens[1:] if not _is_float(t))
-        raise FacetoolError(f"{where}: {bad!r} is not a number") from None
-    if not all(math.isfinite(v) for v in values):
-        raise FacetoolError(f"{where}: landmarks and score must be finite numbers")
-    lm = five_points(np.array(values[: 2 * points]).reshape(points, 2))
-    return lm, (values[-1] if has_score else None)
+    if width is not None and len(tokens) != width:
+        if _LAYOUTS[width - 1][0] == points:
+            raise FacetoolError(f"{where}: a detector score on some lines but not on others")
+        raise FacetoolError(f"{where}: {points} landmarks here, {_LAYOUTS[width - 1][0]} on the first line")
+
+
+def _bad_number(rows: list[list[str]], path: Path, lines: list[int]) -> FacetoolError:
+    """The error for the first non-number or non-finite value (the slow path after a failed bulk conversion)."""
+    for tokens, lineno in zip(rows, lines, strict=True):
+        for t in tokens:
+            try:
+                value = float(t)
+            except ValueError:
+                return FacetoolError(f"{path}:{lineno}: {t!r} is not a number")
+            if not math.isfinite(value):
+                return FacetoolError(f"{path}:{lineno}: landmarks and score must be finite numbers")
+    return FacetoolError(f"{path}: cannot read the landmarks as numbers")
 
 
 def iter_fields(path: str | os.PathLike, sep: str | None = None, skip: int = 0) -> Iterator[tuple[int, list[str]]]:
@@ -171,35 +181,33 @@ def iter_fields(path: str | os.PathLike, sep: str | None = None, skip: int = 0) 
         raise FacetoolError(f"{path}: not a UTF-8 text file ({err.reason})") from None
 
 
-def _is_float(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
-
-
 def read_landmark_list(path: str | os.PathLike, require_score: bool = False) -> LandmarkList:
-    """Read a list of ``name x1 y1 ... x5 y5 [score]`` lines (or 68 points); a malformed line is a one-line
-    :class:`FacetoolError` naming the file and line. Scores are all present or all absent."""
+    """Read a list of ``name x1 y1 ... x5 y5 [score]`` lines (or 68 points; every line alike); a malformed line is
+    a one-line :class:`FacetoolError` naming the file and line. The numbers are converted in one numpy call."""
     path = Path(path)
-    names, points, scores, lines = [], [], [], []
+    names, rows, lines = [], [], []
+    width = None
     for lineno, tokens in iter_fields(path):
-        lm, score = _parse_landmark_line(tokens, f"{path}:{lineno}", require_score)
-        if lines and (score is None) != (scores[0] is None):
-            raise FacetoolError(f"{path}:{lineno}: a detector score on some lines but not on others")
+        if len(tokens) != width:
+            _check_fields(tokens, f"{path}:{lineno}", require_score, width)
+            width = len(tokens)
         names.append(tokens[0])
-        points.append(lm)
-        scores.append(score)
+        rows.append(tokens[1:])
         lines.append(lineno)
-    if not names:
+    if width is None:
         raise FacetoolError(f"{path}: no faces listed")
-    has_scores = scores[0] is not None
+    try:
+        values = np.array(rows, dtype=np.float64)
+    except ValueError:
+        raise _bad_number(rows, path, lines) from None
+    if not np.isfinite(values).all():
+        raise _bad_number(rows, path, lines)
+    points, has_score = _LAYOUTS[width - 1]
     return LandmarkList(
         path=path,
         names=names,
-        points=np.stack(points),
-        scores=np.array(scores, dtype=np.float64) if has_scores else None,
+        points=five_points(values[:, : 2 * points].reshape(-1, points, 2)),
+        scores=values[:, -1].copy() if has_score else None,
         lines=np.array(lines, dtype=np.int64),
     )
 

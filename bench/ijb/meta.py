@@ -67,26 +67,34 @@ class IJBMeta:
 
 def _int(token: str, where: str, what: str) -> int:
     try:
-        return int(token)
+        value = int(token)
     except ValueError:
         raise FacetoolError(f"{where}: {what} {token!r} is not an integer") from None
+    if not -(2**63) <= value < 2**63:
+        raise FacetoolError(f"{where}: {what} {token} is out of range")
+    return value
 
 
 def read_tid_mid(path: str | os.PathLike) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """``image template_id media_id`` lines: (names, templates, medias, line numbers)."""
     path = Path(path)
-    names, templates, medias, lines = [], [], [], []
+    names, ids, lines = [], [], []
     for lineno, parts in iter_fields(path):
-        where = f"{path}:{lineno}"
         if len(parts) != 3:
-            raise FacetoolError(f"{where}: expected 'image template_id media_id', got {len(parts)} fields")
+            raise FacetoolError(f"{path}:{lineno}: expected 'image template_id media_id', got {len(parts)} fields")
         names.append(parts[0])
-        templates.append(_int(parts[1], where, "template id"))
-        medias.append(_int(parts[2], where, "media id"))
+        ids.append(parts[1:])
         lines.append(lineno)
     if not names:
         raise FacetoolError(f"{path}: no images listed")
-    return names, np.array(templates, np.int64), np.array(medias, np.int64), np.array(lines, np.int64)
+    try:
+        values = np.array(ids, dtype=np.int64)  # one conversion; the loop below only runs to name a bad line
+    except (ValueError, OverflowError):
+        for (template, media), lineno in zip(ids, lines, strict=True):
+            _int(template, f"{path}:{lineno}", "template id")
+            _int(media, f"{path}:{lineno}", "media id")
+        raise FacetoolError(f"{path}: cannot read the ids as integers") from None
+    return names, values[:, 0].copy(), values[:, 1].copy(), np.array(lines, np.int64)
 
 
 def _scan_pair_lines(path: Path) -> None:
@@ -96,8 +104,7 @@ def _scan_pair_lines(path: Path) -> None:
         if len(parts) != 3:
             raise FacetoolError(f"{where}: expected 'template_id_1 template_id_2 label', got {len(parts)} fields")
         for token, what in zip(parts, ("template id", "template id", "label"), strict=True):
-            if not -(2**63) <= _int(token, where, what) < 2**63:
-                raise FacetoolError(f"{where}: {what} {token} is out of range")
+            _int(token, where, what)
 
 
 def record_line(path: str | os.PathLike, index: int) -> int:

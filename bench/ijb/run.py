@@ -191,6 +191,8 @@ def run_ijb(
     clock["features"] = time.perf_counter()
     index = template_index(meta.templates, meta.medias, meta.scores, options)
     pooled = pool_templates(feats, flips, index, options)
+    if not reference:
+        feats = flips = None  # the image features are not needed any more (1.9 GB at IJB-C size)
     clock["pool"] = time.perf_counter()
     scores = pair_scores(pooled, rows_of(index.ids, meta.pair_t1), rows_of(index.ids, meta.pair_t2))
     clock["score"] = time.perf_counter()
