@@ -32,7 +32,7 @@ from facetool.pipeline.errors import FacetoolError
 
 #: Images pooled per step (a float64 chunk of 16384 x 512 is 64 MB).
 POOL_CHUNK = 16384
-#: Distinct first templates per block of pair scores (a block's product with all templates: 512 x T float64).
+#: Distinct first templates per block of pair scores (its product with the second templates: at most 512 x T).
 ROW_BLOCK = 512
 #: Pairs gathered at once where a matrix product would not pay.
 GATHER_BLOCK = 32768

@@ -112,12 +112,12 @@ def _embed(meta: IJBMeta, ijb_dir: Path, model_path: Path, options: ProtocolOpti
     from .features import embed_images
 
     model, name, backbone_options = load_model(model_path)
-    device = resolve_device(settings.get("device"))
-    batch_size = settings.get("batch_size") or default_batch_size(device)
+    device = resolve_device(settings["device"])
+    batch_size = settings["batch_size"] or default_batch_size(device)
     feats, flips = embed_images(
         model, meta.images, ijb_dir / IMAGE_FOLDER, batch_size=batch_size, device=device, flip=options.flip,
-        masked=settings.get("masked", False), mask_seed=settings.get("mask_seed", 0),
-        save_dir=settings.get("save_features"), progress=progress,
+        masked=settings["masked"], mask_seed=settings["mask_seed"],
+        save_dir=settings["save_features"], progress=progress,
     )  # fmt: skip
     source = {"model": str(model_path), "backbone": name, "options": backbone_options, "device": device,
               "batch_size": batch_size}  # fmt: skip
@@ -126,18 +126,18 @@ def _embed(meta: IJBMeta, ijb_dir: Path, model_path: Path, options: ProtocolOpti
 
 def _features(ijb_dir, model, features, flip_features, options, settings, progress):
     """(meta, features, flips, source) from a synthetic set, feature files or a model."""
-    if settings.get("synthetic") is not None:
-        if settings.get("masked") or features is not None or model is not None:
+    if settings["synthetic"] is not None:
+        if settings["masked"] or features is not None or model is not None:
             raise FacetoolError("a synthetic set brings its own random features: no MODEL, --features or masking")
         from .synthetic import make_synthetic
 
-        meta, feats, flips = make_synthetic(settings["synthetic"], seed=settings.get("seed", 0))
-        return meta, feats, flips, {"synthetic": str(settings["synthetic"]), "seed": settings.get("seed", 0)}
+        meta, feats, flips = make_synthetic(settings["synthetic"], seed=settings["seed"])
+        return meta, feats, flips, {"synthetic": str(settings["synthetic"]), "seed": settings["seed"]}
     if ijb_dir is None:
         raise FacetoolError("no IJB folder given (or --synthetic N)")
-    if settings.get("masked") and features is not None:
+    if settings["masked"] and features is not None:
         raise FacetoolError("masking renders new images; --features holds embeddings of the original ones")
-    meta = read_meta(ijb_dir, settings.get("target", "IJBC"))
+    meta = read_meta(ijb_dir, settings["target"])
     rows = len(meta.templates)
     if features is not None:
         feats = open_features(features, rows)
@@ -173,16 +173,23 @@ def run_ijb(
     features: str | os.PathLike | None = None,
     flip_features: str | os.PathLike | None = None,
     options: ProtocolOptions = ProtocolOptions(),
+    masked: bool = False,
+    mask_seed: int = 0,
+    batch_size: int | None = None,
+    device: str | None = None,
+    save_features: str | os.PathLike | None = None,
+    synthetic: int | str | None = None,
+    seed: int = 0,
     reference: bool = False,
     progress: Progress | None = None,
-    **settings: Any,
 ) -> IJBReport:
-    """Evaluate on IJB-B / IJB-C (see the module docstring). ``settings``: ``batch_size``, ``device``, ``masked``
-    (mask every aligned image), ``mask_seed``, ``save_features`` (a folder for the embeddings), ``synthetic``
-    ("full" or a number of images: no IJB folder needed) and ``seed``. ``progress(done, total)``: embedding."""
+    """Evaluate on IJB-B / IJB-C (see the module docstring): ``masked`` masks every aligned image (``mask_seed``),
+    ``save_features`` keeps the embeddings in that folder, ``synthetic`` ("full" or a number of images, ``seed``)
+    needs no IJB folder, ``reference`` also runs the baseline loop. ``progress(done, total)``: the embedding."""
     clock = {"start": time.perf_counter()}
-    meta, feats, flips, source = _features(ijb_dir, model, features, flip_features, options,
-                                           {**settings, "target": target}, progress)  # fmt: skip
+    settings = {"target": target, "masked": masked, "mask_seed": mask_seed, "batch_size": batch_size,
+                "device": device, "save_features": save_features, "synthetic": synthetic, "seed": seed}  # fmt: skip
+    meta, feats, flips, source = _features(ijb_dir, model, features, flip_features, options, settings, progress)
     if flips is None:
         options = replace(options, flip=False)
     import scipy.sparse  # noqa: F401  (imported before the clock: the timings measure the computation)
@@ -200,7 +207,7 @@ def run_ijb(
     clock["roc"] = time.perf_counter()
     ident = identify(meta, index, pooled)
     clock["identification"] = time.perf_counter()
-    protocol = {**options.to_json(), "masked": "all" if settings.get("masked") else None}
+    protocol = {**options.to_json(), "masked": "all" if masked else None}
     report = IJBReport(
         target=meta.target, images=len(meta.templates), templates=len(index.ids), pairs=len(scores),
         genuine=int(meta.labels.sum()), tar_at_far=tar_at_far(curve), auc=curve.auc, protocol=protocol,
