@@ -3,35 +3,14 @@ and ``facetool synth-ijb`` (a small IJB-layout folder of synthetic faces). Heavy
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
-from facetool.cli_options import json_option, write_json
+from facetool.cli_options import json_option, progress_or_quiet, write_json
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _OUT_FILE = click.Path(dir_okay=False, path_type=Path)
-
-
-@contextlib.contextmanager
-def _bar(desc: str, unit: str, quiet: bool) -> Iterator:
-    """A tqdm bar driven by ``progress(done, total)`` (None when quiet)."""
-    if quiet:
-        yield None
-        return
-    from tqdm import tqdm
-
-    with tqdm(desc=desc, unit=unit, dynamic_ncols=True, disable=None, smoothing=0.1) as bar:
-
-        def progress(done: int, total: int) -> None:
-            if bar.total != total:
-                bar.total = total
-                bar.refresh()
-            bar.update(done - bar.n)
-
-        yield progress
 
 
 def _check_usage(ijb_dir, model, features, flip_features, masked, synthetic) -> None:
@@ -97,7 +76,7 @@ def bench_ijb_command(ijb_dir, model, target, features, flip_features, no_flip, 
     _check_usage(ijb_dir, model, features, flip_features, masked, synthetic)
     retain_freed_memory()  # large transient arrays are reused instead of faulted in again
     options = ProtocolOptions(flip=not no_flip, normalize_images=normalize_images, detector_score=not no_detector_score)
-    with _bar("embed", "img", quiet) as progress:
+    with progress_or_quiet("embed", "img", quiet) as progress:
         report = run_ijb(
             ijb_dir, model, target=target, features=features, flip_features=flip_features, options=options,
             reference=reference, progress=progress, masked=masked == "all", mask_seed=mask_seed,
@@ -130,7 +109,7 @@ def align_command(list_path: Path, out_dir: Path, root: Path | None, size: int, 
     least-squares similarity onto the template (bilinear, border 0)."""
     from facetool.pipeline.align import align_list
 
-    with _bar("align", "img", quiet) as progress:
+    with progress_or_quiet("align", "img", quiet) as progress:
         summary = align_list(list_path, out_dir, root=root, size=size, png=png, progress=progress)
     click.echo(f"align: {summary['images']} faces, {size}x{size}, in {out_dir}")
 
@@ -149,7 +128,7 @@ def synth_ijb_command(out: Path, subjects: int, probes_per_subject: int, target:
     meta files (sparse template ids, media of several frames, detector scores) and the 1:N lists."""
     from facetool.bench.ijb import write_ijb_fixture
 
-    with _bar("synth-ijb", "img", quiet) as progress:
+    with progress_or_quiet("synth-ijb", "img", quiet) as progress:
         s = write_ijb_fixture(out, subjects=subjects, probes_per_subject=probes_per_subject, seed=seed,
                               target=target, one_to_n=not no_one_to_n, progress=progress)  # fmt: skip
     click.echo(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +41,16 @@ def progress_bar(desc: str, unit: str = "rec") -> tuple[Callable[[int, int], Non
         bar.update(done - bar.n)
 
     return update, bar.close
+
+
+@contextlib.contextmanager
+def progress_or_quiet(desc: str, unit: str, quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """:func:`progress_bar` as a context manager that closes the bar; yields None (no bar) when ``quiet``."""
+    if quiet:
+        yield None
+        return
+    update, close = progress_bar(desc, unit)
+    try:
+        yield update
+    finally:
+        close()

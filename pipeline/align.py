@@ -28,10 +28,8 @@ import numpy as np
 
 from facetool.pipeline.atomic import Progress, write_bytes_atomic
 from facetool.pipeline.errors import FacetoolError
-from facetool.pipeline.masks import TEMPLATE
+from facetool.pipeline.template import TEMPLATE, TEMPLATE_SIZE
 
-#: Side of the ArcFace template; other sizes scale it (see :func:`template_points`).
-TEMPLATE_SIZE = 112
 #: JPEG quality of aligned faces written as JPEG.
 JPEG_QUALITY = 95
 #: The 68-point indices that make the five points: eye corners (averaged), nose tip, mouth corners.

@@ -15,11 +15,12 @@ from sklearn.metrics import auc, roc_curve
 
 from facetool.bench.ijb import FARS, ProtocolOptions, identification, nearest_tar, roc, run_ijb, tar_at_far
 from facetool.bench.ijb import protocol as protocol_module
-from facetool.bench.ijb.features import aligned_batch, embed_batch
+from facetool.bench.ijb.features import aligned_batch
 from facetool.bench.ijb.fixture import write_ijb_fixture
 from facetool.bench.ijb.meta import read_meta
 from facetool.bench.ijb.protocol import pair_scores, pool_templates, rows_of, template_index
 from facetool.bench.ijb.synthetic import make_synthetic, synthetic_counts
+from facetool.bench.verification.embed import embed_batch
 from facetool.pipeline.align import align_face, read_landmark_list, read_rgb
 from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.masks import render_mask
@@ -302,9 +303,9 @@ def test_masked_mode_masks_every_aligned_image_and_sets_the_flag(ijb_dir, meta):
     for i in range(4):
         assert np.array_equal(masked[i], render_mask(plain[i], 3, i).image) and not np.array_equal(masked[i], plain[i])
     model = FlagRecorder()
-    emb, flipped = embed_batch(model, masked, "cpu", flip=True, masked=True)
+    emb, flipped = embed_batch(model, masked, "cpu", masked=True, flip=True)
     assert emb.shape == flipped.shape == (4, 3) and model.flags.tolist() == [True] * 8
-    embed_batch(model, plain, "cpu", flip=False, masked=False)
+    embed_batch(model, plain, "cpu", masked=False, flip=False)
     assert model.flags.tolist() == [False] * 4
 
 

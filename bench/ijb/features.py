@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from facetool.bench.verification.embed import embed_batch
 from facetool.pipeline.align import LandmarkList, align_face, read_rgb, relative_name
 from facetool.pipeline.atomic import Progress, atomic_path
 
@@ -41,22 +42,6 @@ def aligned_batch(
             face = render_mask(face, mask_seed, i).image
         out[k] = face
     return out
-
-
-def embed_batch(model: Any, batch: np.ndarray, device: str, flip: bool, masked: bool) -> tuple[np.ndarray, ...]:
-    """Embeddings (float32) of a uint8 NHWC batch and, with ``flip``, of its horizontal flips, in one forward; a
-    backbone with ``uses_masked`` (FaceT) gets the masked flag of every image."""
-    import torch
-
-    x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().sub_(127.5).div_(127.5)
-    if flip:
-        x = torch.cat([x, torch.flip(x, dims=[3])])
-    if getattr(model, "uses_masked", False):
-        emb = model(x, torch.full((len(x),), masked, dtype=torch.bool, device=device))
-    else:
-        emb = model(x)
-    emb = emb.float().cpu().numpy()
-    return (emb[: len(batch)], emb[len(batch) :]) if flip else (emb,)
 
 
 def _batches(images: LandmarkList, image_dir: Path, batch_size: int, masked: bool, seed: int) -> Iterator:
@@ -109,7 +94,7 @@ def embed_images(
     out: list[np.ndarray] = []
     with contextlib.ExitStack() as stack, torch.inference_mode():
         for start, batch in _batches(images, Path(image_dir), batch_size, masked, mask_seed):
-            embs = embed_batch(model, batch, device, flip, masked)
+            embs = [e for e in embed_batch(model, batch, device, masked, flip) if e is not None]
             if not out:
                 names = (FEATURES_FILE, FLIP_FEATURES_FILE)[: len(embs)]
                 out = [_allocate(stack, save, name, (n, embs[0].shape[1])) for name in names]
@@ -123,4 +108,4 @@ def embed_images(
     return out[0], (out[1] if flip else None)
 
 
-__all__ = ["FEATURES_FILE", "FLIP_FEATURES_FILE", "aligned_batch", "embed_batch", "embed_images"]
+__all__ = ["FEATURES_FILE", "FLIP_FEATURES_FILE", "aligned_batch", "embed_images"]

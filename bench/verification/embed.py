@@ -111,6 +111,26 @@ def default_batch_size(device: str) -> int:
     return DEFAULT_BATCH["cuda" if device.startswith("cuda") else "cpu"]
 
 
+def embed_batch(
+    model: Any, batch: np.ndarray, device: str, masked: np.ndarray | bool = False, flip: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Embeddings (float32) of a uint8 NHWC RGB batch, normalised as in training ((x - 127.5) / 127.5), and with
+    ``flip`` of its horizontal flips, appended to the same forward; ``(embeddings, flipped or None)``. A backbone
+    that takes the mask flag (FaceT with prompts) gets ``masked`` (one bool for all, or one per image)."""
+    import torch
+
+    x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().contiguous().sub_(127.5).div_(127.5)
+    if flip:
+        x = torch.cat([x, torch.flip(x, dims=[3])])
+    if getattr(model, "uses_masked", False):
+        flags = torch.as_tensor(np.broadcast_to(np.asarray(masked, dtype=bool), (len(batch),)).copy())
+        emb = model(x, (torch.cat([flags, flags]) if flip else flags).to(device))
+    else:
+        emb = model(x)
+    emb = emb.float().cpu().numpy()
+    return (emb[: len(batch)], emb[len(batch) :]) if flip else (emb, None)
+
+
 def embed_set(
     model: Any,
     pair_set: PairSet,
@@ -139,20 +159,14 @@ def embed_set(
     out = out_flip = None
     with torch.inference_mode():
         for start, batch in _batches(pair_set, batch_size):
-            x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().contiguous().sub_(127.5).div_(127.5)
-            both = torch.cat([x, torch.flip(x, dims=[3])])
-            if takes_flag:
-                flags = torch.from_numpy(pair_set.masked[start : start + len(batch)]).to(device)
-                emb = model(both, torch.cat([flags, flags]))
-            else:
-                emb = model(both)
-            emb = emb.float().cpu().numpy()
+            flags = pair_set.masked[start : start + len(batch)] if takes_flag else False
+            emb, emb_flip = embed_batch(model, batch, device, flags, flip=True)
             if out is None:
                 out = np.empty((n, emb.shape[1]), dtype=np.float32)
                 out_flip = np.empty_like(out)
-            out[start : start + len(batch)] = emb[: len(batch)]
-            out_flip[start : start + len(batch)] = emb[len(batch) :]
-            del x, both, emb
+            out[start : start + len(batch)] = emb
+            out_flip[start : start + len(batch)] = emb_flip
+            del emb, emb_flip
             if progress is not None:
                 progress(start + len(batch), n)
     return out, out_flip
