@@ -190,7 +190,7 @@ def run_rec(rec: str, idx: str, device: str, batch_size: int, workers: int, warm
     return {**_time_batches(epoch, warmup, batches, _sync_for(device)), "workers": workers}
 
 
-def _decode_loop(args: tuple[str, list[bytes], float]) -> tuple[int, float, float, float]:
+def decode_loop(args: tuple[str, list[bytes], float]) -> tuple[int, float, float, float]:
     """Decode every JPEG of the list with one decoder, starting at the shared ``start`` time."""
     decoder, jpegs, start = args
     if decoder == "pillow":
@@ -243,7 +243,7 @@ def run_decode(shards_dir: str, images: int, processes: int) -> dict:
         for decoder in ("pillow", "torchvision"):
             start = time.time() + 2.0  # every process has imported and warmed up by then
             chunks = [(decoder, jpegs[p::processes], start) for p in range(processes)]
-            done = pool.map(_decode_loop, chunks)
+            done = pool.map(decode_loop, chunks)
             n = sum(d[0] for d in done)
             seconds = max(d[2] for d in done) - min(d[1] for d in done)
             cpu = sum(d[3] for d in done)
@@ -262,6 +262,36 @@ def locate_rec(shards_dir: str | os.PathLike, rec: str | os.PathLike | None) -> 
             raise FacetoolError(f"{rec}: the shards' source .rec is not here; give it with --rec SRC")
     source = Source.locate(rec)
     return source.rec, source.idx
+
+
+def _contenders(
+    shards_dir: str,
+    loaders: tuple[str, ...],
+    devices: tuple[str, ...],
+    batch_size: int,
+    warmup: int,
+    batches: int,
+    threads: int | None,
+    cores: int,
+    rec_paths: tuple[Path, Path] | None,
+    decode_images: int,
+) -> list[tuple[str, str, Callable, tuple]]:
+    """The runs to time, in order: (name, device, function, arguments), each run in a fresh process."""
+    plan: list[tuple[str, str, Callable, tuple]] = []
+    main_device = devices[0]
+    for device in devices:
+        if "dali" in loaders:
+            args = (shards_dir, device, batch_size, threads, warmup, batches)
+            plan.append(("dali", device, run_dali, args))
+            plan.append(("dali-decode-stage", device, run_dali, (*args, True)))
+    if "wds" in loaders:
+        plan.append(("wds", main_device, run_wds, (shards_dir, main_device, batch_size, cores, warmup, batches)))
+    if rec_paths is not None:
+        args = (str(rec_paths[0]), str(rec_paths[1]), main_device, batch_size, cores, warmup, batches)
+        plan.append(("rec", main_device, run_rec, args))
+    if "decode" in loaders:
+        plan.append(("decode-limit", "cpu", run_decode, (shards_dir, decode_images, cores)))
+    return plan
 
 
 def run_loader_benchmark(
@@ -290,24 +320,9 @@ def run_loader_benchmark(
     if unknown:
         raise FacetoolError(f"unknown loader(s) {', '.join(sorted(unknown))}; choose from {', '.join(LOADERS)}")
     cores = threads or cpu_count()
-    needed = (warmup + batches) * batch_size
-    if "rec" in loaders:
-        rec_path, idx_path = locate_rec(shards_dir, rec)
-    plan: list[tuple[str, str, Callable, tuple]] = []
-    main_device = devices[0]
-    for device in devices:
-        if "dali" in loaders:
-            args = (shards_dir, device, batch_size, threads, warmup, batches)
-            plan.append(("dali", device, run_dali, args))
-            plan.append(("dali-decode-stage", device, run_dali, (*args, True)))
-    if "wds" in loaders:
-        plan.append(("wds", main_device, run_wds, (shards_dir, main_device, batch_size, cores, warmup, batches)))
-    if "rec" in loaders:
-        args = (str(rec_path), str(idx_path), main_device, batch_size, cores, warmup, batches)
-        plan.append(("rec", main_device, run_rec, args))
-    if "decode" in loaders:
-        plan.append(("decode-limit", "cpu", run_decode, (shards_dir, min(needed, shards.samples), cores)))
-
+    rec_paths = locate_rec(shards_dir, rec) if "rec" in loaders else None
+    plan = _contenders(shards_dir, loaders, devices, batch_size, warmup, batches, threads, cores, rec_paths,
+                       min((warmup + batches) * batch_size, shards.samples))  # fmt: skip
     runs: dict[tuple[str, str, str], list[dict]] = {}
     for _ in range(repeats):
         for name, device, fn, args in plan:

@@ -422,7 +422,7 @@ def test_decode_only_pipeline_gives_the_decoded_pixels(data, ref):
 
 
 def test_bench_contenders_measure_what_they_claim(data):
-    from facetool.bench.loader import ArcfaceRecDataset, _decode_loop, locate_rec, read_jpegs, run_dali, run_rec
+    from facetool.bench.loader import ArcfaceRecDataset, decode_loop, locate_rec, read_jpegs, run_dali, run_rec
 
     shards = str(data["plain"])
     out = run_dali(shards, "cpu", batch_size=16, threads=1, warmup=1, batches=3)
@@ -444,7 +444,7 @@ def test_bench_contenders_measure_what_they_claim(data):
     jpegs = read_jpegs(shards, 70)
     assert len(jpegs) == 70 and all(j[:3] == b"\xff\xd8\xff" for j in jpegs)
     for decoder in ("pillow", "torchvision"):
-        n, t0, t1, cpu = _decode_loop((decoder, jpegs, 0.0))
+        n, t0, t1, cpu = decode_loop((decoder, jpegs, 0.0))
         assert n == 70 and t1 > t0
 
 

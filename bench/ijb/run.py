@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from facetool.bench.verification.embed import load_features
 from facetool.pipeline.atomic import Progress, atomic_open
 from facetool.pipeline.errors import FacetoolError
 
@@ -67,14 +68,7 @@ class IJBReport:
 
 def open_features(path: str | os.PathLike, rows: int, what: str = "features") -> np.ndarray:
     """A (rows, D) numeric ``.npy`` array, memory-mapped (read-only, no pickles); its shape is checked."""
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except OSError as err:
-        raise FacetoolError(f"{path}: cannot read ({err.strerror or err})") from None
-    except ValueError as err:
-        raise FacetoolError(f"{path}: not a plain numeric .npy array ({err})") from None
-    if not isinstance(arr, np.ndarray):
-        raise FacetoolError(f"{path}: expected one array (.npy), got an archive")
+    arr = load_features(path, mmap=True)
     if arr.ndim != 2 or arr.shape[0] != rows:
         raise FacetoolError(f"{path}: {what} of shape {arr.shape}, expected ({rows}, D): one row per 5-point line")
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):

@@ -247,10 +247,11 @@ def evaluate_model(
         model.train(was_training)
 
 
-def load_features(path: str | os.PathLike) -> np.ndarray:
-    """A ``.npy`` array of embeddings, without pickles (``allow_pickle=False``)."""
+def load_features(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
+    """A ``.npy`` array of embeddings, without pickles (``allow_pickle=False``); ``mmap``: memory-mapped, read-only
+    (features of hundreds of thousands of images stay on disk)."""
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except OSError as err:
         raise FacetoolError(f"{path}: cannot read ({err.strerror or err})") from None
     except ValueError as err:
