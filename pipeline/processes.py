@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import signal
 import sys
@@ -29,6 +30,16 @@ def die_with_parent(parent_pid: int | None = None) -> None:
         threading.Thread(target=_watch_parent, args=(parent,), name="facetool-parent-watch", daemon=True).start()
     if os.getppid() != parent:
         os._exit(1)
+
+
+def worker_init(parent_pid: int):
+    """A picklable initializer for pools and torch DataLoaders (which pass a worker id, ignored) that calls
+    :func:`die_with_parent` with the pid of the process creating the workers."""
+    return functools.partial(_init_worker, parent_pid)
+
+
+def _init_worker(parent_pid: int, *_: object) -> None:
+    die_with_parent(parent_pid)
 
 
 def _set_parent_death_signal() -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import itertools
 import multiprocessing as mp
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -26,6 +27,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.processes import worker_init
 from facetool.pipeline.shards.format import IMAGE_EXTS, LABEL_EXT, MASK_EXT, parse_index_line
 from facetool.train.data.batch import Batch
 from facetool.train.data.config import LoaderConfig
@@ -234,6 +236,7 @@ class WdsLoader:
             persistent_workers=workers > 0,
             prefetch_factor=2 if workers > 0 else None,
             multiprocessing_context=ctx if workers > 0 else None,
+            worker_init_fn=worker_init(os.getpid()) if workers > 0 else None,  # workers end with this process
             pin_memory=self.device.type == "cuda",
         )
         self.epoch = 0
