@@ -14,18 +14,28 @@ from pathlib import Path
 FACETOOL = [sys.executable, "-m", "facetool"]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``facetool ARGS`` in a fresh process; its error output must never hold a traceback, whatever the exit."""
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600, preexec: Callable[[], None] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``facetool ARGS`` in a fresh process (``preexec`` runs in it first: limits, signals); its error output
+    must never hold a traceback, whatever the exit."""
     proc = subprocess.run(
-        [*FACETOOL, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        [*FACETOOL, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        preexec_fn=preexec,
     )
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
     return proc
 
 
-def error_line(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> str:
+def error_line(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600, preexec: Callable[[], None] | None = None
+) -> str:
     """Run ``facetool ARGS``, which must fail with exactly one line on stderr (no traceback); return that line."""
-    proc = run_cli(*args, env=env, timeout=timeout)
+    proc = run_cli(*args, env=env, timeout=timeout, preexec=preexec)
     assert proc.returncode != 0, f"expected an error, got exit 0: {proc.stdout}"
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr

@@ -18,6 +18,7 @@ from conftest import MXNET_FIXTURES, write_layout_a
 from helpers import error_line, kill_when, run_cli, tree_bytes
 
 from facetool.cli import main
+from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.recordio import RecordFile
 from facetool.pipeline.shards import STATE_DIR, ConvertOptions, convert
 from facetool.pipeline.shards.format import (
@@ -30,7 +31,7 @@ from facetool.pipeline.shards.format import (
     read_index,
     read_manifest,
 )
-from facetool.pipeline.shards.tar import tar_header, tar_headers
+from facetool.pipeline.shards.tar import ShardWriter, tar_header, tar_headers
 
 
 def _source_multiset(src: Path) -> Counter:
@@ -310,6 +311,37 @@ def _kill_then_resume(tmp_path: Path, classes: int, per_class: int, min_done: in
     assert run_cli("convert", str(src), str(out), *args).returncode == 0
     assert tree_bytes(out) == tree_bytes(reference)
     assert not (out / STATE_DIR).exists()
+
+
+def _file_size_limit(limit: int):
+    def limit_file_size() -> None:  # in the child: writes beyond ``limit`` fail with EFBIG instead of SIGXFSZ
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_file_size
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_file_too_large_names_the_shard_being_written(small_dataset, tmp_path, workers):
+    src, _ = small_dataset
+    out = tmp_path / "out"
+    args = ["convert", str(src), str(out), "--samples-per-shard", "240", "--workers", workers, "--quiet"]
+    line = error_line(*args, preexec=_file_size_limit(300_000))
+    assert re.fullmatch(rf"Error: {re.escape(str(out))}/shard-000000\.tar(\.tmp)?: cannot write: File too large", line)
+    assert not list(out.glob("shard-*"))
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_under_the_streaming_writer_names_the_file():
+    writer = ShardWriter(Path("/dev/full"))
+    with pytest.raises(FacetoolError, match=r"^/dev/full: cannot write: No space left on device$"):
+        for key in range(8):  # chunks go out on the writer's thread; its error surfaces here or at finish
+            writer.add_sample(f"{key:09d}", [("jpg", bytes(1 << 20)), (LABEL_EXT, bytes(4))])
+        writer.finish()
+    writer.abort()
 
 
 def test_kill_minus_nine_then_resume_is_byte_identical(tmp_path):
