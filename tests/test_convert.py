@@ -313,6 +313,19 @@ def _kill_then_resume(tmp_path: Path, classes: int, per_class: int, min_done: in
     assert not (out / STATE_DIR).exists()
 
 
+@pytest.mark.parametrize("command", ["convert", "masks-bin"])
+def test_bad_mask_weights_are_one_line_errors(small_dataset, tmp_path, command):
+    src, _ = small_dataset
+    if command == "convert":
+        args = ["convert", str(src), str(tmp_path / "out"), "--mask-fraction", "0.5", "--quiet"]
+    else:
+        args = ["masks", "bin", str(src / "property"), str(tmp_path / "m.bin"), "--quiet"]  # weights come first
+    proc = run_cli(*args, "--mask-weights", "gas=1")
+    assert proc.returncode == 1 and re.fullmatch(
+        r"Error: unknown mask kind\(s\) gas; expected some of [a-z0-9, ]+\n", proc.stderr
+    )
+
+
 def _file_size_limit(limit: int):
     def limit_file_size() -> None:  # in the child: writes beyond ``limit`` fail with EFBIG instead of SIGXFSZ
         import resource
