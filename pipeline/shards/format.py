@@ -259,6 +259,13 @@ def _kind(value: object) -> str:
     )
 
 
+def _shown(value: object) -> str:
+    """A value as an error message shows it: its kind, and a scalar's (shortened) text."""
+    if value is None or isinstance(value, list | dict):
+        return _kind(value)
+    return f"{_kind(value)} {value!r:.60}"
+
+
 class _Checker:
     """Field checks of ``check_manifest``, each raising a FacetoolError that names the file and the field."""
 
@@ -273,7 +280,7 @@ class _Checker:
         ok = value in kind if isinstance(kind, tuple) else isinstance(value, kind)
         if not ok:
             wanted = " or ".join(map(repr, kind)) if isinstance(kind, tuple) else _kind(kind())
-            raise FacetoolError(f"{self.path}: {name} must be {wanted}, got {_kind(value)} {value!r:.60}")
+            raise FacetoolError(f"{self.path}: {name} must be {wanted}, got {_shown(value)}")
         return value
 
     def table(self, table: dict, name: str) -> dict:
@@ -283,7 +290,7 @@ class _Checker:
         key = name.rsplit(".", 1)[-1]
         value = table.get(key)
         if key not in table or isinstance(value, bool) or not isinstance(value, int) or value < low:
-            got = f"{_kind(value)} {value!r:.60}" if key in table else "nothing"
+            got = _shown(value) if key in table else "nothing"
             raise FacetoolError(f"{self.path}: {name} must be an integer >= {low}, got {got}")
         return value
 

@@ -16,10 +16,8 @@ from pathlib import Path
 
 from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.shards.format import (
-    FORMAT_VERSION,
     IMAGE_EXTS,
     LABEL_EXT,
-    MANIFEST,
     MASK_EXT,
     index_sample_lines,
     parse_index_header,
@@ -78,25 +76,21 @@ class ShardSet:
 
 
 def open_shards(path: str | os.PathLike, check: bool = True) -> ShardSet:
-    """Load ``manifest.json`` of a shard folder and (unless ``check=False``) check every shard against it."""
+    """Load ``manifest.json`` of a shard folder (checked against the format by ``read_manifest``: types, counts,
+    shard names inside the folder) and (unless ``check=False``) check every shard against it."""
     root = Path(path)
     manifest = read_manifest(root)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        version = manifest.get("format_version")
-        raise FacetoolError(f"{root / MANIFEST}: shard format version {version}, need {FORMAT_VERSION}")
-    if manifest.get("part", {}).get("count", 1) != 1:
+    if manifest["part"]["count"] != 1:
         raise FacetoolError(f"{root}: holds one part of a cluster conversion; run `facetool merge-parts` first")
     shards = []
     for entry in manifest["shards"]:
         tar = root / entry["name"]
-        shards.append(
-            Shard(tar=tar, index=root / entry["index"], samples=int(entry["samples"]), masked=int(entry["masked"]))
-        )
+        shards.append(Shard(tar=tar, index=root / entry["index"], samples=entry["samples"], masked=entry["masked"]))
         if check:
-            check_shard(shards[-1], expected_bytes=entry.get("bytes"))
+            check_shard(shards[-1], expected_bytes=entry["bytes"])
     if not shards or sum(s.samples for s in shards) == 0:
         raise FacetoolError(f"{root}: the manifest lists no samples")
-    return ShardSet(root=root, shards=tuple(shards), classes=int(manifest["source"]["classes"]), manifest=manifest)
+    return ShardSet(root=root, shards=tuple(shards), classes=manifest["source"]["classes"], manifest=manifest)
 
 
 def _count_ext(text: bytes, ext: str) -> int:
