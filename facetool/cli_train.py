@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from facetool.cli_options import json_option, write_json
+from facetool.cli_options import json_option, native_stderr_filter, write_json
 
 _set_option = click.option(
     "--set",
@@ -63,7 +63,8 @@ def train_command(config: Path, overrides: tuple[str, ...], output: Path | None,
         sets = [v.read_bin_set(p) for p in cfg["eval"]["bins"]]  # untrusted pickles refused before training
         v.check_unique_names(sets)
         evaluate = functools.partial(v.evaluate_model, sets=sets, batch_size=cfg["eval"]["batch_size"])
-    summary = train(cfg, out, resume=resume, evaluate=evaluate, quiet=quiet)
+    with native_stderr_filter():  # DALI's codec logs a line of its own before the loader's one-line error
+        summary = train(cfg, out, resume=resume, evaluate=evaluate, quiet=quiet)
     if summary and not quiet:
         sets = summary["verification"]["sets"]
         shown = ", ".join(f"{name} {100 * m['accuracy']:.2f}%" for name, m in sets.items())

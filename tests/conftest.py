@@ -3,6 +3,7 @@ the session's end check that no process the tests started is left running."""
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import signal
@@ -78,6 +79,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     kill those processes so that nothing is left behind."""
     if not Path("/proc/self/stat").exists():
         return  # no /proc: nothing to check with
+    gc.collect()  # loaders kept alive only by reference cycles (a test's saved traceback) close their workers now
     left = leftover_processes()
     if left:
         wait_gone(list(left), within=15.0)

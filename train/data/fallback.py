@@ -15,7 +15,6 @@ floor(smallest part / B) full batches).
 
 from __future__ import annotations
 
-import io
 import itertools
 import multiprocessing as mp
 import os
@@ -30,6 +29,7 @@ from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.processes import worker_init
 from facetool.pipeline.shards.format import IMAGE_EXTS, LABEL_EXT, MASK_EXT, parse_index_line
 from facetool.train.data.batch import Batch
+from facetool.train.data.checks import check_label, decode_rgb
 from facetool.train.data.config import LoaderConfig
 from facetool.train.data.epochs import batches_per_epoch, derive_seed, tar_order
 from facetool.train.data.shardset import ShardSet
@@ -62,10 +62,19 @@ class _SampleStream(IterableDataset):
         self.tars = [str(s.tar) for s in shards.shards]
         self.indexes = [str(s.index) for s in shards.shards]
         self.counts = [s.samples for s in shards.shards]
+        self.classes = shards.classes
         self.config, self.rank, self.world_size, self.pick = config, rank, world_size, pick
         self.epoch = epoch  # a shared mp.Value: persistent workers read the main process's epoch from it
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray] | str]:
+        try:
+            yield from self._batches()
+        except FacetoolError as err:
+            if get_worker_info() is None:
+                raise
+            yield str(err)  # from a DataLoader worker: the message alone, raised again by the loader (one line)
+
+    def _batches(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         cfg, epoch = self.config, int(self.epoch.value)
@@ -86,7 +95,7 @@ class _SampleStream(IterableDataset):
             labels = np.empty(len(chunk), dtype=np.int64)
             masked = np.zeros(len(chunk), dtype=bool)
             for i, sample in enumerate(chunk):
-                labels[i], masked[i] = process_sample(sample, cfg, self.pick, rng, images[i])
+                labels[i], masked[i] = process_sample(sample, cfg, self.pick, rng, images[i], self.classes)
             if cfg.dtype == "float16":
                 images = images.astype(np.float16)
             yield images, labels, masked
@@ -139,21 +148,25 @@ def _check_sample(sample: dict, tar: str) -> None:
 
 
 def process_sample(
-    sample: dict, cfg: LoaderConfig, pick: float, rng: np.random.Generator, out: np.ndarray
+    sample: dict,
+    cfg: LoaderConfig,
+    pick: float,
+    rng: np.random.Generator,
+    out: np.ndarray,
+    classes: int | None = None,
 ) -> tuple[int, bool]:
     """Choose, decode and augment one sample into ``out`` (3, S, S) float32 normalised; returns (label, masked).
+    A label outside ``[0, classes)`` or an image that does not decode is an error naming the shard and sample.
 
     Random draws, in order: masked (only for samples with a twin), crop, colour (+ its factors), grayscale,
     blur (+ sigma), down-up (+ size), flip: the DALI pipeline's operations, probabilities and ranges."""
+    tar, key = sample.get("__url__"), sample.get("__key__")
     label = int(np.frombuffer(sample[LABEL_EXT], dtype="<i4")[0])
+    if classes is not None:
+        check_label(tar, key, label, classes)
     masked = MASK_EXT in sample and pick > 0 and rng.random() < pick
     data = sample[MASK_EXT] if masked else next(sample[e] for e in IMAGE_EXTS if e in sample)
-    try:
-        image = Image.open(io.BytesIO(data))
-        image = image.convert("RGB") if image.mode != "RGB" else image
-    except Exception as err:
-        raise FacetoolError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: cannot decode: {err}") from None
-    image = augment(image, cfg, rng)
+    image = augment(decode_rgb(data, tar, key), cfg, rng)
     size = cfg.image_size
     if image.size != (size, size):
         raise FacetoolError(
@@ -249,7 +262,10 @@ class WdsLoader:
         self._epoch.value = self.epoch
         total, B = len(self), self.config.batch_size
         done, rest = 0, []
-        for images, labels, masked in self._loader if total else ():
+        for item in self._loader if total else ():
+            if isinstance(item, str):  # a worker's error
+                raise FacetoolError(item)
+            images, labels, masked = item
             if len(labels) == B:
                 yield self._to_device(images, labels, masked)
                 done += 1
