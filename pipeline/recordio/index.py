@@ -57,6 +57,10 @@ def parse_index(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise RecordIOError(f"{idx_path}: cannot read ({err.strerror})") from None
     if table.size == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)
+    with open(idx_path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":  # every writer ends each line; a file cut short ends inside one
+            raise RecordIOError(f"{idx_path}: the last line is incomplete (no line end): the file was cut short")
     if table.shape[1] != 2:
         raise RecordIOError(f"{idx_path}: expected 2 columns (key, offset), found {table.shape[1]}")
     return table[:, 0].copy(), table[:, 1].copy()

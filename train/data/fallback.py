@@ -103,40 +103,57 @@ class _SampleStream(IterableDataset):
                 return
 
     def _read(self, shard: int, first: int, count: int) -> Iterator[dict]:
-        """``count`` samples of one tar from its ``first``, through webdataset's tar iterator; a damaged tar or a
-        sample without image or label is an error naming the shard, never a skip."""
-        from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-        tar = self.tars[shard]
-        offset = _header_offset(self.indexes[shard], first)
-        n = 0
-        try:
-            with open(tar, "rb") as f:
-                f.seek(offset)
-                files = ({**m, "__url__": tar} for m in tar_file_iterator(f))
-                for sample in itertools.islice(group_by_keys(files), count):
-                    _check_sample(sample, tar)
-                    yield sample
-                    n += 1
-        except FacetoolError:
-            raise
-        except Exception as err:  # tarfile.ReadError, EOFError, OSError, webdataset's ValueError
-            raise FacetoolError(f"{tar}: cannot read sample {first + n} of the shard: {err}") from None
-        if n != count:
-            raise FacetoolError(f"{tar}: ended after {first + n} samples, its index lists {first + count}")
+        return read_samples(self.tars[shard], self.indexes[shard], first, count)
 
 
-def _header_offset(index: str, sample: int) -> int:
-    """Byte offset of the tar header of a shard's ``sample``-th sample (its first member's data offset - 512)."""
-    with open(index, "rb") as f:
-        line = next(itertools.islice(f, sample + 1, sample + 2), b"")
+def read_samples(tar: str, index: str, first: int, count: int) -> Iterator[dict]:
+    """``count`` samples of one shard from its ``first``, read through webdataset's tar iterator (whose tar headers
+    carry checksums), each checked to be the sample its DALI index lists there and to hold an image and a 4-byte
+    label: a damaged tar or index is an error naming the shard, never a skip or a sample read twice."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    lines = _index_lines(index, first, count)
+    n = 0
     try:
-        members = parse_index_line(line)
-    except ValueError:
-        raise FacetoolError(f"{index}: malformed line for sample {sample}") from None
-    if not members:
-        raise FacetoolError(f"{index}: no line for sample {sample}")
-    return members[0].header_offset
+        with open(tar, "rb") as f:
+            f.seek(lines[0][0].header_offset if lines else 0)
+            files = ({**m, "__url__": tar} for m in tar_file_iterator(f))
+            for sample in itertools.islice(group_by_keys(files), count):
+                if sample.get("__key__") != lines[n][0].key:
+                    raise FacetoolError(
+                        f"{tar}: sample {first + n} is {sample.get('__key__')} in the tar but {lines[n][0].key} in "
+                        f"its index {index}; the two do not belong together (re-convert or re-copy the shard)"
+                    )
+                _check_sample(sample, tar)
+                yield sample
+                n += 1
+    except FacetoolError:
+        raise
+    except Exception as err:  # tarfile.ReadError, EOFError, OSError, webdataset's ValueError
+        raise FacetoolError(f"{tar}: cannot read sample {first + n} of the shard: {err}") from None
+    if n != count:
+        raise FacetoolError(f"{tar}: ended after {first + n} samples, its index lists {first + count}")
+
+
+def _index_lines(index: str, first: int, count: int) -> list[list]:
+    """The members of samples ``first .. first + count - 1`` of a DALI index (each with at least one member)."""
+    try:
+        with open(index, "rb") as f:
+            raw = list(itertools.islice(f, first + 1, first + count + 1))
+    except OSError as err:
+        raise FacetoolError(f"{index}: cannot read ({err.strerror})") from None
+    lines = []
+    for i, line in enumerate(raw):
+        try:
+            members = parse_index_line(line)
+        except ValueError:
+            members = []
+        if not members:
+            raise FacetoolError(f"{index}: malformed line for sample {first + i}")
+        lines.append(members)
+    if len(lines) != count:
+        raise FacetoolError(f"{index}: lists {first + len(lines)} samples, fewer than {first + count}")
+    return lines
 
 
 def _check_sample(sample: dict, tar: str) -> None:
