@@ -70,19 +70,10 @@ def build_pipeline(
     images, no augmentation, no normalisation): what `bench loader` times as the cost of reading and decoding."""
     from nvidia.dali import fn, pipeline_def, types
 
-    if device not in ("cpu", "gpu"):
-        raise FacetoolError(f"loader device must be 'cpu' or 'gpu', got {device!r}")
-    if not (0 <= rank < world_size):
-        raise FacetoolError(f"rank {rank} outside world size {world_size}")
-    if world_size > shards.samples:
-        raise FacetoolError(f"{shards.root}: {shards.samples} samples cannot be split over {world_size} ranks")
+    _check_split(shards, rank, world_size, device, epoch)
     gpu = device == "gpu"
     pick = shards.mask_pick_probability(config.masked_prob)  # raises before anything is built when q > rendered
-    size = config.image_size
     threads = config.dali_threads(device)
-
-    if epoch < 0:
-        raise FacetoolError(f"epoch must be >= 0, got {epoch}")
 
     @pipeline_def(
         batch_size=config.batch_size,
@@ -102,20 +93,7 @@ def build_pipeline(
                 encoded = mask
         else:
             (encoded, label), masked = outputs, None  # nothing masked: the loader fills the flags itself
-        if gpu:
-            images = fn.decoders.image(
-                encoded,
-                device="mixed",
-                output_type=types.RGB,
-                hw_decoder_load=config.hw_decoder_load,
-                preallocate_width_hint=size,
-                preallocate_height_hint=size,
-                device_memory_padding=1 << 20,  # the 16 MiB default is sized for ImageNet photos
-                host_memory_padding=1 << 20,
-                jpeg_fancy_upsampling=True,  # chroma upsampled as libjpeg-turbo does on the CPU (and at evaluation)
-            )
-        else:
-            images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+        images = _decode(encoded, config, gpu)
         if decode_only:
             return (images, label) if masked is None else (images, label, masked)
         images = _augment(images, config, fn, types)
@@ -134,6 +112,36 @@ def build_pipeline(
         return images, label, masked.gpu() if gpu else masked
 
     return graph()
+
+
+def _check_split(shards: ShardSet, rank: int, world_size: int, device: str, epoch: int) -> None:
+    if device not in ("cpu", "gpu"):
+        raise FacetoolError(f"loader device must be 'cpu' or 'gpu', got {device!r}")
+    if not (0 <= rank < world_size):
+        raise FacetoolError(f"rank {rank} outside world size {world_size}")
+    if world_size > shards.samples:
+        raise FacetoolError(f"{shards.root}: {shards.samples} samples cannot be split over {world_size} ranks")
+    if epoch < 0:
+        raise FacetoolError(f"epoch must be >= 0, got {epoch}")
+
+
+def _decode(encoded, config: LoaderConfig, gpu: bool):
+    """The decoder (inside a pipeline definition): nvJPEG and the hardware decoder on the GPU, else the CPU."""
+    from nvidia.dali import fn, types
+
+    if not gpu:
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+    return fn.decoders.image(
+        encoded,
+        device="mixed",
+        output_type=types.RGB,
+        hw_decoder_load=config.hw_decoder_load,
+        preallocate_width_hint=config.image_size,
+        preallocate_height_hint=config.image_size,
+        device_memory_padding=1 << 20,  # the 16 MiB default is sized for ImageNet photos
+        host_memory_padding=1 << 20,
+        jpeg_fancy_upsampling=True,  # chroma upsampled as libjpeg-turbo does on the CPU (and at evaluation)
+    )
 
 
 def _reader(shards: ShardSet, config: LoaderConfig, rank: int, world_size: int, epoch: int, with_masks: bool):

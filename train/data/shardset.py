@@ -4,13 +4,15 @@ DALI reads members at the offsets its index gives, from a memory map: a tar shor
 short) would fault or return garbage mid-epoch, and a sample without a label would surface as a ragged batch far
 from its cause. So every shard is checked at start, in time linear in the index size (a few byte counts per
 index, no per-line Python): the index exists and starts with ``v1.2 N``, N and the mask count agree with the
-manifest, every sample has one image and one label, and the last member ends inside the tar. Errors name the shard
-(and the sample, when one is at fault).
+manifest, every sample has one image and one label, the last member ends inside the tar, and no offset or size has
+more digits than the tar's size (DALI sizes its buffers by them). Errors name the shard (and the sample, when one
+is at fault).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +142,13 @@ def check_shard(shard: Shard, expected_bytes: int | None = None) -> None:
         )
     if expected_bytes is not None and size != int(expected_bytes):
         raise FacetoolError(f"{shard.tar}: {size} bytes, the manifest says {expected_bytes}; the shard was altered")
+    # DALI sizes its buffers by the index: no offset or size may have more digits than the tar's size (one scan)
+    huge = re.search(rb"(?<= )[0-9]{%d,}(?=[ \n])" % (len(str(size)) + 1), text)
+    if huge is not None:
+        raise FacetoolError(
+            f"{shard.index}: lists an offset or size of {huge.group().decode()} bytes in {shard.tar.name} of {size} "
+            "bytes; the index is damaged, rebuild it with wds2idx or re-convert"
+        )
 
 
 def _last_member_end(shard: Shard, text: bytes) -> tuple[int, str]:
