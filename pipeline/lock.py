@@ -1,10 +1,11 @@
-"""An exclusive lock on an output folder: two commands writing into one folder at once would tear each other's
+"""Exclusive locks in an output folder: two commands writing the same files at once would tear each other's
 temporary files away (or both finish, each with half of the other's shards).
 
-The lock is the file ``FOLDER/.facetool-lock``, held with ``fcntl.flock`` while the command runs, and holding the
-holder's pid, host and command so that the refused command can say who holds it. The kernel releases a flock when
-its holder dies, kill -9 included, so a lock left behind by a dead process is simply taken over; the file is removed
-when the command ends. The lock file is not published data, so it is written in place, not through
+A lock is a file in the folder (``.facetool-lock``, or a named one such as a cluster part's), held with
+``fcntl.flock`` and holding the holder's pid, host and command so that a refused command can say who holds it. The
+kernel releases a flock when its holder dies, kill -9 included, so a lock left behind by a dead process is simply
+taken over; the file is removed when the command ends. ``wait`` makes a command wait (for a lock that is only ever
+held briefly) before it refuses. Lock files are not published data, so they are written in place, not through
 ``facetool.pipeline.atomic``. Where ``fcntl`` does not exist (Windows) the file is created exclusively instead, and a
 stale one must be removed by hand (the message names it).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,11 +32,18 @@ _HELD: set[int] = set()  # the lock files this process holds open (closed in for
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
-    """Hold the exclusive lock on ``folder`` (which must exist) for the block; a FacetoolError naming the folder
-    and the holder's pid and host when another live process holds it."""
-    path = Path(folder) / LOCK_NAME
-    fd = _acquire(path, Path(folder)) if fcntl is not None else _create(path, Path(folder))
+def folder_lock(folder: str | os.PathLike, command: str, *, name: str = LOCK_NAME, wait: float = 0.0) -> Iterator[Path]:
+    """Hold the exclusive lock ``name`` in ``folder`` (which must exist) for the block, waiting up to ``wait``
+    seconds for another holder to let go; then a FacetoolError naming the folder and the holder's pid and host."""
+    path, deadline = Path(folder) / name, time.monotonic() + wait
+    while True:
+        try:
+            fd = _acquire(path, Path(folder)) if fcntl is not None else _create(path, Path(folder))
+            break
+        except _Held as held:
+            if time.monotonic() >= deadline:
+                raise held.error from None
+            time.sleep(0.05)
     _HELD.add(fd)
     try:
         try:
@@ -61,10 +70,32 @@ def lock_holder(path: str | os.PathLike) -> str:
     return f"pid {fields[0]} on host {fields[1]}" + (f", {fields[2].strip()}" if len(fields) > 2 else "")
 
 
-def _refused(path: Path, folder: Path) -> FacetoolError:
-    return FacetoolError(
-        f"{folder}: in use by another facetool command ({lock_holder(path)}); wait for it to end or use another folder"
-    )
+def check_unlocked(folder: str | os.PathLike, pattern: str) -> None:
+    """Refuse (as ``folder_lock`` would) when a live process holds one of the lock files ``pattern`` in ``folder``."""
+    for path in sorted(Path(folder).glob(pattern)):
+        if fcntl is None:
+            raise _Held(path, Path(folder)).error
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # released meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _Held(path, Path(folder)).error from None
+        finally:
+            os.close(fd)
+
+
+class _Held(Exception):
+    """The lock is held by another live process (``error``: the refusal to report)."""
+
+    def __init__(self, path: Path, folder: Path) -> None:
+        super().__init__(str(path))
+        self.error = FacetoolError(
+            f"{folder}: in use by another facetool command ({lock_holder(path)}); wait for it to end or use another "
+            "folder"
+        )
 
 
 def _acquire(path: Path, folder: Path) -> int:
@@ -78,7 +109,7 @@ def _acquire(path: Path, folder: Path) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise _refused(path, folder) from None
+            raise _Held(path, folder) from None
         except OSError as err:
             os.close(fd)
             raise FacetoolError(f"{path}: cannot lock the folder ({err.strerror})") from None
@@ -94,10 +125,9 @@ def _create(path: Path, folder: Path) -> int:
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
-        raise FacetoolError(
-            f"{folder}: in use by another facetool command ({lock_holder(path)}); if no such process runs, "
-            f"remove {path}"
-        ) from None
+        held = _Held(path, folder)
+        held.error = FacetoolError(f"{held.error}; if no such process runs, remove {path}")
+        raise held from None
     except OSError as err:
         raise FacetoolError(f"{path}: cannot create the folder's lock ({err.strerror})") from None
 

@@ -27,8 +27,11 @@ def test_killed_synth_leaves_no_worker(tmp_path):
     assert len(workers) >= 2  # kill_when checked that they ended by themselves
 
 
+RUN_LOCK = f"{LOCK_NAME}.part-0000-of-0001"  # what a (one-part) convert holds while it writes
+
+
 def _wait_for_lock(out: Path, proc: subprocess.Popen) -> None:
-    lock = out / LOCK_NAME
+    lock = out / RUN_LOCK
     deadline = time.monotonic() + 120
     while not (lock.is_file() and lock.read_text().startswith(f"{proc.pid} ") and len(descendants(proc.pid)) >= 2):
         assert proc.poll() is None, "the first convert ended before it took the lock and started its workers"
@@ -54,7 +57,21 @@ def test_a_second_convert_into_a_folder_in_use_is_refused_and_a_dead_holders_loc
     finally:
         first.kill()
         first.wait()
-    assert (out / LOCK_NAME).is_file()  # left behind by the killed holder ...
+    assert (out / RUN_LOCK).is_file()  # left behind by the killed holder ...
     assert run_cli(*args).returncode == 0  # ... and taken over
-    assert not (out / LOCK_NAME).exists() and read_manifest(out)["samples"] == 600
+    assert not list(out.glob(f"{LOCK_NAME}*")) and read_manifest(out)["samples"] == 600
     assert workers and not wait_gone(workers)  # the frozen-then-killed holder's workers ended with it
+
+
+def test_the_parts_of_a_cluster_conversion_write_into_one_folder_at_once(small_dataset, tmp_path):
+    src, out = small_dataset[0], tmp_path / "out"
+    jobs = [
+        subprocess.Popen([*FACETOOL, "convert", str(src), str(out), "--samples-per-shard", "10", "--part",
+                          f"{i}/3", "--quiet"], stderr=subprocess.PIPE, text=True)
+        for i in range(3)
+    ]  # fmt: skip
+    for job in jobs:
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0 and "Traceback" not in err, err
+    assert run_cli("merge-parts", str(out)).returncode == 0
+    assert read_manifest(out)["samples"] == 240 and not list(out.glob(f"{LOCK_NAME}*"))

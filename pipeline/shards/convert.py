@@ -7,6 +7,7 @@ it skips the shards whose tar is under its final name (published last) and write
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import sys
@@ -15,13 +16,15 @@ from pathlib import Path
 
 from facetool.pipeline.atomic import Progress
 from facetool.pipeline.errors import FacetoolError
-from facetool.pipeline.lock import folder_lock
+from facetool.pipeline.lock import LOCK_NAME, folder_lock
 from facetool.pipeline.processes import die_with_parent
 from facetool.pipeline.recordio import RecordFile
 from facetool.pipeline.shards.format import ShardStats, build_manifest, write_manifest
 from facetool.pipeline.shards.plan import ConvertJob, ConvertOptions, Source
 from facetool.pipeline.shards.state import check_output_dir, claim_plan, clear_state, finished_manifest, load_stats
 from facetool.pipeline.shards.write import write_shard
+
+CLAIM_WAIT = 300.0  # seconds a run waits for the folder's lock, which others hold only to claim or to finish
 
 
 def convert(
@@ -43,28 +46,36 @@ def convert(
         manifest = finished_manifest(job)
         if manifest is None:
             check_output_dir(job.out)
-            with folder_lock(job.out, "convert"):
-                manifest = finished_manifest(job) or _convert_locked(job, reader, progress)
+            manifest = _convert_locked(job, reader, progress)
         elif progress:  # already complete: nothing to do
             progress(job.perm.size, job.perm.size)
         return manifest
 
 
 def _convert_locked(job: ConvertJob, reader: RecordFile, progress: Progress | None) -> dict:
-    """The conversion proper, holding the folder's lock: check and claim the plan, write the missing shards, then
-    the manifest."""
-    done = claim_plan(job)
-    todo = [s for s in job.mine if s not in done]
-    total = sum(job.positions(s).size for s in job.mine)
-    counted = total - sum(job.positions(s).size for s in todo)
-    if progress:
-        progress(counted, total)
-    if todo:
-        _run_shards(job, reader, todo, _Counter(counted, total, progress))
-    manifest = _manifest(job, [done[s] if s in done else load_stats(job, s) for s in job.mine])
-    write_manifest(job.manifest_path, manifest)
-    clear_state(job)
-    return manifest
+    """The conversion proper: under the folder's lock (held briefly: the parts of a cluster conversion share the
+    folder) check and claim the plan and take this part's lock; write the missing shards holding only the part's
+    lock; then, under the folder's lock again, the manifest."""
+    pi, pn = job.options.part
+    with contextlib.ExitStack() as part_lock:
+        with folder_lock(job.out, "convert", wait=CLAIM_WAIT):
+            manifest = finished_manifest(job)  # another run may have finished it meanwhile
+            if manifest is not None:
+                return manifest
+            part_lock.enter_context(folder_lock(job.out, "convert", name=f"{LOCK_NAME}.part-{pi:04d}-of-{pn:04d}"))
+            done = claim_plan(job)
+        todo = [s for s in job.mine if s not in done]
+        total = sum(job.positions(s).size for s in job.mine)
+        counted = total - sum(job.positions(s).size for s in todo)
+        if progress:
+            progress(counted, total)
+        if todo:
+            _run_shards(job, reader, todo, _Counter(counted, total, progress))
+        with folder_lock(job.out, "convert", wait=CLAIM_WAIT):
+            manifest = _manifest(job, [done[s] if s in done else load_stats(job, s) for s in job.mine])
+            write_manifest(job.manifest_path, manifest)
+            clear_state(job)
+        return manifest
 
 
 def _manifest(job: ConvertJob, shards: list[ShardStats]) -> dict:

@@ -302,10 +302,11 @@ class _Checker:
 def merge_parts(out: str | os.PathLike) -> dict:
     """Merge the ``manifest.part-I-of-N.json`` files of a cluster conversion into one ``manifest.json``, after
     checking that they are the parts of one plan and that their shards are there (under the folder's lock)."""
-    from facetool.pipeline.lock import folder_lock
+    from facetool.pipeline.lock import LOCK_NAME, check_unlocked, folder_lock
 
     out = Path(out)
-    with folder_lock(out, "merge-parts"):
+    with folder_lock(out, "merge-parts", wait=60.0):
+        check_unlocked(out, f"{LOCK_NAME}.part-*")  # no part is still being written
         parts = sorted(out.glob("manifest.part-*-of-*.json"))
         if not parts:
             raise FacetoolError(f"{out}: no manifest.part-*-of-*.json files to merge")

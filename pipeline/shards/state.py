@@ -76,11 +76,10 @@ def plan_differences(old: object, job: ConvertJob) -> str:
 
 
 def check_output_dir(out: Path) -> None:
-    """Create the output and state folders, or fail with one line when they cannot be written."""
+    """Create the output folder, or fail with one line when it cannot be written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / STATE_DIR).mkdir(exist_ok=True)
-        probe = out / STATE_DIR / f".write-test-{os.getpid()}"
+        probe = out / f".facetool-write-test-{os.getpid()}"
         probe.write_bytes(b"")  # a probe, removed at once: not a file facetool publishes
         probe.unlink()
     except OSError as err:
@@ -101,7 +100,12 @@ def read_json(path: Path) -> object:
 
 def claim_plan(job: ConvertJob) -> dict[int, ShardStats]:
     """Check that everything already in the output folder belongs to this plan (every part's plan file, every
-    manifest, every finished shard of this part), record the plan, and return the finished shards' stats."""
+    manifest, every finished shard of this part), record the plan, and return the finished shards' stats. Called
+    under the folder's lock, as ``clear_state`` is (it removes the state folder when it is empty)."""
+    try:
+        (job.out / STATE_DIR).mkdir(exist_ok=True)
+    except OSError as err:
+        raise FacetoolError(f"{job.out}: output folder is not writable ({err.strerror})") from None
     for path in sorted((job.out / STATE_DIR).glob("plan.*.json")):
         differences = plan_differences(read_json(path), job)
         if differences:
