@@ -7,14 +7,15 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from conftest import write_layout_a
-from helpers import FACETOOL, descendants, error_line, kill_when, run_cli, wait_gone
+from helpers import FACETOOL, alive, descendants, error_line, kill_when, run_cli, wait_gone
 
 from facetool.pipeline.lock import LOCK_NAME
-from facetool.pipeline.shards import read_manifest
+from facetool.pipeline.shards import ConvertOptions, convert, read_manifest
 
 
 def test_killed_synth_leaves_no_worker(tmp_path):
@@ -75,3 +76,44 @@ def test_the_parts_of_a_cluster_conversion_write_into_one_folder_at_once(small_d
         assert job.returncode == 0 and "Traceback" not in err, err
     assert run_cli("merge-parts", str(out)).returncode == 0
     assert read_manifest(out)["samples"] == 240 and not list(out.glob(f"{LOCK_NAME}*"))
+
+
+GRANDCHILD = (
+    "import sys, time\n"
+    "sys.platform = 'darwin'  # no parent-death signal: the parent-liveness check has to do it\n"
+    "from facetool.pipeline.processes import die_with_parent\n"
+    "die_with_parent(int(sys.argv[1]))\n"
+    "time.sleep(600)\n"
+)
+CHILD = (
+    "import os, subprocess, sys, time\n"
+    "worker = subprocess.Popen([sys.executable, '-c', sys.argv[1], str(os.getpid())])\n"
+    "print(worker.pid, flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def test_where_there_is_no_parent_death_signal_a_worker_notices_its_parent_is_gone():
+    parent = subprocess.Popen([sys.executable, "-c", CHILD, GRANDCHILD], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    time.sleep(0.5)  # let the worker start its check
+    assert alive(worker)
+    parent.kill()
+    parent.wait()
+    parent.stdout.close()
+    assert not wait_gone([worker], within=20)
+
+
+def test_killed_training_leaves_no_loader_worker(small_dataset, tmp_path):
+    from test_train import ENV, write_config
+
+    convert(small_dataset[0], tmp_path / "shards", ConvertOptions(samples_per_shard=60))
+    config = write_config(tmp_path / "c.toml", tmp_path, run={"steps": 400},
+                          data={"workers": 2, "masked_prob": 0.0})  # fmt: skip
+    scalars = tmp_path / "run" / "logs" / "scalars.jsonl"
+    workers = kill_when(
+        ["train", str(config), "--output", str(tmp_path / "run"), "--quiet"],
+        lambda: scalars.is_file() and scalars.stat().st_size > 0,
+        env=ENV,
+    )
+    assert len(workers) >= 2  # the DataLoader's; kill_when checked that they ended with the run

@@ -8,6 +8,7 @@ import re
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import MXNET_FIXTURES, write_layout_a
 from helpers import error_line, run_cli
@@ -151,3 +152,16 @@ def test_filtered_index_with_records_left_out_still_reads(dataset, tmp_path):
     with RecordFile(src / "train.rec", src / "train.idx") as rf:
         assert rf.layout == "B" and len(rf) == 18 and all(r.image for r in rf)
     convert(src, tmp_path / "out", ConvertOptions(samples_per_shard=8))
+
+
+def test_a_scan_whose_ids_do_not_fit_int64_keys_the_records_by_file_order(tmp_path):
+    from conftest import random_jpeg
+
+    from facetool.pipeline.recordio import RecordIOWriter, pack_payload
+
+    rng = np.random.default_rng(1)
+    with RecordIOWriter(tmp_path / "train.rec", tmp_path / "train.idx") as writer:
+        for i in range(3):
+            writer.write(i, pack_payload(float(i), random_jpeg(rng), id=2**64 - 1 - i))
+    with RecordFile(tmp_path / "train.rec", None) as rf:
+        assert rf.keys.tolist() == [0, 1, 2] and [int(r.label[0]) for r in rf] == [0, 1, 2]
