@@ -39,7 +39,7 @@ def load_index(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Parse ``key<TAB>offset`` lines into int64 arrays (keys, offsets), checking every offset lies in the file."""
     keys, offsets = parse_index(idx_path)
-    problems = _first_pass(keys, offsets, rec_size, _Lines(idx_path), rec_path)
+    problems = _first_pass(keys, offsets, rec_size, _Lines(idx_path, keys.size), rec_path)
     if problems:
         raise RecordIOError(problems[0][1].error)
     return keys, offsets
@@ -67,17 +67,21 @@ def parse_index(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Lines:
-    """Line numbers of the index's entries (blank lines are skipped by the parser), worked out only for errors."""
+    """Line numbers of the index's entries, worked out only for errors: entry ``i`` is on line ``i + 1`` unless
+    the file has blank lines (which the parser skips), and only then are the lines counted one by one."""
 
-    def __init__(self, idx_path: str | os.PathLike | None) -> None:
-        self.path, self._numbers = idx_path, None
+    def __init__(self, idx_path: str | os.PathLike | None, rows: int) -> None:
+        self.path, self.rows, self._numbers = idx_path, rows, None
 
     def where(self, row: int) -> str:
         if self.path is None:
             return f"record #{row} of the scan"
         if self._numbers is None:
-            lines = Path(self.path).read_bytes().split(b"\n")
-            self._numbers = [n for n, text in enumerate(lines, 1) if text.strip()]
+            text = Path(self.path).read_bytes()
+            if text.count(b"\n") == self.rows:
+                self._numbers = range(1, self.rows + 1)
+            else:
+                self._numbers = [n for n, line in enumerate(text.split(b"\n"), 1) if line.strip()]
         return f"line {self._numbers[row]}"
 
 
@@ -92,7 +96,7 @@ def check_index(
     """The entries that are possible, and the problems found in the others (``skip=False``: raise the first).
 
     ``buf`` is the whole ``.rec`` (bytes or a memory map); ``idx_path`` None means the entries come from a scan."""
-    lines = _Lines(idx_path)
+    lines = _Lines(idx_path, keys.size)
     where = str(idx_path or rec_path)
     found = _first_pass(keys, offsets, len(buf), lines, rec_path)
     bad = np.zeros(keys.size, dtype=bool)
