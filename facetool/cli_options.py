@@ -20,7 +20,7 @@ CODEC_LOG = re.compile(rb"^(\x1b\[[0-9;]*m)?\[(FATAL|ERROR|WARNING|INFO|DEBUG|TR
 
 
 def json_option(what: str = "result"):
-    """``--json FILE``: the command's machine-readable output (DESIGN.md), written atomically."""
+    """``--json FILE``: the command's machine-readable output, written atomically."""
     return click.option(
         "--json",
         "json_path",

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
 _POLL_SECONDS = 1.0
@@ -32,7 +33,7 @@ def die_with_parent(parent_pid: int | None = None) -> None:
         os._exit(1)
 
 
-def worker_init(parent_pid: int):
+def worker_init(parent_pid: int) -> Callable[..., None]:
     """A picklable initializer for pools and torch DataLoaders (which pass a worker id, ignored) that calls
     :func:`die_with_parent` with the pid of the process creating the workers."""
     return functools.partial(_init_worker, parent_pid)

@@ -104,6 +104,13 @@ def _damage_plan(out: Path) -> Path:
     return path
 
 
+def _damage_stats(out: Path) -> Path:
+    path = out / STATE_DIR / "shard-000001.json"
+    stats = json.loads(path.read_text())
+    path.write_text(json.dumps({**stats, "samples": "abc"}))
+    return out / "shard-000001.tar"  # the error names the shard (and its record)
+
+
 def _damage_part_manifest(out: Path) -> Path:
     path = out / "manifest.part-0001-of-0002.json"
     path.write_bytes(path.read_bytes()[:50])
@@ -117,13 +124,18 @@ def _damage_manifest(out: Path) -> Path:
 
 @pytest.mark.parametrize(
     "damage, command",
-    [(_damage_plan, "convert"), (_damage_part_manifest, "merge-parts"), (_damage_manifest, "convert")],
-    ids=["plan", "part-manifest", "manifest"],
+    [
+        (_damage_plan, "convert"),
+        (_damage_stats, "convert"),
+        (_damage_part_manifest, "merge-parts"),
+        (_damage_manifest, "convert"),
+    ],
+    ids=["plan", "shard-stats", "part-manifest", "manifest"],
 )
 def test_damaged_state_files_are_one_line_errors_naming_them(small_dataset, tmp_path, damage, command):
     src, _ = small_dataset
     out = tmp_path / "out"
-    if damage is _damage_plan:
+    if damage in (_damage_plan, _damage_stats):
         interrupted(src, out, 2)
     elif damage is _damage_part_manifest:
         for i in range(2):

@@ -10,6 +10,7 @@ read twice or read from the wrong place. ``skip=True`` drops such entries instea
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import warnings
 from dataclasses import dataclass
@@ -88,7 +89,7 @@ class _Lines:
 def check_index(
     keys: np.ndarray,
     offsets: np.ndarray,
-    buf,
+    buf: bytes | mmap.mmap,
     idx_path: str | os.PathLike | None,
     rec_path: str | os.PathLike,
     skip: bool = False,
@@ -144,7 +145,7 @@ def _first_pass(
     return found
 
 
-def record_ends(buf, offsets: np.ndarray, rec_path: str | os.PathLike) -> np.ndarray:
+def record_ends(buf: bytes | mmap.mmap, offsets: np.ndarray, rec_path: str | os.PathLike) -> np.ndarray:
     """Where the record at each offset (inside the file) ends, after its last frame and padding; -1 where its first
     frame is not well formed (bad magic, a continuation frame, a broken chain): reading that record reports it."""
     u8 = np.frombuffer(buf, dtype=np.uint8)

@@ -310,7 +310,8 @@ def merge_parts(out: str | os.PathLike) -> dict:
         parts = sorted(out.glob("manifest.part-*-of-*.json"))
         if not parts:
             raise FacetoolError(f"{out}: no manifest.part-*-of-*.json files to merge")
-        manifests = [_check_part(p, load_manifest(p), parts[0], load_manifest(parts[0])) for p in parts]
+        first = load_manifest(parts[0])
+        manifests = [_check_part(p, load_manifest(p) if p != parts[0] else first, parts[0], first) for p in parts]
         count = manifests[0]["part"]["count"]
         indices = sorted(m["part"]["index"] for m in manifests)
         if indices != list(range(count)):

@@ -139,6 +139,8 @@ def load_stats(job: ConvertJob, shard: int) -> ShardStats:
     path, tar = job.stats_path(shard), job.out / f"{shard_name(shard)}.tar"
     try:
         stats = ShardStats(**json.loads(path.read_bytes()))
+        if not _well_formed(stats):
+            raise TypeError
     except (OSError, ValueError, TypeError, RecursionError):
         raise FacetoolError(
             f"{tar}: exists but its record {path} is missing or damaged; delete the shard and re-run"
@@ -148,11 +150,22 @@ def load_stats(job: ConvertJob, shard: int) -> ShardStats:
             f"{tar}: written by another conversion (its record {path.name} names another plan); delete it or use "
             "another output folder"
         )
-    if not isinstance(stats.bytes, int) or tar.stat().st_size != stats.bytes:
+    if tar.stat().st_size != stats.bytes:
         raise FacetoolError(
             f"{tar}: has {tar.stat().st_size} bytes, its record says {stats.bytes}; delete it and re-run"
         )
     return stats
+
+
+def _well_formed(stats: ShardStats) -> bool:
+    counts = (stats.samples, stats.masked, stats.bytes, stats.max_label)
+    texts = (stats.name, stats.index, stats.sha256, stats.plan)
+    return (
+        all(isinstance(v, int) and not isinstance(v, bool) for v in counts)
+        and all(isinstance(v, str) for v in texts)
+        and isinstance(stats.skipped, list)
+        and all(isinstance(v, dict) for v in stats.skipped)
+    )
 
 
 def clear_state(job: ConvertJob) -> None:
