@@ -3,6 +3,7 @@ Heavy imports stay inside the command."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -63,7 +64,10 @@ def train_command(config: Path, overrides: tuple[str, ...], output: Path | None,
         sets = [v.read_bin_set(p) for p in cfg["eval"]["bins"]]  # untrusted pickles refused before training
         v.check_unique_names(sets)
         evaluate = functools.partial(v.evaluate_model, sets=sets, batch_size=cfg["eval"]["batch_size"])
-    with native_stderr_filter():  # DALI's codec logs a line of its own before the loader's one-line error
+    # DALI's image codec logs a line of its own before the loader's one-line error (the fallback's forked workers
+    # would hold the filter's pipe open: it is only for DALI)
+    dali = cfg["data"]["source"] != "synthetic" and cfg["data"]["backend"] != "wds"
+    with native_stderr_filter() if dali else contextlib.nullcontext():
         summary = train(cfg, out, resume=resume, evaluate=evaluate, quiet=quiet)
     if summary and not quiet:
         sets = summary["verification"]["sets"]
