@@ -36,6 +36,7 @@ from facetool.bench.process import (
     run_isolated,
 )
 from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.processes import worker_init
 
 LOADERS = ("dali", "wds", "rec", "decode")
 
@@ -180,6 +181,7 @@ def run_rec(rec: str, idx: str, device: str, batch_size: int, workers: int, warm
         generator=torch.Generator().manual_seed(0),
         persistent_workers=workers > 0,
         multiprocessing_context=_worker_context() if workers > 0 else None,
+        worker_init_fn=worker_init(os.getpid()) if workers > 0 else None,
     )
     target = torch.device("cuda", 0) if device == "gpu" else torch.device("cpu")
 
@@ -239,7 +241,7 @@ def read_jpegs(shards_dir: str, count: int) -> list[bytes]:
 def run_decode(shards_dir: str, images: int, processes: int) -> dict:
     jpegs = read_jpegs(shards_dir, images)
     results = {}
-    with mp.get_context(_worker_context()).Pool(processes) as pool:
+    with mp.get_context(_worker_context()).Pool(processes, initializer=worker_init(os.getpid())) as pool:
         for decoder in ("pillow", "torchvision"):
             start = time.time() + 2.0  # every process has imported and warmed up by then
             chunks = [(decoder, jpegs[p::processes], start) for p in range(processes)]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.processes import die_with_parent
 
 
 def cpu_count() -> int:
@@ -42,7 +43,8 @@ def process_tree_cpu_seconds() -> float | None:
     return total
 
 
-def _child(queue, fn: Callable, args: tuple) -> None:
+def _child(queue, fn: Callable, args: tuple, parent: int) -> None:
+    die_with_parent(parent)
     try:
         queue.put(("ok", fn(*args)))
     except FacetoolError as err:
@@ -56,7 +58,7 @@ def run_isolated(what: str, fn: Callable, *args) -> Any:
     dying without an answer (a crash, the OOM killer), is a :class:`FacetoolError` naming ``what``."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, fn, args))
+    proc = ctx.Process(target=_child, args=(queue, fn, args, os.getpid()))
     proc.start()
     try:
         while True:

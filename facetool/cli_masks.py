@@ -15,16 +15,13 @@ WEIGHTS_HELP = (
 
 
 def parse_weights_option(value: str | None) -> tuple[tuple[str, float], ...] | None:
-    """``--mask-weights`` as (kind, probability) pairs, or None for the defaults; a bad value is a usage error."""
+    """``--mask-weights`` as (kind, probability) pairs, or None for the defaults; a bad value is the library's
+    one-line error."""
     if value is None:
         return None
-    from facetool.pipeline.errors import FacetoolError
     from facetool.pipeline.masks import parse_weights
 
-    try:
-        return tuple(parse_weights(value).items())
-    except FacetoolError as err:
-        raise click.BadParameter(str(err), param_hint="--mask-weights") from None
+    return tuple(parse_weights(value).items())
 
 
 @click.group("masks")

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import os
+import re
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
+
+# nvImageCodec (DALI's decoder) logs straight to file descriptor 2, e.g. "[ERROR] [jpeg_parser] Invalid marker"
+# (coloured on any stream), before DALI raises; the loader then reports the sample at fault in one line
+CODEC_LOG = re.compile(rb"^(\x1b\[[0-9;]*m)?\[(FATAL|ERROR|WARNING|INFO|DEBUG|TRACE)\] (\x1b\[0m)?\[[A-Za-z0-9_]+\] ")
 
 
 def json_option(what: str = "result"):
@@ -54,3 +63,44 @@ def progress_or_quiet(desc: str, unit: str, quiet: bool) -> Iterator[Callable[[i
         yield update
     finally:
         close()
+
+
+@contextlib.contextmanager
+def native_stderr_filter(drop: re.Pattern[bytes] = CODEC_LOG) -> Iterator[None]:
+    """For the block, lines that native libraries write straight to file descriptor 2 pass through a thread that
+    drops those matching ``drop``; Python's ``sys.stderr`` writes to the real stderr meanwhile (progress bars,
+    errors). Where ``sys.stderr`` is not file descriptor 2 (a test runner's capture), nothing changes."""
+    try:
+        sys.stderr.flush()
+        if sys.stderr.fileno() != 2:
+            raise ValueError("sys.stderr is not file descriptor 2")
+        real = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+    python_stderr = sys.stderr
+    sys.stderr = io.TextIOWrapper(
+        os.fdopen(os.dup(real), "wb"), encoding="utf-8", errors="replace", line_buffering=True
+    )
+    forward = threading.Thread(target=_forward, args=(read, real, drop), name="stderr-filter", daemon=True)
+    forward.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr.close()
+        sys.stderr = python_stderr
+        os.dup2(real, 2)  # closes the pipe's last writer here; forked workers may hold one a little longer
+        forward.join(timeout=2.0)
+        os.close(real)
+
+
+def _forward(read: int, real: int, drop: re.Pattern[bytes]) -> None:
+    with os.fdopen(read, "rb") as pipe:
+        for line in pipe:
+            if not drop.match(line):
+                with contextlib.suppress(OSError):
+                    os.write(real, line)

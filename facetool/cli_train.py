@@ -3,11 +3,12 @@ Heavy imports stay inside the command."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
 
-from facetool.cli_options import json_option, write_json
+from facetool.cli_options import json_option, native_stderr_filter, write_json
 
 _set_option = click.option(
     "--set",
@@ -62,7 +63,11 @@ def train_command(config: Path, overrides: tuple[str, ...], output: Path | None,
     if cfg["eval"]["bins"]:
         sets = v.load_sets(bins=cfg["eval"]["bins"])  # untrusted pickles refused before training
         evaluate = functools.partial(v.evaluate_model, sets=sets, batch_size=cfg["eval"]["batch_size"])
-    summary = train(cfg, out, resume=resume, evaluate=evaluate, quiet=quiet)
+    # DALI's image codec logs a line of its own before the loader's one-line error (the fallback's forked workers
+    # would hold the filter's pipe open: it is only for DALI)
+    dali = cfg["data"]["source"] != "synthetic" and cfg["data"]["backend"] != "wds"
+    with native_stderr_filter() if dali else contextlib.nullcontext():
+        summary = train(cfg, out, resume=resume, evaluate=evaluate, quiet=quiet)
     if summary and not quiet:
         sets = summary["verification"]["sets"]
         shown = ", ".join(f"{name} {100 * m['accuracy']:.2f}%" for name, m in sets.items())

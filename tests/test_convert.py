@@ -18,6 +18,7 @@ from conftest import MXNET_FIXTURES, write_layout_a
 from helpers import error_line, kill_when, run_cli, tree_bytes
 
 from facetool.cli import main
+from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.recordio import RecordFile
 from facetool.pipeline.shards import STATE_DIR, ConvertOptions, convert
 from facetool.pipeline.shards.format import (
@@ -30,7 +31,7 @@ from facetool.pipeline.shards.format import (
     read_index,
     read_manifest,
 )
-from facetool.pipeline.shards.tar import tar_header, tar_headers
+from facetool.pipeline.shards.tar import ShardWriter, tar_header, tar_headers
 
 
 def _source_multiset(src: Path) -> Counter:
@@ -180,8 +181,8 @@ def test_parts_merge_to_the_single_run(small_dataset, converted, tmp_path):
 def test_merge_refuses_missing_part(small_dataset, tmp_path):
     src, _ = small_dataset
     convert(src, tmp_path / "p", ConvertOptions(samples_per_shard=50, part=(0, 2)))
-    r = CliRunner().invoke(main, ["merge-parts", str(tmp_path / "p")])
-    assert r.exit_code != 0 and "parts [1] of 2 are missing" in r.output
+    line = error_line("merge-parts", str(tmp_path / "p"))
+    assert "parts [1] of 2 are missing" in line
 
 
 def test_vector_labels_and_png_pass_through(tmp_path):
@@ -217,8 +218,8 @@ def test_on_error_skip_counts_and_reports(tmp_path):
     shutil.copytree(MXNET_FIXTURES / "layout_b", src)
     key, offset = _corrupt_record(src, 6)
     runner = CliRunner()
-    r = runner.invoke(main, ["convert", str(src), str(tmp_path / "fail"), "--quiet"])
-    assert r.exit_code != 0 and f"record {key}" in r.output and f"offset {offset}" in r.output
+    line = error_line("convert", str(src), str(tmp_path / "fail"), "--quiet")
+    assert f"record {key}" in line and f"offset {offset}" in line
     r = runner.invoke(main, ["convert", str(src), str(tmp_path / "skip"), "--on-error", "skip", "--quiet"])
     assert r.exit_code == 0, r.output
     m = read_manifest(tmp_path / "skip")
@@ -312,6 +313,50 @@ def _kill_then_resume(tmp_path: Path, classes: int, per_class: int, min_done: in
     assert not (out / STATE_DIR).exists()
 
 
+@pytest.mark.parametrize("command", ["convert", "masks-bin"])
+def test_bad_mask_weights_are_one_line_errors(small_dataset, tmp_path, command):
+    src, _ = small_dataset
+    if command == "convert":
+        args = ["convert", str(src), str(tmp_path / "out"), "--mask-fraction", "0.5", "--quiet"]
+    else:
+        args = ["masks", "bin", str(src / "property"), str(tmp_path / "m.bin"), "--quiet"]  # weights come first
+    proc = run_cli(*args, "--mask-weights", "gas=1")
+    assert proc.returncode == 1 and re.fullmatch(
+        r"Error: unknown mask kind\(s\) gas; expected some of [a-z0-9, ]+\n", proc.stderr
+    )
+
+
+def _file_size_limit(limit: int):
+    def limit_file_size() -> None:  # in the child: writes beyond ``limit`` fail with EFBIG instead of SIGXFSZ
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_file_size
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_file_too_large_names_the_shard_being_written(small_dataset, tmp_path, workers):
+    src, _ = small_dataset
+    out = tmp_path / "out"
+    args = ["convert", str(src), str(out), "--samples-per-shard", "240", "--workers", workers, "--quiet"]
+    line = error_line(*args, preexec=_file_size_limit(300_000))
+    assert re.fullmatch(rf"Error: {re.escape(str(out))}/shard-000000\.tar(\.tmp)?: cannot write: File too large", line)
+    assert not list(out.glob("shard-*"))
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_under_the_streaming_writer_names_the_file():
+    writer = ShardWriter(Path("/dev/full"))
+    with pytest.raises(FacetoolError, match=r"^/dev/full: cannot write: No space left on device$"):
+        for key in range(8):  # chunks go out on the writer's thread; its error surfaces here or at finish
+            writer.add_sample(f"{key:09d}", [("jpg", bytes(1 << 20)), (LABEL_EXT, bytes(4))])
+        writer.finish()
+    writer.abort()
+
+
 def test_kill_minus_nine_then_resume_is_byte_identical(tmp_path):
     _kill_then_resume(tmp_path, 60, 50, 40, [])  # 3,000 records into 600 shards: long enough to be killed mid-way
 
@@ -330,10 +375,8 @@ def test_rerun_of_finished_conversion_is_a_no_op_and_other_arguments_are_refused
     before = tree_bytes(tmp_path)
     assert runner.invoke(main, args).exit_code == 0
     assert tree_bytes(tmp_path) == before
-    r = runner.invoke(
-        main, ["convert", str(src), str(tmp_path), "--samples-per-shard", "100", "--seed", "7", "--quiet"]
-    )
-    assert r.exit_code != 0 and "other arguments" in r.output
+    line = error_line("convert", str(src), str(tmp_path), "--samples-per-shard", "100", "--seed", "7", "--quiet")
+    assert "other arguments" in line and "differs in seed)" in line
 
 
 def test_bench_convert_reports_both_rates(small_dataset, tmp_path):
@@ -514,8 +557,8 @@ def test_other_mask_fraction_is_refused_on_resume(small_dataset, tmp_path):
     runner = CliRunner()
     args = ["convert", str(src), str(tmp_path), "--samples-per-shard", "100", "--quiet"]
     assert runner.invoke(main, args).exit_code == 0
-    r = runner.invoke(main, [*args, "--mask-fraction", "0.2"])
-    assert r.exit_code != 0 and "other arguments" in r.output
+    line = error_line(*args, "--mask-fraction", "0.2")
+    assert "other arguments" in line
 
 
 def test_undecodable_jpeg_chosen_for_a_twin_is_an_error_or_skipped(tmp_path):

@@ -466,3 +466,14 @@ def test_bench_loader_command_prints_a_table_and_writes_json(data, tmp_path):
     assert max(r["ratio_to_decode_limit"] for r in rows.values()) == 1.0
     bad = CliRunner().invoke(main, ["bench", "loader", str(tmp_path)])
     assert bad.exit_code != 0 and "manifest.json" in bad.output
+
+
+def test_an_index_size_beyond_the_tar_is_refused_before_dali_sizes_a_buffer_by_it(damaged):
+    idx = damaged / "shard-000002.idx"
+    lines = idx.read_bytes().split(b"\n")
+    fields = lines[7].split(b" ")
+    fields[2] = b"9" * 12  # the image's size, on a line in the middle (the last line's end is checked apart)
+    lines[7] = b" ".join(fields)
+    idx.write_bytes(b"\n".join(lines))
+    with pytest.raises(FacetoolError, match=r"shard-000002\.idx: lists an offset or size of 999999999999 bytes"):
+        open_shards(damaged)

@@ -9,9 +9,9 @@ The index lives in numpy arrays (16 bytes a record), so 42 million records cost 
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,30 +28,7 @@ from facetool.pipeline.recordio.format import (
     read_payload,
     unpack_payload,
 )
-
-
-def load_index(
-    idx_path: str | os.PathLike, rec_size: int, rec_path: str | os.PathLike
-) -> tuple[np.ndarray, np.ndarray]:
-    """Parse ``key<TAB>offset`` lines into int64 arrays (keys, offsets), checking every offset lies in the file."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # numpy warns on an empty file; we report that ourselves
-            table = np.loadtxt(idx_path, dtype=np.int64, ndmin=2)
-    except ValueError as err:
-        raise RecordIOError(f"{idx_path}: not a RecordIO index of 'key<TAB>offset' lines ({err})") from None
-    if table.size == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    if table.shape[1] != 2:
-        raise RecordIOError(f"{idx_path}: expected 2 columns (key, offset), found {table.shape[1]}")
-    keys, offsets = table[:, 0].copy(), table[:, 1].copy()
-    bad = np.flatnonzero((offsets < 0) | (offsets + 8 > rec_size))
-    if bad.size:
-        i = int(bad[0])
-        raise RecordIOError(
-            f"{idx_path}: record {keys[i]}: byte offset {offsets[i]} is past the end of {rec_path} ({rec_size} bytes)"
-        )
-    return keys, offsets
+from facetool.pipeline.recordio.index import IndexProblem, check_index, index_digest, parse_index, u32_at
 
 
 class RecordFile:
@@ -59,11 +36,17 @@ class RecordFile:
 
     ``idx_path=None`` scans the file sequentially instead of reading an index; keys then come from the IRHeader's
     ``id`` field (where MXNet's writers put the record key), or from file order when those are not unique.
+    Index entries that cannot be right (see ``facetool.pipeline.recordio.index``) are an error naming the line, or
+    with ``on_index_error="skip"`` are left out and listed in ``index_problems``.
     """
 
-    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None) -> None:
+    def __init__(
+        self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None, on_index_error: str = "fail"
+    ) -> None:
         self.path = Path(rec_path)
         self.idx_path = Path(idx_path) if idx_path is not None else None
+        self._skip = on_index_error == "skip"
+        self.index_problems: list[IndexProblem] = []
         try:
             self._file = open(self.path, "rb")
         except OSError as err:
@@ -79,19 +62,19 @@ class RecordFile:
             if not self.idx_path.is_file():
                 self.close()
                 raise RecordIOError(f"{self.idx_path}: index file not found")
-            keys, offsets = load_index(self.idx_path, self.size, self.path)
-        else:
-            keys, offsets = self._scan()
-        if keys.size == 0:
+        try:
+            keys, offsets = parse_index(self.idx_path) if self.idx_path is not None else self._scan()
+            keys, offsets, self.index_problems = check_index(
+                keys, offsets, self._buf, self.idx_path, self.path, skip=self._skip
+            )
+            if keys.size == 0:
+                raise RecordIOError(f"{self.idx_path or self.path}: no records")
+            order = np.argsort(keys, kind="stable")
+            self._all_keys, self._all_offsets = keys[order], offsets[order]
+            self._detect_layout()
+        except BaseException:
             self.close()
-            raise RecordIOError(f"{self.idx_path or self.path}: no records")
-        order = np.argsort(keys, kind="stable")
-        self._all_keys, self._all_offsets = keys[order], offsets[order]
-        if np.any(np.diff(self._all_keys) == 0):
-            dup = int(self._all_keys[np.flatnonzero(np.diff(self._all_keys) == 0)[0]])
-            self.close()
-            raise RecordIOError(f"{self.idx_path or self.path}: record key {dup} appears twice")
-        self._detect_layout()
+            raise
 
     # -- construction helpers -------------------------------------------------------------------------------
     def _scan(self) -> tuple[np.ndarray, np.ndarray]:
@@ -104,9 +87,9 @@ class RecordFile:
             offsets.append(pos)
             ids.append(IR_HEADER.unpack_from(payload, 0)[2] if len(payload) >= IR_HEADER.size else -1)
             pos, n = nxt, n + 1
+        if len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= 2**63:
+            return np.arange(len(offsets), dtype=np.int64), np.asarray(offsets, dtype=np.int64)
         keys = np.asarray(ids, dtype=np.int64)
-        if np.unique(keys).size != keys.size or keys.min() < 0:
-            keys = np.arange(len(offsets), dtype=np.int64)
         return keys, np.asarray(offsets, dtype=np.int64)
 
     def _offset_of(self, key: int) -> int | None:
@@ -120,26 +103,73 @@ class RecordFile:
         header, labels, image = self._unpack(first_key, int(self._all_offsets[0]))
         self.header_label: np.ndarray | None = None
         if first_key == 0 and header.flag > 0 and len(image) == 0 and labels.size >= 2:
-            a, b = int(labels[0]), int(labels[1])
-            if not (1 <= a <= b):
-                raise RecordIOError(f"{self.path}: record 0: header label range [{a}, {b}) is not valid")
-            self.layout = "A"
-            self.header_label = labels
-            wanted = np.arange(1, a, dtype=np.int64)
-            pos = np.searchsorted(self._all_keys, wanted)
-            pos = np.minimum(pos, self._all_keys.size - 1)
-            missing = np.flatnonzero(self._all_keys[pos] != wanted)
-            if missing.size:
-                raise RecordIOError(
-                    f"{self.idx_path or self.path}: header announces images 1..{a - 1} but record "
-                    f"{int(wanted[missing[0]])} is not in the index"
-                )
-            self.keys, self.offsets = wanted, self._all_offsets[pos]
-            self.num_identities = b - a
+            self._layout_a(labels)
         else:
             self.layout = "B"
             self.keys, self.offsets = self._all_keys, self._all_offsets
             self.num_identities = None
+
+    def _find(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which of the sorted ``wanted`` keys the index holds, and their offsets (meaningful where held)."""
+        pos = np.minimum(np.searchsorted(self._all_keys, wanted), self._all_keys.size - 1)
+        return self._all_keys[pos] == wanted, self._all_offsets[pos]
+
+    def _layout_a(self, labels: np.ndarray) -> None:
+        """Layout A from the header's label ``[a, b)``: images 1..a-1, identity records a..b-1, all checked to be
+        there (and the counts against the index before anything is allocated)."""
+        where = self.idx_path or self.path
+        lo, hi = float(labels[0]), float(labels[1])
+        if not (math.isfinite(lo) and math.isfinite(hi) and 1 <= lo <= hi):
+            raise RecordIOError(f"{self.path}: record 0: header label range [{lo}, {hi}) is not valid")
+        a, b = int(lo), int(hi)
+        if b - 1 > self._all_keys.size + len(self.index_problems):
+            raise RecordIOError(
+                f"{where}: the header record 0 announces {a - 1} images and {b - a} identity records, but the "
+                f"index lists only {self._all_keys.size} records"
+            )
+        held, offsets = self._find(np.arange(a, b, dtype=np.int64))
+        if not held.all():
+            raise RecordIOError(
+                f"{where}: the header record 0 announces identity records {a}..{b - 1} but record "
+                f"{a + int(np.flatnonzero(~held)[0])} is not in the index"
+            )
+        self._check_identities(a, lo, offsets)
+        wanted = np.arange(1, a, dtype=np.int64)
+        held, offsets = self._find(wanted)
+        if not held.all():
+            listed = {p.key for p in self.index_problems}
+            missing = [k for k in wanted[~held].tolist() if k not in listed]
+            if missing and not self._skip:
+                raise RecordIOError(
+                    f"{where}: header announces images 1..{a - 1} but record {missing[0]} is not in the index"
+                )
+            self.index_problems += [
+                IndexProblem(k, f"{where}: record {k}: announced by the header record 0 but not in the index")
+                for k in missing
+            ]
+        self.layout = "A"
+        self.header_label = labels
+        self.keys, self.offsets = wanted[held], offsets[held]
+        self.num_identities = b - a
+
+    def _check_identities(self, a: int, lo: float, offsets: np.ndarray) -> None:
+        """Each identity record holds only a label range ``[first, end)`` with 1 <= first <= end <= a (checked with
+        numpy on the mapped bytes: one gather per field, whatever the number of identities)."""
+        inside = offsets + 40 <= self.size
+        at = np.where(inside, offsets, 0)
+        lrecord, flag = u32_at(self._bytes, at + 4), u32_at(self._bytes, at + 8)
+        first = u32_at(self._bytes, at + 32).view(np.float32)
+        end = u32_at(self._bytes, at + 36).view(np.float32)
+        with np.errstate(invalid="ignore"):
+            ok = inside & (u32_at(self._bytes, at) == MAGIC) & (lrecord >> 29 == 0) & (flag >= 2)
+            ok &= ((lrecord & LENGTH_MASK) == IR_HEADER.size + 4 * flag.astype(np.int64)) & (first >= 1)
+            ok &= (first <= end) & (end <= np.float32(lo))
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise RecordIOError(
+                f"{self.path}: record {a + i} at byte offset {offsets[i]}: not an identity record (a label range "
+                f"[first, end) within the images 1..{a - 1} that the header record 0 announces)"
+            )
 
     def _unpack(self, key: int, offset: int) -> tuple[IRHeader, np.ndarray, bytes]:
         payload, _ = read_payload(self._buf, offset, self.path, key)
@@ -184,6 +214,10 @@ class RecordFile:
         already hold the key and offset."""
         _, labels, image = self._unpack(key, offset)
         return tuple(labels.tolist()), image
+
+    def index_digest(self) -> str:
+        """A sha256 of the index this reader uses (every key and offset): what identifies its records."""
+        return index_digest(self._all_keys, self._all_offsets)
 
     @property
     def view(self) -> memoryview:

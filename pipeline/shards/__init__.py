@@ -2,7 +2,8 @@
 
 - ``format``: member and file names, DALI index lines, the manifest (``read_manifest``, ``merge_parts``);
 - ``tar``: tar headers, index lines and ``ShardWriter``, which streams one tar;
-- ``plan``: ``ConvertOptions``, ``Source``, the seeded permutation and parts, the resumable state folder;
+- ``plan``: ``ConvertOptions``, ``Source``, the seeded permutation and parts, the plan's identity;
+- ``state``: the resumable state folder, and the checks that nothing of another plan is reused;
 - ``write``: writing one shard; ``convert``: the command, over a pool of worker processes.
 """
 
@@ -16,6 +17,8 @@ from facetool.pipeline.shards.format import (
     MASK_EXT,
     IndexMember,
     ShardStats,
+    check_manifest,
+    load_manifest,
     merge_parts,
     parse_index_line,
     read_manifest,
@@ -48,7 +51,9 @@ __all__ = [
     "ShardStats",
     "ShardWriter",
     "Source",
+    "check_manifest",
     "convert",
+    "load_manifest",
     "merge_parts",
     "parse_index_line",
     "part_shards",

@@ -7,6 +7,7 @@ it skips the shards whose tar is under its final name (published last) and write
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import sys
@@ -14,19 +15,16 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from facetool.pipeline.atomic import Progress
+from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.lock import LOCK_NAME, folder_lock
+from facetool.pipeline.processes import die_with_parent
 from facetool.pipeline.recordio import RecordFile
 from facetool.pipeline.shards.format import ShardStats, build_manifest, write_manifest
-from facetool.pipeline.shards.plan import (
-    ConvertJob,
-    ConvertOptions,
-    Source,
-    check_output_dir,
-    claim_plan,
-    clear_state,
-    finished_manifest,
-    load_stats,
-)
+from facetool.pipeline.shards.plan import ConvertJob, ConvertOptions, Source
+from facetool.pipeline.shards.state import check_output_dir, claim_plan, clear_state, finished_manifest, load_stats
 from facetool.pipeline.shards.write import write_shard
+
+CLAIM_WAIT = 300.0  # seconds a run waits for the folder's lock, which others hold only to claim or to finish
 
 
 def convert(
@@ -38,34 +36,50 @@ def convert(
     """Convert an InsightFace RecordIO dataset into shards in ``out``; returns the manifest it wrote.
 
     ``progress(done, total)`` is called as records are processed. Re-running after an interruption skips the
-    shards already complete and gives the same bytes as an uninterrupted run.
+    shards already complete and gives the same bytes as an uninterrupted run; anything in ``out`` that another
+    plan left there is refused. The output folder is locked while the command writes into it.
     """
     options.validate()
     source = Source.locate(src, options.use_index)
-    with RecordFile(source.rec, source.idx) as reader:
+    with RecordFile(source.rec, source.idx, on_index_error=options.on_error) as reader:
         job = ConvertJob.plan(Path(out), source, reader, options)
         manifest = finished_manifest(job)
-        if manifest is not None:  # already complete: nothing to do
-            if progress:
-                progress(job.perm.size, job.perm.size)
-            return manifest
-        check_output_dir(job.out)
-        claim_plan(job)
-        todo = [s for s in job.mine if not job.is_written(s)]
+        if manifest is None:
+            check_output_dir(job.out)
+            manifest = _convert_locked(job, reader, progress)
+        elif progress:  # already complete: nothing to do
+            progress(job.perm.size, job.perm.size)
+        return manifest
+
+
+def _convert_locked(job: ConvertJob, reader: RecordFile, progress: Progress | None) -> dict:
+    """The conversion proper: under the folder's lock (held briefly: the parts of a cluster conversion share the
+    folder) check and claim the plan and take this part's lock; write the missing shards holding only the part's
+    lock; then, under the folder's lock again, the manifest."""
+    pi, pn = job.options.part
+    with contextlib.ExitStack() as part_lock:
+        with folder_lock(job.out, "convert", wait=CLAIM_WAIT):
+            manifest = finished_manifest(job)  # another run may have finished it meanwhile
+            if manifest is not None:
+                return manifest
+            part_lock.enter_context(folder_lock(job.out, "convert", name=f"{LOCK_NAME}.part-{pi:04d}-of-{pn:04d}"))
+            done = claim_plan(job)
+        todo = [s for s in job.mine if s not in done]
         total = sum(job.positions(s).size for s in job.mine)
-        done = total - sum(job.positions(s).size for s in todo)
+        counted = total - sum(job.positions(s).size for s in todo)
         if progress:
-            progress(done, total)
+            progress(counted, total)
         if todo:
-            _run_shards(job, reader, todo, _Counter(done, total, progress))
-        manifest = _manifest(job, [load_stats(job, s) for s in job.mine])
-        write_manifest(job.manifest_path, manifest)
-        clear_state(job)
+            _run_shards(job, reader, todo, _Counter(counted, total, progress))
+        with folder_lock(job.out, "convert", wait=CLAIM_WAIT):
+            manifest = _manifest(job, [done[s] if s in done else load_stats(job, s) for s in job.mine])
+            write_manifest(job.manifest_path, manifest)
+            clear_state(job)
         return manifest
 
 
 def _manifest(job: ConvertJob, shards: list[ShardStats]) -> dict:
-    return build_manifest(
+    manifest = build_manifest(
         source=str(job.source.rec.resolve()),
         layout=job.layout,
         records=int(job.perm.size),
@@ -74,7 +88,16 @@ def _manifest(job: ConvertJob, shards: list[ShardStats]) -> dict:
         part=job.options.part,
         total_shards=job.num_shards,
         shards=shards,
+        plan=job.plan_id if job.options.part[1] > 1 else None,
+        index_skipped=job.index_skipped if job.options.part[0] == 0 else (),
     )
+    classes, records = manifest["source"]["classes"], manifest["source"]["records"]
+    if classes > records:
+        raise FacetoolError(
+            f"{job.source.rec}: labels reach {classes - 1}, more classes than its {records} image records; give "
+            "the dataset a property file with its class count"
+        )
+    return manifest
 
 
 class _Counter:
@@ -113,7 +136,7 @@ def _run_shards(job: ConvertJob, reader: RecordFile, todo: list[int], counter: _
         workers,
         mp_context=counter.context,
         initializer=_init_worker,
-        initargs=(job, reader if fork else None, counter.value),
+        initargs=(job, reader if fork else None, counter.value, os.getpid()),
     ) as pool:
         pending = {pool.submit(_write_in_worker, s) for s in todo}
         while pending:
@@ -129,10 +152,14 @@ def _run_shards(job: ConvertJob, reader: RecordFile, todo: list[int], counter: _
 _WORKER: dict = {}  # a worker process's job, reader and progress counter
 
 
-def _init_worker(job: ConvertJob, reader: RecordFile | None, value) -> None:
-    """Process-pool initializer: reuse the parent's mapped reader after fork, or open our own after spawn."""
+def _init_worker(job: ConvertJob, reader: RecordFile | None, value, parent: int) -> None:
+    """Process-pool initializer: die with the parent; reuse its mapped reader after fork, or open our own after
+    spawn."""
+    die_with_parent(parent)
     _WORKER["job"] = job
-    _WORKER["reader"] = reader if reader is not None else RecordFile(job.source.rec, job.source.idx)
+    if reader is None:
+        reader = RecordFile(job.source.rec, job.source.idx, on_index_error=job.options.on_error)
+    _WORKER["reader"] = reader
     _WORKER["tick"] = lambda n: _increment(value, n)
 
 

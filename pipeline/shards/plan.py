@@ -1,16 +1,17 @@
-"""The plan of a conversion: checked options, the source, the seeded permutation, the parts, and the state folder.
+"""The plan of a conversion: checked options, the source, the seeded permutation and the parts.
 
 The plan is a pure function of (record count, seed, samples per shard): shard ``s`` holds the records at positions
 ``perm[s*S:(s+1)*S]`` of a seeded permutation, so shards can be written in any order, by any number of processes
-or cluster jobs (``part``). ``.facetool-convert/`` in the output folder records the plan being carried out
-(``claim_plan``) and each finished shard's stats until the manifest is written.
+or cluster jobs (``part``). ``ConvertJob.plan_id`` identifies a plan (the source's contents, the arguments, the
+part count): what a resumed run checks before it reuses anything (``facetool.pipeline.shards.state``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import numpy as np
 from facetool.pipeline import DEFAULT_SAMPLES_PER_SHARD
 from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.recordio import RecordFile, read_property
-from facetool.pipeline.shards.format import ShardStats, manifest_name, publish, shard_name
+from facetool.pipeline.shards.format import manifest_name, shard_name
 
 STATE_DIR = ".facetool-convert"
 
@@ -101,7 +102,8 @@ class Source:
         return cls(rec, idx if use_index else None, prop if prop.is_file() else None)
 
     def num_classes(self, reader: RecordFile) -> int | None:
-        """Classes from ``property``, cross-checked against layout A's identity records."""
+        """Classes from ``property``, cross-checked against layout A's identity records and bounded by the image
+        records (a class needs one; the count sizes the training head)."""
         if self.property is None:
             return reader.num_identities
         num_classes, _, _ = read_property(self.property)
@@ -109,6 +111,11 @@ class Source:
             raise FacetoolError(
                 f"{self.property}: says {num_classes} classes but {self.rec} holds {reader.num_identities} "
                 "identity records"
+            )
+        images = len(reader) + len(reader.index_problems)
+        if num_classes > images:
+            raise FacetoolError(
+                f"{self.property}: says {num_classes} classes but {self.rec} holds only {images} image records"
             )
         return num_classes
 
@@ -147,6 +154,14 @@ class ConvertJob:
     source_bytes: int
     perm: np.ndarray
     masks: MaskPlan | None
+    source_mtime_ns: int = 0
+    index_sha256: str = ""
+    index_skipped: tuple[dict, ...] = ()  # index entries left out under ``on_error="skip"``
+    plan_id: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        text = json.dumps(self.record(), sort_keys=True)
+        object.__setattr__(self, "plan_id", hashlib.sha256(text.encode()).hexdigest()[:32])
 
     @classmethod
     def plan(cls, out: Path, source: Source, reader: RecordFile, options: ConvertOptions) -> ConvertJob:
@@ -157,7 +172,10 @@ class ConvertJob:
         weights = options.mask_probabilities()
         masks = MaskPlan(options.mask_fraction, options.seed, weights) if weights is not None else None
         perm = plan_permutation(len(reader), options.seed, options.shuffle)
-        return cls(out, source, options, num_classes, reader.layout, reader.size, perm, masks)
+        mtime = os.stat(source.rec).st_mtime_ns
+        skipped = tuple(p.as_skipped() for p in reader.index_problems)
+        return cls(out, source, options, num_classes, reader.layout, reader.size, perm, masks, mtime,
+                   reader.index_digest(), skipped)  # fmt: skip
 
     @property
     def num_shards(self) -> int:
@@ -191,79 +209,15 @@ class ConvertJob:
         return self.out / STATE_DIR / f"{shard_name(shard)}.json"
 
     def record(self) -> dict:
-        """What the state folder records of this plan: a resumed run must match it."""
+        """What identifies this plan, whichever part carries it out: the source (path, size, modification time, a
+        hash of its index), the records and classes, the arguments and the number of parts."""
         return {
             "source": str(self.source.rec.resolve()),
             "source_bytes": self.source_bytes,
+            "source_mtime_ns": self.source_mtime_ns,
+            "index_sha256": self.index_sha256,
             "records": int(self.perm.size),
+            "classes": self.num_classes,
             "arguments": self.options.output_arguments(),
-            "part": list(self.options.part),
+            "parts": self.options.part[1],
         }
-
-
-def finished_manifest(job: ConvertJob) -> dict | None:
-    """The manifest of this conversion when it is already complete in ``job.out`` (None when it is not); a
-    complete conversion with other arguments or another source is an error."""
-    path = job.manifest_path
-    if not path.is_file() or job.plan_path.is_file():
-        return None
-    manifest = json.loads(path.read_text())
-    plan = job.record()
-    if manifest.get("arguments") != plan["arguments"] or manifest["source"]["path"] != plan["source"]:
-        raise FacetoolError(f"{path}: this folder holds a conversion with other arguments or source")
-    return manifest
-
-
-def check_output_dir(out: Path) -> None:
-    """Create the output and state folders, or fail with one line when they cannot be written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / STATE_DIR).mkdir(exist_ok=True)
-        probe = out / STATE_DIR / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")  # a probe, removed at once: not a file facetool publishes
-        probe.unlink()
-    except OSError as err:
-        raise FacetoolError(f"{out}: output folder is not writable ({err.strerror})") from None
-
-
-def claim_plan(job: ConvertJob) -> None:
-    """Record what this output folder is being made from; refuse to mix two different conversions in it."""
-    plan = job.record()
-    if job.plan_path.is_file():
-        old = json.loads(job.plan_path.read_text())
-        if old != plan:
-            diff = sorted(k for k in plan if old.get(k) != plan[k])
-            raise FacetoolError(
-                f"{job.out}: holds an unfinished conversion that differs in {', '.join(diff)}; "
-                "re-run it with the same arguments or use another output folder"
-            )
-        return
-    publish(job.plan_path, json.dumps(plan, indent=1))
-
-
-def save_stats(job: ConvertJob, shard: int, stats: ShardStats) -> None:
-    """Record a finished shard's stats in the state folder (before its tar gets its final name)."""
-    publish(job.stats_path(shard), json.dumps(asdict(stats)))
-
-
-def load_stats(job: ConvertJob, shard: int) -> ShardStats:
-    """The stats a finished shard recorded; an error naming the shard when they are missing."""
-    path = job.stats_path(shard)
-    try:
-        return ShardStats(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
-        raise FacetoolError(
-            f"{job.out / (shard_name(shard) + '.tar')}: exists but its record {path} is missing; "
-            "delete the shard and re-run"
-        ) from None
-
-
-def clear_state(job: ConvertJob) -> None:
-    """Remove this part's state once its manifest is written (and the state folder, when no part is left)."""
-    for s in job.mine:
-        job.stats_path(s).unlink(missing_ok=True)
-    job.plan_path.unlink(missing_ok=True)
-    try:
-        (job.out / STATE_DIR).rmdir()
-    except OSError:
-        pass  # other parts still at work

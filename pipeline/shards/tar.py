@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facetool.pipeline.atomic import write_error
 from facetool.pipeline.shards.format import BLOCK, JPEG_EXT, LABEL_EXT, MASK_EXT, index_header
 
 RECORD_SIZE = 20 * BLOCK  # tar's record size: archives end on a multiple of it, as GNU tar and tarfile write
@@ -140,10 +141,15 @@ class ShardWriter:
     """Streams members into one tar file, hashing as it goes and collecting the DALI index (wds2idx v1.2).
 
     It writes ``path`` and closes it; publishing it (fsync, rename) is the caller's, through
-    ``facetool.pipeline.atomic.atomic_path``."""
+    ``facetool.pipeline.atomic.atomic_path``. A failed write (a full disk, a file too large), here or on the
+    background thread, is a FacetoolError naming ``path``."""
 
     def __init__(self, path: Path) -> None:
-        self._f = open(path, "wb")
+        self.path = path
+        try:
+            self._f = open(path, "wb")
+        except OSError as err:
+            raise write_error(path, err) from None
         self._hash = hashlib.sha256()
         self._parts: list[bytes | memoryview] = []
         self.pos = 0  # the archive's length so far (what has been added, flushed or not)
@@ -200,6 +206,12 @@ class ShardWriter:
             pending.result()
 
     def _store(self, chunk: bytes, offset: int) -> None:
+        try:
+            self._write(chunk, offset)
+        except OSError as err:
+            raise write_error(self.path, err) from None
+
+    def _write(self, chunk: bytes, offset: int) -> None:
         self._hash.update(chunk)
         self._f.write(chunk)
         end = offset + len(chunk)
@@ -221,13 +233,19 @@ class ShardWriter:
         self._flush()
         self._drain()
         self._io.shutdown()
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError as err:
+            raise write_error(self.path, err) from None
         return self.pos, self._hash.hexdigest()
 
     def abort(self) -> None:
         """Stop writing and close the file (after an error; the caller removes it)."""
         self._io.shutdown(wait=True, cancel_futures=True)
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:
+            pass  # the error that made us abort is the one reported
 
     def index_bytes(self) -> bytes:
         """The DALI index, as ``wds2idx`` writes it."""

@@ -30,7 +30,8 @@ from facetool.pipeline.shards.format import (
     publish,
     shard_name,
 )
-from facetool.pipeline.shards.plan import ConvertJob, MaskPlan, save_stats
+from facetool.pipeline.shards.plan import ConvertJob, MaskPlan
+from facetool.pipeline.shards.state import save_stats
 from facetool.pipeline.shards.tar import (
     ZEROS,
     ShardWriter,
@@ -76,7 +77,15 @@ def write_shard(job: ConvertJob, shard: int, reader: RecordFile, tick: Callable[
             writer.abort()
             raise
         stats = ShardStats(
-            f"{name}.tar", f"{name}.idx", writer.samples, num_masked, size, digest, max_label, state.skipped
+            f"{name}.tar",
+            f"{name}.idx",
+            writer.samples,
+            num_masked,
+            size,
+            digest,
+            max_label,
+            state.skipped,
+            job.plan_id,
         )
         publish(job.out / f"{name}.idx", writer.index_bytes())
         save_stats(job, shard, stats)

@@ -9,6 +9,7 @@ same/different flags are a seeded permutation of ``pairs // 2`` positives and th
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ import numpy as np
 
 from facetool.pipeline.atomic import Progress, write_json_atomic
 from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.processes import worker_init
 from facetool.pipeline.recordio import write_layout_a
 from facetool.pipeline.synth.faces import render_jpeg
 from facetool.pipeline.synth.identity import SIZE, TEMPLATE, FaceIdentity, image_rng, make_identity
@@ -45,7 +47,7 @@ def _ordered_map(fn: Callable, args: list, workers: int) -> Iterator:
             yield fn(*a)
         return
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=worker_init(os.getpid())) as pool:
         pending: deque[Future] = deque()
         it = iter(args)
         for a in it:

@@ -21,19 +21,25 @@ for the GPU decoder's buffers), once per epoch.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
+import numpy as np
 import torch
 
 from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.shards.format import IMAGE_EXTS, LABEL_EXT, MASK_EXT
 from facetool.train.data.batch import Batch
+from facetool.train.data.checks import check_label, decode_rgb
 from facetool.train.data.config import LoaderConfig
 from facetool.train.data.epochs import batches_per_epoch, derive_seed, tar_order
 from facetool.train.data.shardset import ShardSet
 
 READER_NAME = "Reader"
+T = TypeVar("T")
 _MEAN = 127.5
 _STD = 127.5
 
@@ -64,20 +70,10 @@ def build_pipeline(
     images, no augmentation, no normalisation): what `bench loader` times as the cost of reading and decoding."""
     from nvidia.dali import fn, pipeline_def, types
 
-    if device not in ("cpu", "gpu"):
-        raise FacetoolError(f"loader device must be 'cpu' or 'gpu', got {device!r}")
-    if not (0 <= rank < world_size):
-        raise FacetoolError(f"rank {rank} outside world size {world_size}")
-    if world_size > shards.samples:
-        raise FacetoolError(f"{shards.root}: {shards.samples} samples cannot be split over {world_size} ranks")
+    _check_split(shards, rank, world_size, device, epoch)
     gpu = device == "gpu"
     pick = shards.mask_pick_probability(config.masked_prob)  # raises before anything is built when q > rendered
-    size = config.image_size
     threads = config.dali_threads(device)
-
-    if epoch < 0:
-        raise FacetoolError(f"epoch must be >= 0, got {epoch}")
-    order = tar_order(len(shards.shards), config.seed, epoch)  # the same on every rank: one global order
 
     @pipeline_def(
         batch_size=config.batch_size,
@@ -88,24 +84,7 @@ def build_pipeline(
         enable_conditionals=True,
     )
     def graph():
-        images = ";".join(IMAGE_EXTS)
-        exts = [images, MASK_EXT, LABEL_EXT] if pick > 0 else [images, LABEL_EXT]
-        outputs = fn.readers.webdataset(
-            paths=[str(shards.shards[i].tar) for i in order],
-            index_paths=[str(shards.shards[i].index) for i in order],
-            ext=exts,
-            dtypes=[types.UINT8] * (len(exts) - 1) + [types.INT32],
-            missing_component_behavior="empty",  # mask.jpg is optional; open_shards checked the rest
-            random_shuffle=True,
-            initial_fill=config.shuffle_buffer,
-            seed=derive_seed(config.seed, 3, epoch, rank),
-            shard_id=rank,
-            num_shards=world_size,
-            pad_last_batch=True,
-            prefetch_queue_depth=config.reader_prefetch,
-            tensor_init_bytes=config.tensor_init_bytes,
-            name=READER_NAME,
-        )
+        outputs = _reader(shards, config, rank, world_size, epoch, with_masks=pick > 0)
         if pick > 0:
             encoded, mask, label = outputs
             has_mask = mask.shape()[0] > 0
@@ -114,20 +93,7 @@ def build_pipeline(
                 encoded = mask
         else:
             (encoded, label), masked = outputs, None  # nothing masked: the loader fills the flags itself
-        if gpu:
-            images = fn.decoders.image(
-                encoded,
-                device="mixed",
-                output_type=types.RGB,
-                hw_decoder_load=config.hw_decoder_load,
-                preallocate_width_hint=size,
-                preallocate_height_hint=size,
-                device_memory_padding=1 << 20,  # the 16 MiB default is sized for ImageNet photos
-                host_memory_padding=1 << 20,
-                jpeg_fancy_upsampling=True,  # chroma upsampled as libjpeg-turbo does on the CPU (and at evaluation)
-            )
-        else:
-            images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+        images = _decode(encoded, config, gpu)
         if decode_only:
             return (images, label) if masked is None else (images, label, masked)
         images = _augment(images, config, fn, types)
@@ -146,6 +112,106 @@ def build_pipeline(
         return images, label, masked.gpu() if gpu else masked
 
     return graph()
+
+
+def _check_split(shards: ShardSet, rank: int, world_size: int, device: str, epoch: int) -> None:
+    if device not in ("cpu", "gpu"):
+        raise FacetoolError(f"loader device must be 'cpu' or 'gpu', got {device!r}")
+    if not (0 <= rank < world_size):
+        raise FacetoolError(f"rank {rank} outside world size {world_size}")
+    if world_size > shards.samples:
+        raise FacetoolError(f"{shards.root}: {shards.samples} samples cannot be split over {world_size} ranks")
+    if epoch < 0:
+        raise FacetoolError(f"epoch must be >= 0, got {epoch}")
+
+
+def _decode(encoded, config: LoaderConfig, gpu: bool):
+    """The decoder (inside a pipeline definition): nvJPEG and the hardware decoder on the GPU, else the CPU."""
+    from nvidia.dali import fn, types
+
+    if not gpu:
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+    return fn.decoders.image(
+        encoded,
+        device="mixed",
+        output_type=types.RGB,
+        hw_decoder_load=config.hw_decoder_load,
+        preallocate_width_hint=config.image_size,
+        preallocate_height_hint=config.image_size,
+        device_memory_padding=1 << 20,  # the 16 MiB default is sized for ImageNet photos
+        host_memory_padding=1 << 20,
+        jpeg_fancy_upsampling=True,  # chroma upsampled as libjpeg-turbo does on the CPU (and at evaluation)
+    )
+
+
+def _reader(shards: ShardSet, config: LoaderConfig, rank: int, world_size: int, epoch: int, with_masks: bool):
+    """The webdataset reader of an epoch's pipeline (inside a pipeline definition): encoded image, (mask,) label.
+    The tar files come in an order drawn from (seed, epoch), the same on every rank: one global order."""
+    from nvidia.dali import fn, types
+
+    order = tar_order(len(shards.shards), config.seed, epoch)
+    images = ";".join(IMAGE_EXTS)
+    exts = [images, MASK_EXT, LABEL_EXT] if with_masks else [images, LABEL_EXT]
+    return fn.readers.webdataset(
+        paths=[str(shards.shards[i].tar) for i in order],
+        index_paths=[str(shards.shards[i].index) for i in order],
+        ext=exts,
+        dtypes=[types.UINT8] * (len(exts) - 1) + [types.INT32],
+        missing_component_behavior="empty",  # mask.jpg is optional; open_shards checked the rest
+        random_shuffle=True,
+        initial_fill=config.shuffle_buffer,
+        seed=derive_seed(config.seed, 3, epoch, rank),
+        shard_id=rank,
+        num_shards=world_size,
+        pad_last_batch=True,
+        prefetch_queue_depth=config.reader_prefetch,
+        tensor_init_bytes=config.tensor_init_bytes,
+        name=READER_NAME,
+    )
+
+
+def find_bad_sample(
+    shards: ShardSet, config: LoaderConfig, rank: int, world_size: int, epoch: int, first: int, count: int
+) -> FacetoolError | None:
+    """Re-read batches ``first .. first + count - 1`` of an epoch on the CPU, as the pipeline's reader hands them
+    out (the same reader, so the same samples), and check each sample as the fallback loader does (label, Pillow
+    decode of its image and twin): the first bad one as an error naming its shard and key, else None."""
+    from nvidia.dali import pipeline_def
+
+    @pipeline_def(batch_size=config.batch_size, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    def reread():
+        return tuple(_reader(shards, config, rank, world_size, epoch, with_masks=config.masked_prob > 0))
+
+    pipe = reread()
+    pipe.build()
+    for batch in range(first + count):
+        outputs = pipe.run()
+        if batch < first:
+            continue
+        *encoded, labels = outputs
+        for i in range(len(labels)):
+            tar, key = _source(labels[i].source_info())
+            try:
+                check_label(tar, key, int(np.array(labels[i]).reshape(-1)[0]), shards.classes)
+                for images in encoded:
+                    data = np.array(images[i]).tobytes()
+                    if data:  # an empty mask: this sample has no twin
+                        decode_rgb(data, tar, key)
+            except FacetoolError as err:
+                return err
+    return None
+
+
+def _source(info: str) -> tuple[str, str]:
+    """(tar, sample key) from the reader's source info of a member, ``TAR:OFFSET:KEY.EXT``."""
+    tar, _, member = info.rsplit(":", 2)
+    return tar, member.split(".", 1)[0]
+
+
+def _summary(err: BaseException) -> str:
+    """The line of a DALI error that says what failed (its message is a page of pipeline traceback)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and "no longer valid" not in line]
+    return lines[-1] if lines else type(err).__name__
 
 
 def _augment(images, config: LoaderConfig, fn, types):
@@ -213,7 +279,7 @@ class DaliLoader:
         self._with_masks = config.masked_prob > 0
         self.epoch = 0
         self._ready: tuple[int, object] | None = None  # (epoch, iterator not yet drawn from)
-        self._prepare(0)
+        self._guarded(0, 0, lambda: self._prepare(0))
 
     def _prepare(self, epoch: int):
         """The iterator over ``epoch``'s pipeline, built now unless an unused one for that epoch is ready."""
@@ -241,11 +307,17 @@ class DaliLoader:
         return batches_per_epoch(self.shards.samples, self.world_size, self.config.batch_size, self.config.last_batch)
 
     def __iter__(self) -> Iterator[Batch]:
-        iterator = self._prepare(self.epoch)
+        epoch = self.epoch
+        iterator = self._guarded(epoch, 0, lambda: self._prepare(epoch))
         self._ready = None  # drawn from now: a later epoch, or this one again, gets a fresh pipeline
-        for out in iterator:
+        for batch in itertools.count():
+            out = self._guarded(epoch, batch, functools.partial(next, iterator, None))
+            if out is None:
+                break
             data = out[0]
             labels = data["labels"].view(-1).long()
+            if bool(((labels < 0) | (labels >= self.shards.classes)).any()):  # one sync; the step syncs anyway
+                raise self._culprit(epoch, batch, None)
             if self._with_masks:
                 masked = data["masked"].view(-1).bool()
             else:
@@ -253,6 +325,27 @@ class DaliLoader:
             yield Batch(data["images"], labels, masked)
         del iterator
         self.epoch += 1
+
+    def _guarded(self, epoch: int, batch: int, step: Callable[[], T]) -> T:
+        """Run ``step`` (building, or drawing from, the pipeline); a DALI failure (a RuntimeError carrying a page
+        of pipeline traceback) becomes one line naming the sample at fault."""
+        try:
+            return step()
+        except RuntimeError as err:
+            raise self._culprit(epoch, batch, err) from None
+
+    def _culprit(self, epoch: int, batch: int, err: RuntimeError | None) -> FacetoolError:
+        """The error for a failure at ``batch`` of ``epoch``: the bad sample, found by re-reading the batches the
+        failure can belong to (the pipeline runs ahead by its prefetch depths) on the CPU."""
+        ahead = 1 if err is None else self.config.prefetch + self.config.reader_prefetch + 2
+        found = find_bad_sample(self.shards, self.config, self.rank, self.world_size, epoch, batch, ahead)
+        if found is not None:
+            return found
+        what = f"a label outside [0, {self.shards.classes})" if err is None else _summary(err)
+        return FacetoolError(
+            f"{self.shards.root}: the DALI pipeline failed in epoch {epoch}, batch {batch} ({what}), and no sample "
+            "of that batch fails when read again on the CPU"
+        )
 
 
 __all__ = ["DaliLoader", "build_pipeline", "dali_available"]

@@ -15,9 +15,9 @@ floor(smallest part / B) full batches).
 
 from __future__ import annotations
 
-import io
 import itertools
 import multiprocessing as mp
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -26,8 +26,10 @@ from PIL import Image, ImageEnhance, ImageFilter
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.processes import worker_init
 from facetool.pipeline.shards.format import IMAGE_EXTS, LABEL_EXT, MASK_EXT, parse_index_line
 from facetool.train.data.batch import Batch
+from facetool.train.data.checks import check_label, decode_rgb
 from facetool.train.data.config import LoaderConfig
 from facetool.train.data.epochs import batches_per_epoch, derive_seed, tar_order
 from facetool.train.data.shardset import ShardSet
@@ -60,10 +62,19 @@ class _SampleStream(IterableDataset):
         self.tars = [str(s.tar) for s in shards.shards]
         self.indexes = [str(s.index) for s in shards.shards]
         self.counts = [s.samples for s in shards.shards]
+        self.classes = shards.classes
         self.config, self.rank, self.world_size, self.pick = config, rank, world_size, pick
         self.epoch = epoch  # a shared mp.Value: persistent workers read the main process's epoch from it
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray] | str]:
+        try:
+            yield from self._batches()
+        except FacetoolError as err:
+            if get_worker_info() is None:
+                raise
+            yield str(err)  # from a DataLoader worker: the message alone, raised again by the loader (one line)
+
+    def _batches(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         cfg, epoch = self.config, int(self.epoch.value)
@@ -84,7 +95,7 @@ class _SampleStream(IterableDataset):
             labels = np.empty(len(chunk), dtype=np.int64)
             masked = np.zeros(len(chunk), dtype=bool)
             for i, sample in enumerate(chunk):
-                labels[i], masked[i] = process_sample(sample, cfg, self.pick, rng, images[i])
+                labels[i], masked[i] = process_sample(sample, cfg, self.pick, rng, images[i], self.classes)
             if cfg.dtype == "float16":
                 images = images.astype(np.float16)
             yield images, labels, masked
@@ -92,40 +103,57 @@ class _SampleStream(IterableDataset):
                 return
 
     def _read(self, shard: int, first: int, count: int) -> Iterator[dict]:
-        """``count`` samples of one tar from its ``first``, through webdataset's tar iterator; a damaged tar or a
-        sample without image or label is an error naming the shard, never a skip."""
-        from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-        tar = self.tars[shard]
-        offset = _header_offset(self.indexes[shard], first)
-        n = 0
-        try:
-            with open(tar, "rb") as f:
-                f.seek(offset)
-                files = ({**m, "__url__": tar} for m in tar_file_iterator(f))
-                for sample in itertools.islice(group_by_keys(files), count):
-                    _check_sample(sample, tar)
-                    yield sample
-                    n += 1
-        except FacetoolError:
-            raise
-        except Exception as err:  # tarfile.ReadError, EOFError, OSError, webdataset's ValueError
-            raise FacetoolError(f"{tar}: cannot read sample {first + n} of the shard: {err}") from None
-        if n != count:
-            raise FacetoolError(f"{tar}: ended after {first + n} samples, its index lists {first + count}")
+        return read_samples(self.tars[shard], self.indexes[shard], first, count)
 
 
-def _header_offset(index: str, sample: int) -> int:
-    """Byte offset of the tar header of a shard's ``sample``-th sample (its first member's data offset - 512)."""
-    with open(index, "rb") as f:
-        line = next(itertools.islice(f, sample + 1, sample + 2), b"")
+def read_samples(tar: str, index: str, first: int, count: int) -> Iterator[dict]:
+    """``count`` samples of one shard from its ``first``, read through webdataset's tar iterator (whose tar headers
+    carry checksums), each checked to be the sample its DALI index lists there and to hold an image and a 4-byte
+    label: a damaged tar or index is an error naming the shard, never a skip or a sample read twice."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    lines = _index_lines(index, first, count)
+    n = 0
     try:
-        members = parse_index_line(line)
-    except ValueError:
-        raise FacetoolError(f"{index}: malformed line for sample {sample}") from None
-    if not members:
-        raise FacetoolError(f"{index}: no line for sample {sample}")
-    return members[0].header_offset
+        with open(tar, "rb") as f:
+            f.seek(lines[0][0].header_offset if lines else 0)
+            files = ({**m, "__url__": tar} for m in tar_file_iterator(f))
+            for sample in itertools.islice(group_by_keys(files), count):
+                if sample.get("__key__") != lines[n][0].key:
+                    raise FacetoolError(
+                        f"{tar}: sample {first + n} is {sample.get('__key__')} in the tar but {lines[n][0].key} in "
+                        f"its index {index}; the two do not belong together (re-convert or re-copy the shard)"
+                    )
+                _check_sample(sample, tar)
+                yield sample
+                n += 1
+    except FacetoolError:
+        raise
+    except Exception as err:  # tarfile.ReadError, EOFError, OSError, webdataset's ValueError
+        raise FacetoolError(f"{tar}: cannot read sample {first + n} of the shard: {err}") from None
+    if n != count:
+        raise FacetoolError(f"{tar}: ended after {first + n} samples, its index lists {first + count}")
+
+
+def _index_lines(index: str, first: int, count: int) -> list[list]:
+    """The members of samples ``first .. first + count - 1`` of a DALI index (each with at least one member)."""
+    try:
+        with open(index, "rb") as f:
+            raw = list(itertools.islice(f, first + 1, first + count + 1))
+    except OSError as err:
+        raise FacetoolError(f"{index}: cannot read ({err.strerror})") from None
+    lines = []
+    for i, line in enumerate(raw):
+        try:
+            members = parse_index_line(line)
+        except ValueError:
+            members = []
+        if not members:
+            raise FacetoolError(f"{index}: malformed line for sample {first + i}")
+        lines.append(members)
+    if len(lines) != count:
+        raise FacetoolError(f"{index}: lists {first + len(lines)} samples, fewer than {first + count}")
+    return lines
 
 
 def _check_sample(sample: dict, tar: str) -> None:
@@ -137,21 +165,25 @@ def _check_sample(sample: dict, tar: str) -> None:
 
 
 def process_sample(
-    sample: dict, cfg: LoaderConfig, pick: float, rng: np.random.Generator, out: np.ndarray
+    sample: dict,
+    cfg: LoaderConfig,
+    pick: float,
+    rng: np.random.Generator,
+    out: np.ndarray,
+    classes: int | None = None,
 ) -> tuple[int, bool]:
     """Choose, decode and augment one sample into ``out`` (3, S, S) float32 normalised; returns (label, masked).
+    A label outside ``[0, classes)`` or an image that does not decode is an error naming the shard and sample.
 
     Random draws, in order: masked (only for samples with a twin), crop, colour (+ its factors), grayscale,
     blur (+ sigma), down-up (+ size), flip: the DALI pipeline's operations, probabilities and ranges."""
+    tar, key = sample.get("__url__"), sample.get("__key__")
     label = int(np.frombuffer(sample[LABEL_EXT], dtype="<i4")[0])
+    if classes is not None:
+        check_label(tar, key, label, classes)
     masked = MASK_EXT in sample and pick > 0 and rng.random() < pick
     data = sample[MASK_EXT] if masked else next(sample[e] for e in IMAGE_EXTS if e in sample)
-    try:
-        image = Image.open(io.BytesIO(data))
-        image = image.convert("RGB") if image.mode != "RGB" else image
-    except Exception as err:
-        raise FacetoolError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: cannot decode: {err}") from None
-    image = augment(image, cfg, rng)
+    image = augment(decode_rgb(data, tar, key), cfg, rng)
     size = cfg.image_size
     if image.size != (size, size):
         raise FacetoolError(
@@ -234,6 +266,7 @@ class WdsLoader:
             persistent_workers=workers > 0,
             prefetch_factor=2 if workers > 0 else None,
             multiprocessing_context=ctx if workers > 0 else None,
+            worker_init_fn=worker_init(os.getpid()) if workers > 0 else None,  # workers end with this process
             pin_memory=self.device.type == "cuda",
         )
         self.epoch = 0
@@ -246,7 +279,10 @@ class WdsLoader:
         self._epoch.value = self.epoch
         total, B = len(self), self.config.batch_size
         done, rest = 0, []
-        for images, labels, masked in self._loader if total else ():
+        for item in self._loader if total else ():
+            if isinstance(item, str):  # a worker's error
+                raise FacetoolError(item)
+            images, labels, masked = item
             if len(labels) == B:
                 yield self._to_device(images, labels, masked)
                 done += 1

@@ -4,22 +4,22 @@ DALI reads members at the offsets its index gives, from a memory map: a tar shor
 short) would fault or return garbage mid-epoch, and a sample without a label would surface as a ragged batch far
 from its cause. So every shard is checked at start, in time linear in the index size (a few byte counts per
 index, no per-line Python): the index exists and starts with ``v1.2 N``, N and the mask count agree with the
-manifest, every sample has one image and one label, and the last member ends inside the tar. Errors name the shard
-(and the sample, when one is at fault).
+manifest, every sample has one image and one label, the last member ends inside the tar, and no offset or size has
+more digits than the tar's size (DALI sizes its buffers by them). Errors name the shard (and the sample, when one
+is at fault).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.shards.format import (
-    FORMAT_VERSION,
     IMAGE_EXTS,
     LABEL_EXT,
-    MANIFEST,
     MASK_EXT,
     index_sample_lines,
     parse_index_header,
@@ -78,25 +78,21 @@ class ShardSet:
 
 
 def open_shards(path: str | os.PathLike, check: bool = True) -> ShardSet:
-    """Load ``manifest.json`` of a shard folder and (unless ``check=False``) check every shard against it."""
+    """Load ``manifest.json`` of a shard folder (checked against the format by ``read_manifest``: types, counts,
+    shard names inside the folder) and (unless ``check=False``) check every shard against it."""
     root = Path(path)
     manifest = read_manifest(root)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        version = manifest.get("format_version")
-        raise FacetoolError(f"{root / MANIFEST}: shard format version {version}, need {FORMAT_VERSION}")
-    if manifest.get("part", {}).get("count", 1) != 1:
+    if manifest["part"]["count"] != 1:
         raise FacetoolError(f"{root}: holds one part of a cluster conversion; run `facetool merge-parts` first")
     shards = []
     for entry in manifest["shards"]:
         tar = root / entry["name"]
-        shards.append(
-            Shard(tar=tar, index=root / entry["index"], samples=int(entry["samples"]), masked=int(entry["masked"]))
-        )
+        shards.append(Shard(tar=tar, index=root / entry["index"], samples=entry["samples"], masked=entry["masked"]))
         if check:
-            check_shard(shards[-1], expected_bytes=entry.get("bytes"))
+            check_shard(shards[-1], expected_bytes=entry["bytes"])
     if not shards or sum(s.samples for s in shards) == 0:
         raise FacetoolError(f"{root}: the manifest lists no samples")
-    return ShardSet(root=root, shards=tuple(shards), classes=int(manifest["source"]["classes"]), manifest=manifest)
+    return ShardSet(root=root, shards=tuple(shards), classes=manifest["source"]["classes"], manifest=manifest)
 
 
 def _count_ext(text: bytes, ext: str) -> int:
@@ -146,6 +142,13 @@ def check_shard(shard: Shard, expected_bytes: int | None = None) -> None:
         )
     if expected_bytes is not None and size != int(expected_bytes):
         raise FacetoolError(f"{shard.tar}: {size} bytes, the manifest says {expected_bytes}; the shard was altered")
+    # DALI sizes its buffers by the index: no offset or size may have more digits than the tar's size (one scan)
+    huge = re.search(rb"(?<= )[0-9]{%d,}(?=[ \n])" % (len(str(size)) + 1), text)
+    if huge is not None:
+        raise FacetoolError(
+            f"{shard.index}: lists an offset or size of {huge.group().decode()} bytes in {shard.tar.name} of {size} "
+            "bytes; the index is damaged, rebuild it with wds2idx or re-convert"
+        )
 
 
 def _last_member_end(shard: Shard, text: bytes) -> tuple[int, str]:

@@ -1,0 +1,96 @@
+"""A shard with a bad label (negative, >= classes) or an image that does not decode: training stops with one line
+naming the shard and the sample, with either loader (DALI, the webdataset fallback in-process or in DataLoader
+workers), never a traceback."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from helpers import error_line
+from shard_edit import read_samples, rewrite_shard, update_manifest_entry
+from test_train import ENV, write_config
+
+from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.shards import ConvertOptions, convert
+from facetool.pipeline.shards.format import JPEG_EXT, LABEL_EXT
+from facetool.pipeline.synth import write_synth
+from facetool.train.data import LoaderConfig, create_loader, open_shards
+
+VICTIM = ("shard-000001.tar", 5)
+BACKENDS = {"wds": {"backend": "wds", "workers": 0}, "wds-workers": {"backend": "wds", "workers": 2},
+            "dali": {"backend": "dali", "threads": 1}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """16 synthetic identities x 8 images as 4 shards of 32 (test_train's fixture, without masked twins)."""
+    root = tmp_path_factory.mktemp("train_errors")
+    write_synth(root / "src", identities=16, images_per_identity=8, pairs=2, seed=5, workers=1)
+    convert(root / "src", root / "shards", ConvertOptions(samples_per_shard=32))
+    return root
+
+
+def _negative_label(members: dict) -> None:
+    members[LABEL_EXT] = struct.pack("<i", -3)
+
+
+def _label_beyond_classes(members: dict) -> None:
+    members[LABEL_EXT] = struct.pack("<i", 16 + 4)  # the fixture has 16 classes
+
+
+def _undecodable(members: dict) -> None:
+    members[JPEG_EXT] = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4  # a JPEG signature, then nothing of a JPEG
+
+
+DAMAGES = {
+    "negative-label": (_negative_label, r"label -3 outside \[0, 16\)"),
+    "label-beyond-classes": (_label_beyond_classes, r"label 20 outside \[0, 16\)"),
+    "undecodable": (_undecodable, "cannot decode"),
+}
+
+
+def damage(data: Path, tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """A copy of the training fixture's shards with one sample damaged; returns (folder, the sample's key)."""
+    out = tmp_path / "shards"
+    shutil.copytree(data / "shards", out)
+    name, victim = VICTIM
+    samples = read_samples(out / name)
+    key, members = samples[victim]
+    members = dict(members)
+    DAMAGES[kind][0](members)
+    samples[victim] = (key, list(members.items()))
+    size, digest, masked = rewrite_shard(out / name, samples)
+    update_manifest_entry(out, name, size, digest, masked, len(samples))
+    return out, key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_loader_names_shard_and_sample(data, tmp_path, kind, backend):
+    shards, key = damage(data, tmp_path, kind)
+    options = BACKENDS[backend]
+    config = LoaderConfig(batch_size=8, shuffle_buffer=16, threads=1, workers=options.get("workers", 0))
+    loader = create_loader(open_shards(shards), config, backend=options["backend"], device="cpu")
+    with pytest.raises(FacetoolError) as err:
+        for _ in loader:
+            pass
+    message = str(err.value)
+    assert "\n" not in message and re.search(DAMAGES[kind][1], message), message
+    assert message.startswith(f"{shards / VICTIM[0]}: sample {key}"), message
+
+
+@pytest.mark.parametrize(
+    "kind, backend",
+    [("negative-label", "wds-workers"), ("negative-label", "dali"), ("label-beyond-classes", "wds"),
+     ("label-beyond-classes", "dali"), ("undecodable", "wds-workers"), ("undecodable", "dali")],
+)  # fmt: skip
+def test_facetool_train_stops_with_one_line_naming_shard_and_sample(data, tmp_path, kind, backend):
+    shards, key = damage(data, tmp_path, kind)
+    config = write_config(tmp_path / "c.toml", data, run={"steps": 16},
+                          data={"shards": str(shards), "masked_prob": 0.0, **BACKENDS[backend]})  # fmt: skip
+    line = error_line("train", str(config), "--output", str(tmp_path / "run"), "--quiet", env=ENV)
+    assert line.startswith(f"Error: {shards / VICTIM[0]}: sample {key}") and re.search(DAMAGES[kind][1], line), line
