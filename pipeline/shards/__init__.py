@@ -4,11 +4,10 @@
 - ``tar``: tar headers, index lines and ``ShardWriter``, which streams one tar;
 - ``plan``: ``ConvertOptions``, ``Source``, the seeded permutation and parts, the plan's identity;
 - ``state``: the resumable state folder, and the checks that nothing of another plan is reused;
-- ``write``: writing one shard; ``convert``: the command, over a pool of worker processes.
+- ``write``: writing one shard; ``job``: ``convert()``, the whole job over a pool of worker processes;
 """
 
 from facetool.pipeline import DEFAULT_SAMPLES_PER_SHARD
-from facetool.pipeline.shards.convert import convert
 from facetool.pipeline.shards.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -24,6 +23,7 @@ from facetool.pipeline.shards.format import (
     read_manifest,
     shard_name,
 )
+from facetool.pipeline.shards.job import convert
 from facetool.pipeline.shards.plan import (
     STATE_DIR,
     ConvertJob,
