@@ -58,9 +58,10 @@ def collective_step(backend: str, device: str, classes: int, width: int, batch: 
     from facetool.train.heads import create_head
 
     dev = torch.device(device)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+        dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+        torch.cuda.set_device(dev)  # NCCL binds the group to one device
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             device_id=dev if backend == "nccl" else None)  # fmt: skip

@@ -36,15 +36,16 @@ def run_job(part: Part, job: Job, limit: float, say: Notify) -> list[dict[str, A
     """The runs of one job, run in a fresh process for at most ``limit`` seconds; runs it did not reach fail with
     the reason it stopped."""
     got: list[dict[str, Any]] = []
+    what = f"bench gpu, {part.name}, {job.name}"
     try:
-        for run in stream_isolated(f"bench gpu, {part.name}, {job.name}", job.fn, *job.args, timeout=limit):
+        for run in stream_isolated(what, job.fn, *job.args, timeout=limit):
             got.append({"job": job.name, **run})
             say(describe_run(part.name, got[-1]))
         return got
     except TimeLimitExceeded:
         reason = f"stopped at the job's time limit of {limit:.0f} s"
     except FacetoolError as err:
-        reason = str(err)
+        reason = str(err).removeprefix(f"{what}: ")  # the run names its part and job
     done = {r["name"] for r in got}
     missing = [n for n in job.runs if n not in done] or [f"{job.name} (end)"]
     for name in missing:
