@@ -1,5 +1,6 @@
 """Process helpers shared by the benchmarks: the cores we may use, CPU time of a process tree, and running a
-contender in a fresh process so that none inherits another's threads, allocator state or warm caches."""
+contender in a fresh process so that none inherits another's threads, allocator state or warm caches (for one
+result, :func:`run_isolated`; for results as they come, under a time limit, :func:`stream_isolated`)."""
 
 from __future__ import annotations
 
@@ -105,8 +106,9 @@ def stream_isolated(what: str, fn: Callable[..., Iterable[Any]], *args, timeout:
                 return
             raise FacetoolError(f"{what}: {value}")
     finally:
-        if answered:
-            proc.join(timeout=_EXIT_GRACE)
+        if answered:  # within the time limit, if there is one
+            left = _EXIT_GRACE if deadline is None else min(_EXIT_GRACE, deadline - time.monotonic())
+            proc.join(timeout=max(0.0, left))
         if proc.is_alive():  # past its limit, stuck in its teardown, or the caller stopped reading
             proc.kill()
         proc.join()

@@ -108,7 +108,6 @@ def make_shards(out: Path, sizes: Sizes, workers: int | None = None) -> dict[str
     write_manifest(out / MANIFEST, manifest)
     t2 = time.perf_counter()
     return {
-        "path": str(out),
         "samples": sizes.samples,
         "classes": classes,
         "distinct_faces": sizes.faces,

@@ -68,12 +68,15 @@ def _environment_line(env: dict[str, Any]) -> str:
 def _loader_lines(summary: dict[str, Any]) -> list[str]:
     lines = []
     for job in ("gpu", "cpu"):
+        if summary.get(f"{job}_loader_to_decode_only") is None and summary.get(f"{job}_masks_to_no_masks") is None:
+            continue
         lines.append(
             f"  DALI {job}: loader {_x(summary.get(f'{job}_loader_to_decode_only'))} of decode-only, with masks "
             f"{_x(summary.get(f'{job}_loader_masks_to_decode_only'))}; masks cost "
             f"{_x(summary.get(f'{job}_masks_to_no_masks'))}"
         )
-    lines.append(f"  mixed against the CPU: loader {_x(summary.get('gpu_to_cpu_loader'))}")
+    if summary.get("gpu_to_cpu_loader") is not None:
+        lines.append(f"  mixed against the CPU: loader {_x(summary['gpu_to_cpu_loader'])}")
     return lines
 
 
