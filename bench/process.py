@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue as queue_module
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -51,6 +52,8 @@ class TimeLimitExceeded(FacetoolError):
 
 
 def _child(queue, fn: Callable, args: tuple) -> None:
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()  # its own process group: stopping it stops what it started (compile workers, loader workers)
     try:
         for item in fn(*args):
             queue.put(("item", item))
@@ -110,8 +113,16 @@ def stream_isolated(what: str, fn: Callable[..., Iterable[Any]], *args, timeout:
             left = _EXIT_GRACE if deadline is None else min(_EXIT_GRACE, deadline - time.monotonic())
             proc.join(timeout=max(0.0, left))
         if proc.is_alive():  # past its limit, stuck in its teardown, or the caller stopped reading
-            proc.kill()
+            _kill_group(proc)
         proc.join()
+
+
+def _kill_group(proc) -> None:
+    """Kill a child started by :func:`stream_isolated` and the processes it started."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (AttributeError, ProcessLookupError, PermissionError):
+        proc.kill()  # no process groups here, or it had not made its own yet
 
 
 def run_isolated(what: str, fn: Callable, *args) -> Any:

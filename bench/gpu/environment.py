@@ -121,6 +121,6 @@ def _plan(setting: Setting, results: dict[str, Any]) -> list[Job]:
 PART = Part(
     name="environment",
     what="GPU, driver, CUDA, torch and DALI versions",
-    share=0.03,
+    share=0.04,
     plan=_plan,
 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from facetool.bench.gpu.plan import Job, Part, Setting, Sizes, attempt, ok_runs, ratio
+from facetool.bench.gpu.plan import Job, Part, Setting, Sizes, attempt, first_ok, ratio
 from facetool.bench.process import cpu_us_per_image
 
 RUNS = ("decode-only", "loader", "loader, masks")
@@ -51,8 +51,7 @@ def _plan(setting: Setting, results: dict[str, Any]) -> list[Job]:
 
 
 def _rate(runs: list[dict[str, Any]], job: str, name: str) -> float | None:
-    found = ok_runs(runs, job=job, name=name)
-    return found[0]["images_per_s"] if found else None
+    return first_ok(runs, job=job, name=name).get("images_per_s")
 
 
 def summarize(runs: list[dict[str, Any]], results: dict[str, Any]) -> dict[str, Any]:

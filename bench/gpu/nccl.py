@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from facetool.bench.gpu.plan import Job, Part, Setting, Sizes, attempt
+from facetool.bench.gpu.plan import Job, Part, Setting, Sizes, attempt, synchronize
 from facetool.pipeline.errors import FacetoolError
 
 HEAD = "arcface"
@@ -42,11 +42,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _head_pass(head, embeddings, labels, sync) -> tuple[float, Any]:
+def _head_pass(head, embeddings, labels) -> tuple[float, Any]:
     e = embeddings.clone().requires_grad_()
     loss = head(e, labels)
     loss.backward()
-    sync()
+    synchronize(e.device)
     return float(loss.detach()), e.grad
 
 
@@ -61,14 +61,13 @@ def collective_step(backend: str, device: str, classes: int, width: int, batch: 
     if dev.type == "cuda":
         dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
         torch.cuda.set_device(dev)  # NCCL binds the group to one device
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             device_id=dev if backend == "nccl" else None)  # fmt: skip
     try:
         probe = torch.ones(4, device=dev)
         dist.all_reduce(probe)
-        sync()
+        synchronize(dev)
         t1 = time.perf_counter()
         local = create_head(HEAD, width, classes, partial_fc=True, sample_rate=SAMPLE_RATE).to(dev)
         through = copy.deepcopy(local)
@@ -76,9 +75,9 @@ def collective_step(backend: str, device: str, classes: int, width: int, batch: 
         gen = torch.Generator(dev).manual_seed(0)
         embeddings = torch.randn(batch, width, device=dev, generator=gen)
         labels = torch.randint(classes, (batch,), device=dev, generator=gen)
-        loss_local, grad_local = _head_pass(local, embeddings, labels, sync)
+        loss_local, grad_local = _head_pass(local, embeddings, labels)
         t2 = time.perf_counter()
-        loss, grad = _head_pass(through, embeddings, labels, sync)
+        loss, grad = _head_pass(through, embeddings, labels)
         t3 = time.perf_counter()
     finally:
         dist.destroy_process_group()

@@ -13,16 +13,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from facetool.bench.gpu.plan import Job, Part, Setting, Sizes, attempt, ok_runs, ratio
+from facetool.bench.gpu.plan import Job, Part, Setting, Sizes, attempt, ok_runs, ratio, synchronize
 
 HEAD = "arcface"
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def head_step_figures(classes: int, width: int, batch: int, rate: float, warmup: int, steps: int, device: str):
@@ -45,14 +38,14 @@ def head_step_figures(classes: int, width: int, batch: int, rate: float, warmup:
     times = []
     try:
         for _ in range(warmup + steps):
-            _sync(dev)
+            synchronize(dev)
             t0 = time.perf_counter()
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 loss = head(embeddings, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            _sync(dev)
+            synchronize(dev)
             times.append(time.perf_counter() - t0)
         used = head.last_index.numel() if head.last_index is not None else classes
         peak, kind = peak_memory(dev)

@@ -176,6 +176,20 @@ def ok_runs(runs: list[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
     return [r for r in runs if r["status"] == OK and all(r.get(k) == v for k, v in match.items())]
 
 
+def first_ok(runs: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
+    """The first run that succeeded and whose fields equal ``match``, or an empty dict."""
+    found = ok_runs(runs, **match)
+    return found[0] if found else {}
+
+
+def synchronize(device: Any) -> None:
+    """Wait for the GPU's queued work when ``device`` is a CUDA device (a clock read after it is honest)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     """a / b, or None when either is missing."""
     return a / b if a is not None and b else None

@@ -106,13 +106,11 @@ def _work_folder(parent: str | os.PathLike | None) -> Iterator[Path]:
 
 
 def _after_environment(report: dict[str, Any], setting: Setting) -> Setting:
-    """The setting once the environment is known; a full run without CUDA is an error."""
+    """The setting once the environment is known; a full run where torch sees no GPU is an error (a probe that
+    failed says nothing: the run goes on, and the parts tell)."""
     env = environment_of(report["parts"])
     report["environment"] = {k: v for k, v in env.items() if k not in ("name", "status", "job")}
-    if not env:
-        status = report["parts"]["environment"]["status"]
-        raise FacetoolError(f"bench gpu: the environment probe failed ({status})")
-    if not setting.smoke and not env.get("cuda"):
+    if env and not setting.smoke and not env.get("cuda"):
         raise FacetoolError("bench gpu: torch sees no CUDA device here; run it on a GPU machine, or with --smoke")
     return dataclasses.replace(setting, env=env, device="cpu" if setting.smoke else "cuda")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from facetool.bench.gpu.environment import mfu_note
 from facetool.bench.gpu.fixture import shard_classes
-from facetool.bench.gpu.plan import Job, Part, Setting, Sizes, attempt, ok_runs, ratio, skipped
+from facetool.bench.gpu.plan import Job, Part, Setting, Sizes, attempt, first_ok, ok_runs, ratio, skipped
 
 LAYOUTS = ("nchw", "channels_last")
 RUNS = ("flops", "model only, nchw", "model only, channels_last", "with loader")
@@ -193,21 +193,16 @@ def _compile_plan(setting: Setting, results: dict[str, Any]) -> list[Job]:
     return jobs
 
 
-def _rate(runs: list[dict], **match: Any) -> dict[str, Any]:
-    found = ok_runs(runs, **match)
-    return found[0] if found else {}
-
-
 def summarize_training(runs: list[dict[str, Any]], results: dict[str, Any]) -> dict[str, Any]:
     """Per model: the faster layout and its model-only rate, the rate with the loader and its share, MFU."""
     models = {}
     for m in dict.fromkeys(r.get("model") for r in runs if r.get("model")):
-        by = {layout: _rate(runs, model=m, name=f"model only, {layout}") for layout in LAYOUTS}
+        by = {layout: first_ok(runs, model=m, name=f"model only, {layout}") for layout in LAYOUTS}
         best = max(LAYOUTS, key=lambda k: by[k].get("images_per_s", 0.0))
-        fed = _rate(runs, model=m, name="with loader")
+        fed = first_ok(runs, model=m, name="with loader")
         rate = by[best].get("images_per_s")
         models[m] = {
-            "train_flops_per_image": _rate(runs, model=m, name="flops").get("train_flops_per_image"),
+            "train_flops_per_image": first_ok(runs, model=m, name="flops").get("train_flops_per_image"),
             "best_layout": best if rate else None,
             "model_only_images_per_s": rate,
             "channels_last_speedup": ratio(by["channels_last"].get("images_per_s"), by["nchw"].get("images_per_s")),
@@ -246,7 +241,7 @@ PART = Part(
 COMPILE_PART = Part(
     name="compile",
     what="torch.compile: the model-only rate compiled, against eager",
-    share=0.26,
+    share=0.25,
     plan=_compile_plan,
     needs_cuda=True,
     summarize=summarize_compile,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from facetool.bench.gpu.plan import Job, Part, Setting, Sizes, attempt, ok_runs, ratio
+from facetool.bench.gpu.plan import Job, Part, Setting, Sizes, attempt, ok_runs, ratio, synchronize
 
 RUNS = ("embedding", "forward only")
 
@@ -55,13 +55,11 @@ def forward_figures(model, images: int, device: str) -> dict[str, Any]:
     rounds = max(1, images // batch)
     with torch.inference_mode():
         model(x)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(rounds):
             model(x)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         seconds = time.perf_counter() - t0
     return {"device": device, "images": rounds * batch, "seconds": seconds, "images_per_s": rounds * batch / seconds}
 
