@@ -69,7 +69,7 @@ SMOKE = Sizes(
     masked_prob=0.1, loader_batch=32, loader_warmup=2, loader_batches=8, shuffle_buffer=64,
     models=("tinynet",), model_weights=(1.0,),
     train_batch=8, train_warmup=1, train_steps=2, flop_batch=2,
-    pfc_classes=20_000, pfc_width=512, pfc_batch=64, pfc_rates=(0.1, 1.0), pfc_warmup=1, pfc_steps=2,
+    pfc_classes=5000, pfc_width=512, pfc_batch=64, pfc_rates=(0.1, 1.0), pfc_warmup=1, pfc_steps=2,
     verification_model="tinynet", verification_images=64, nccl_classes=1000,
     devices_model="tinynet", devices_batch=8,
 )  # fmt: skip
