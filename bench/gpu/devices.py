@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from facetool.bench.gpu.plan import Job, Part, Setting, Sizes, attempt, error_reason
+from facetool.bench.gpu.plan import Job, Part, Setting, Sizes, attempt, error_reason, skipped
 from facetool.pipeline.errors import FacetoolError
 
 TRAINING_RUNS = ("batches: cpu loader, cuda run", "batches: gpu loader, cpu run", "evaluation: cpu run",
@@ -188,17 +188,28 @@ def too_many_ranks_check(shards: str, sizes: Sizes) -> dict[str, Any]:
     return {"gpus": count, "errors": said}
 
 
+def _without_dali(name: str) -> dict[str, Any]:
+    return {"name": name, "status": skipped("NVIDIA DALI is not installed (the check feeds the run from it)")}
+
+
 def training_checks(shards: str, sizes: Sizes) -> Iterator[dict[str, Any]]:
+    from facetool.train.data import dali_available
+
     for name, run_device, loader_device in zip(TRAINING_RUNS[:2], ("cuda", "cpu"), ("cpu", "gpu"), strict=True):
+        if not dali_available():
+            yield _without_dali(name)
+            continue
         yield attempt(name, batches_check, shards, sizes, run_device, loader_device)
     for name, run_device in zip(TRAINING_RUNS[2:], ("cpu", "cuda"), strict=True):
         yield attempt(name, evaluation_check, shards, sizes, run_device)
 
 
 def rank_checks(shards: str, sizes: Sizes, work: str) -> Iterator[dict[str, Any]]:
+    from facetool.train.data import dali_available
+
     yield attempt(RANK_RUNS[0], onnx_check, sizes, work, "cuda")
-    yield attempt(RANK_RUNS[1], local_rank_check, shards, sizes)
-    yield attempt(RANK_RUNS[2], too_many_ranks_check, shards, sizes)
+    for name, check in zip(RANK_RUNS[1:], (local_rank_check, too_many_ranks_check), strict=True):
+        yield attempt(name, check, shards, sizes) if dali_available() else _without_dali(name)
 
 
 def _plan(setting: Setting, results: dict[str, Any]) -> list[Job]:
