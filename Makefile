@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.facetool-installed
 DEMO   ?= demo-output
 
-.PHONY: venv test lint demo clean
+.PHONY: venv test lint demo gpu-check clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh $(DEMO)
+
+# every GPU figure in one run (one GPU, under 8 minutes); the report goes to gpu-report.json
+gpu-check: $(STAMP)
+	$(PY) -m facetool bench gpu --json gpu-report.json
 
 clean:
 	rm -rf $(DEMO) .pytest_cache build *.egg-info

@@ -87,14 +87,20 @@ def run_dali(
     warmup: int,
     batches: int,
     decode_only: bool = False,
+    masked_prob: float = 0.0,
+    shuffle_buffer: int | None = None,
 ) -> dict:
     """The DALI loader (``threads`` None: its default), or with ``decode_only`` its pipeline cut after the decoder
     (read, choose, decode; no flip, no normalisation, batches not copied out): the part of the loader's cost that
-    the decode loops also pay."""
+    the decode loops also pay. ``masked_prob``: the share of faces shown masked (q); ``shuffle_buffer`` None: the
+    loader's default."""
     from facetool.train.data import DaliLoader, LoaderConfig, open_shards
     from facetool.train.data.dali import build_pipeline
 
-    config = LoaderConfig(batch_size=batch_size, threads=threads or 0, last_batch="drop")
+    extra = {} if shuffle_buffer is None else {"shuffle_buffer": shuffle_buffer}
+    config = LoaderConfig(
+        batch_size=batch_size, threads=threads or 0, last_batch="drop", masked_prob=masked_prob, **extra
+    )
     device_id = 0 if device == "gpu" else None
     if decode_only:
         pipe = build_pipeline(open_shards(shards_dir), config, device=device, device_id=device_id, decode_only=True)

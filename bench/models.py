@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -18,23 +19,30 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@contextlib.contextmanager
+def unfused_attention(model: nn.Module) -> Iterator[None]:
+    """timm's fused attention switched off inside the block: torch's FLOP counter does not see inside the fused
+    CPU kernel, and the unfused path does the same matmuls."""
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]
+    for m in fused:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m in fused:
+            m.fused_attn = True
+
+
 def count_macs(model: nn.Module, masked: bool = False) -> int:
     """Multiply-adds of one forward of one 112x112 image: torch's FLOP count (matmuls, convs, attention) / 2.
 
     Element-wise work (norms, activations, softmax) is not counted, as in arcface_torch's GFLOPs (which are MACs).
-    timm's fused attention is switched off while counting: the counter does not see inside the CPU kernel.
+    timm's fused attention is switched off while counting (:func:`unfused_attention`).
     """
     model.eval()
-    fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]
-    for m in fused:
-        m.fused_attn = False
     counter = FlopCounterMode(display=False)
-    try:
-        with torch.no_grad(), counter:
-            model(torch.zeros(1, 3, 112, 112), torch.tensor([masked]))
-    finally:
-        for m in fused:
-            m.fused_attn = True
+    with unfused_attention(model), torch.no_grad(), counter:
+        model(torch.zeros(1, 3, 112, 112), torch.tensor([masked]))
     return counter.get_total_flops() // 2
 
 

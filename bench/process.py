@@ -1,17 +1,22 @@
 """Process helpers shared by the benchmarks: the cores we may use, CPU time of a process tree, and running a
-contender in a fresh process so that none inherits another's threads, allocator state or warm caches."""
+contender in a fresh process so that none inherits another's threads, allocator state or warm caches (for one
+result, :func:`run_isolated`; for results as they come, under a time limit, :func:`stream_isolated`)."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
 import queue as queue_module
-from collections.abc import Callable, Iterable
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.processes import die_with_parent
+
+_EXIT_GRACE = 60.0  # seconds a child that has answered may take to exit (CUDA, DALI and NCCL teardown)
 
 
 def cpu_count() -> int:
@@ -43,42 +48,89 @@ def process_tree_cpu_seconds() -> float | None:
     return total
 
 
+class TimeLimitExceeded(FacetoolError):
+    """A process started by :func:`stream_isolated` ran past its time limit and was stopped."""
+
+
 def _child(queue, fn: Callable, args: tuple, parent: int) -> None:
     die_with_parent(parent)
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()  # its own process group: stopping it stops what it started (compile workers, loader workers)
     try:
-        queue.put(("ok", fn(*args)))
+        for item in fn(*args):
+            queue.put(("item", item))
+        queue.put(("done", None))
     except FacetoolError as err:
         queue.put(("error", str(err)))
     except Exception as err:  # reported, with its type, to the parent
         queue.put(("error", f"{type(err).__name__}: {err}"))
 
 
-def run_isolated(what: str, fn: Callable, *args) -> Any:
-    """Run ``fn(*args)`` in a fresh (spawned) process and return its result; an exception there, or the process
-    dying without an answer (a crash, the OOM killer), is a :class:`FacetoolError` naming ``what``."""
+def _one(fn: Callable, *args) -> Iterator[Any]:
+    """A function's result as a stream of one item."""
+    yield fn(*args)
+
+
+def _next_message(queue, proc, what: str, deadline: float | None, limit: float | None) -> tuple[str, Any]:
+    """The child's next (status, value); a FacetoolError when it died without one or the deadline passed."""
+    while True:
+        wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+        if wait <= 0:
+            raise TimeLimitExceeded(f"{what}: stopped at its time limit of {limit:.0f} s")
+        try:
+            return queue.get(timeout=wait)
+        except queue_module.Empty:
+            if not proc.is_alive():
+                try:  # it may have answered just before exiting
+                    return queue.get(timeout=1.0)
+                except queue_module.Empty:
+                    raise FacetoolError(
+                        f"{what}: the benchmark process exited with code {proc.exitcode} without a result"
+                    ) from None
+
+
+def stream_isolated(what: str, fn: Callable[..., Iterable[Any]], *args, timeout: float | None = None) -> Iterator[Any]:
+    """Run the generator function ``fn(*args)`` in a fresh (spawned) process and yield each item it yields, as it
+    comes. An exception there, or the process dying early (a crash, the OOM killer), is a :class:`FacetoolError`
+    naming ``what``; running past ``timeout`` seconds kills it and raises :class:`TimeLimitExceeded`. The items
+    received before either stay with the caller."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, fn, args, os.getpid()))
     proc.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    answered = False  # the child sent its last message and is exiting by itself
     try:
         while True:
-            try:
-                status, value = queue.get(timeout=1.0)
-                break
-            except queue_module.Empty:
-                if not proc.is_alive():
-                    try:  # it may have answered just before exiting
-                        status, value = queue.get(timeout=1.0)
-                        break
-                    except queue_module.Empty:
-                        raise FacetoolError(
-                            f"{what}: the benchmark process exited with code {proc.exitcode} without a result"
-                        ) from None
+            status, value = _next_message(queue, proc, what, deadline, timeout)
+            if status == "item":
+                yield value
+                continue
+            answered = True
+            if status == "done":
+                return
+            raise FacetoolError(f"{what}: {value}")
     finally:
+        if answered:  # within the time limit, if there is one
+            left = _EXIT_GRACE if deadline is None else min(_EXIT_GRACE, deadline - time.monotonic())
+            proc.join(timeout=max(0.0, left))
+        if proc.is_alive():  # past its limit, stuck in its teardown, or the caller stopped reading
+            _kill_group(proc)
         proc.join()
-    if status != "ok":
-        raise FacetoolError(f"{what}: {value}")
-    return value
+
+
+def _kill_group(proc) -> None:
+    """Kill a child started by :func:`stream_isolated` and the processes it started."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (AttributeError, ProcessLookupError, PermissionError):
+        proc.kill()  # no process groups here, or it had not made its own yet
+
+
+def run_isolated(what: str, fn: Callable, *args) -> Any:
+    """Run ``fn(*args)`` in a fresh (spawned) process and return its result; an exception there, or the process
+    dying without an answer (a crash, the OOM killer), is a :class:`FacetoolError` naming ``what``."""
+    return list(stream_isolated(what, _one, fn, *args))[0]
 
 
 def cpu_us_per_image(cpu_seconds: float | None, images: int) -> float | None:

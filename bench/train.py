@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,12 @@ SOURCES = ("shards", "synthetic")
 _LOADER_NAMES = {"DaliLoader": "dali", "WdsLoader": "wds", "SyntheticLoader": "synthetic"}
 
 
-def _peak_memory(device) -> tuple[int, str]:
+def loader_name(loader: object) -> str:
+    """What a row calls the loader of a run: dali, wds or synthetic."""
+    return _LOADER_NAMES.get(type(loader).__name__, type(loader).__name__)
+
+
+def peak_memory(device) -> tuple[int, str]:
     """(bytes, what): torch's CUDA caching allocator's peak on a GPU (the model, optimiser and batches; DALI's
     own device buffers are not in it), else this process's peak resident set."""
     import torch
@@ -34,6 +40,35 @@ def _peak_memory(device) -> tuple[int, str]:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return int(rss if sys.platform == "darwin" else rss * 1024), "max_rss"
+
+
+class _Stop(Exception):
+    """Raised from ``on_step`` to end a run once its last clock reading is taken."""
+
+
+def step_clock(trainer, steps: Iterable[int], stop: bool = False) -> dict[int, tuple[float, float | None]]:
+    """Run ``trainer`` and read the clock and the process tree's CPU seconds before the run (key 0) and after each
+    optimiser step in ``steps`` (after a device synchronisation on a GPU). With ``stop`` the run ends right after
+    the last of them, before that step's logging, checkpoint or evaluation."""
+    import torch
+
+    wanted = sorted(set(steps))
+    device = trainer.ctx.device
+    marks = {0: (time.perf_counter(), process_tree_cpu_seconds())}
+
+    def on_step(step: int) -> None:
+        if step in wanted:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            marks[step] = (time.perf_counter(), process_tree_cpu_seconds())
+            if stop and step == wanted[-1]:
+                raise _Stop
+
+    try:
+        trainer.run(on_step=on_step)
+    except _Stop:
+        pass
+    return marks
 
 
 def bench_overrides(source: str, warmup: int, steps: int) -> list[str]:
@@ -72,24 +107,16 @@ def run_steps(config: str, overrides: tuple[str, ...], source: str, warmup: int,
             cfg = load_config(config, [*overrides, *extra, f"data.synthetic_classes={classes}"])
         except FacetoolError:
             pass  # no readable shards: the configured synthetic_classes stay
-    marks: dict[int, tuple[float, float | None]] = {}
     with tempfile.TemporaryDirectory(prefix="facetool-bench-train-") as tmp:
         trainer = Trainer(cfg, Path(tmp), quiet=True)
         device = trainer.ctx.device
-
-        def on_step(step: int) -> None:
-            if step in (warmup, warmup + steps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                marks[step] = (time.perf_counter(), process_tree_cpu_seconds())
-
-        trainer.run(on_step=on_step)
+        marks = step_clock(trainer, (warmup, warmup + steps))
         (t0, c0), (t1, c1) = marks[warmup], marks[warmup + steps]
         images = steps * trainer.global_batch
-        peak, peak_kind = _peak_memory(device)
+        peak, peak_kind = peak_memory(device)
         return {
             "source": source,
-            "loader": _LOADER_NAMES.get(type(trainer.loader).__name__, type(trainer.loader).__name__),
+            "loader": loader_name(trainer.loader),
             "device": str(device),
             "backbone": trainer.name,
             "task": trainer.task,

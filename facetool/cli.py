@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from facetool import __version__
+from facetool.cli_gpu import bench_gpu_command
 from facetool.cli_ijb import align_command, bench_ijb_command, synth_ijb_command
 from facetool.cli_loader import bench_loader_command
 from facetool.cli_masks import WEIGHTS_HELP, bench_masks_command, masks_group, parse_weights_option
@@ -314,5 +315,6 @@ bench.add_command(bench_loader_command)
 bench.add_command(bench_verification_command)
 bench.add_command(bench_train_command)
 bench.add_command(bench_ijb_command)
+bench.add_command(bench_gpu_command)
 main.add_command(align_command)
 main.add_command(synth_ijb_command)
