@@ -74,7 +74,7 @@ def run_steps(config: str, overrides: tuple[str, ...], source: str, warmup: int,
             pass  # no readable shards: the configured synthetic_classes stay
     marks: dict[int, tuple[float, float | None]] = {}
     with tempfile.TemporaryDirectory(prefix="facetool-bench-train-") as tmp:
-        trainer = Trainer(cfg, Path(tmp), quiet=True)
+        trainer = Trainer(cfg, Path(tmp))
         device = trainer.ctx.device
 
         def on_step(step: int) -> None:

@@ -150,7 +150,14 @@ def _edit_payload(tmp_path, edit) -> str:
         (lambda p: p["options"].__setitem__("width", 2**70), f"option width = {2**70} exceeds every tensor"),
         (lambda p: p["options"].__setitem__(7, 1), "backbone options must be named"),
     ],
-    ids=["int-in-state-dict", "embedding-size-1e5", "embedding-size-1e9", "negative-width", "width-2**70", "unnamed-option"],
+    ids=[
+        "int-in-state-dict",
+        "embedding-size-1e5",
+        "embedding-size-1e9",
+        "negative-width",
+        "width-2**70",
+        "unnamed-option",
+    ],
 )
 def test_export_of_a_damaged_backbone_file_is_one_line(tmp_path, edit, message) -> None:
     from helpers import error_line

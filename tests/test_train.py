@@ -279,7 +279,7 @@ def test_checkpoint_with_the_sampler_among_its_rng_states_resumes_it(tmp_path, d
     sampler = state["head"].pop("_extra_state")["sampler"]
     state["rng"]["head_sampler"] = sampler
     torch.save(state, rank0)
-    trainer = Trainer(load_config(path, ["run.steps=4"]), out, resume=True, quiet=True)
+    trainer = Trainer(load_config(path, ["run.steps=4"]), out, resume=True)
     trainer.scalars.close()
     assert trainer.step == 2 and torch.equal(trainer.head.get_extra_state()["sampler"], sampler)
 

@@ -16,6 +16,7 @@ from torch import nn
 from facetool.pipeline.errors import FacetoolError
 from facetool.train.engine import checkpoint as ckpt
 from facetool.train.engine.config import to_toml
+from facetool.train.engine.resume import check_resume_config
 from facetool.train.models.checkpoint import backbone_payload
 
 if TYPE_CHECKING:
@@ -115,11 +116,10 @@ def restore(trainer: Trainer, folder: Path) -> None:
     check_resume_backbone(state, trainer.name, trainer.options, folder)
     if state.get("task") != trainer.task:
         raise FacetoolError(f"{folder}: a {state.get('task')!r} checkpoint, the config's run.task is {trainer.task!r}")
+    changes = check_resume_config(state.get("config"), trainer.cfg, trainer.allow_change, folder)
+    trainer.note_changes(changes)
     restore_modules(trainer, state, folder)
-    try:
-        trainer.optimizer.load_state_dict(state["optimizer"])
-    except ValueError as err:
-        raise FacetoolError(f"{folder}: optimizer state does not fit [optim] of the config ({err})") from None
+    restore_optimizer(trainer, state["optimizer"], {key for key, _, _ in changes}, folder)
     if state["scaler"]:
         trainer.scaler.load_state_dict(state["scaler"])
     set_rng_states(state["rng"], ctx.device)
@@ -127,6 +127,29 @@ def restore(trainer: Trainer, folder: Path) -> None:
     trainer.history = json.loads(state["history"])
     if trainer.history and "sets" in trainer.history[-1]:
         trainer.verification = trainer.history[-1]["sets"]
+
+
+def restore_optimizer(trainer: Trainer, saved: Any, changed: set[str], folder: Path) -> None:
+    """The optimiser's state from a checkpoint, with the hyperparameters of the config (an allowed change of
+    ``[optim]`` takes effect). Another optimiser (``optim.name`` changed), or groups that no longer match after
+    an allowed ``[optim]`` change, start a fresh state, with a note; without such a change a state that does not
+    fit is an error."""
+    optimizer = trainer.optimizer
+    if "optim.name" in changed:
+        trainer.log(f"{folder}: optim.name changed, so the optimiser state starts fresh")
+        return
+    fresh = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
+    try:
+        names = [g.get("names") for g in saved["param_groups"]]
+        if names != [g.get("names") for g in optimizer.param_groups]:
+            raise ValueError("its parameter groups hold other parameters")
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        if not any(key.startswith("optim.") for key in changed):
+            raise FacetoolError(f"{folder}: optimizer state does not fit [optim] of the config ({err})") from None
+        trainer.log(f"{folder}: the optimiser state does not fit the changed [optim] ({err}); it starts fresh")
+    for group, own in zip(optimizer.param_groups, fresh, strict=True):
+        group.update(own)
 
 
 def restore_modules(trainer: Trainer, state: dict[str, Any], folder: Path) -> None:
