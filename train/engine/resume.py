@@ -40,7 +40,16 @@ UNCHECKED = (
     "data.tensor_init_bytes",
     "eval.*",
 )
-_UNSET = "(unset)"
+
+
+class _Unset:
+    """A key a config does not set (an open table's option, say)."""
+
+    def __repr__(self) -> str:
+        return "(unset)"
+
+
+_UNSET = _Unset()
 
 
 def found_outputs(folder: Path) -> list[str]:
