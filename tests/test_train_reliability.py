@@ -157,6 +157,38 @@ def test_allow_change_names_a_key(finished, tmp_path, pattern, message) -> None:
         resume(finished[0], copy_run(finished, tmp_path), [], allow_change=[pattern])
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.pop("step"), "damaged training checkpoint (step is NoneType 'None', expected int)"),
+        (lambda s: s.update(step="abc"), "damaged training checkpoint (step is str 'abc', expected int)"),
+        (lambda s: s.update(history="x{"), "damaged training checkpoint (JSONDecodeError: Expecting value"),
+        (lambda s: s.pop("rng"), "(rng is NoneType 'None', expected dict)"),
+        (lambda s: s.update(head=5), "(head is int '5', expected dict)"),
+        (lambda s: s.update(model=5), "(model is int '5', expected dict)"),
+        (lambda s: s["rng"].update(torch=5), "damaged training checkpoint (TypeError: "),
+        (lambda s: s["backbone"]["state_dict"].update({"linear.weight": torch.zeros(2)}), "(RuntimeError: "),
+    ],
+    ids=["no-step", "step-str", "history", "no-rng", "head-int", "model-int", "rng-int", "backbone-shape"],
+)
+def test_a_damaged_training_checkpoint_is_one_line(finished, tmp_path, edit, message) -> None:
+    out = copy_run(finished, tmp_path)
+    rank0 = out / "checkpoints" / "step-00000004" / "rank-00000.pt"
+    state = torch.load(rank0, weights_only=True)
+    edit(state)
+    torch.save(state, rank0)
+    with pytest.raises(FacetoolError) as err:
+        resume(finished[0], out, [])
+    assert str(err.value).startswith(f"{rank0}: ") and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_damaged_complete_marker_is_one_line(finished, tmp_path) -> None:
+    out = copy_run(finished, tmp_path)
+    (out / "checkpoints" / "step-00000004" / "COMPLETE").write_text("two\n")
+    with pytest.raises(FacetoolError, match=r"COMPLETE: damaged \(expected the number of ranks, got 'two'\)"):
+        resume(finished[0], out, [])
+
+
 # -- sizes from files and huge integers ------------------------------------------------------------------------
 def test_classes_of_a_manifest_are_bounded_by_its_samples(tmp_path, data) -> None:
     shards = tmp_path / "shards"

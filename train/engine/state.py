@@ -108,11 +108,40 @@ def check_resume_backbone(state: dict[str, Any], name: str, options: dict[str, A
         )
 
 
+_STATE_TYPES: dict[str, type] = {"step": int, "task": str, "model": dict, "config": str, "optimizer": dict,
+                                 "scaler": dict, "rng": dict, "history": str}  # fmt: skip
+
+
+def check_state(state: Any, path: Path, task: str, main: bool) -> None:
+    """The entries of a training checkpoint's ``state`` are of the types :func:`training_state` writes."""
+    kinds = {**_STATE_TYPES, "head" if task == "classify" else "mae": dict}
+    kinds["backbone" if main else "backbone_state"] = dict
+    if not isinstance(state, dict):
+        raise FacetoolError(f"{path}: damaged training checkpoint (not a dict)")
+    for key, kind in kinds.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            raise FacetoolError(f"{path}: damaged training checkpoint ({key} is {type(value).__name__} "
+                                f"{str(value)[:40]!r}, expected {kind.__name__})")  # fmt: skip
+
+
 def restore(trainer: Trainer, folder: Path) -> None:
     """Load this rank's file of the checkpoint ``folder`` into ``trainer``: the run continues bitwise as if it
-    had not stopped."""
+    had not stopped. A damaged file is a one-line error naming it."""
     ctx = trainer.ctx
     state = ckpt.read_rank(folder, ctx.rank, ctx.world_size)
+    path = ckpt.rank_file(folder, ctx.rank)
+    check_state(state, path, trainer.task, ctx.main)
+    try:
+        restore_state(trainer, state, folder)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise FacetoolError(f"{path}: damaged training checkpoint ({type(err).__name__}: {reason})") from None
+
+
+def restore_state(trainer: Trainer, state: dict[str, Any], folder: Path) -> None:
+    """Put a checkpoint's ``state`` (this rank's) into ``trainer``, after checking its backbone and config."""
+    ctx = trainer.ctx
     check_resume_backbone(state, trainer.name, trainer.options, folder)
     if state.get("task") != trainer.task:
         raise FacetoolError(f"{folder}: a {state.get('task')!r} checkpoint, the config's run.task is {trainer.task!r}")
