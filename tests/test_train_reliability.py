@@ -225,6 +225,9 @@ def test_sizes_out_of_reach_fail_before_any_allocation(tmp_path, data, overrides
         ({"model": {"width": 2**70}}, "model.width is out of range"),
         ({"schedule": {"milestones": [1, 2**80]}}, "schedule.milestones is out of range"),
         ({"optim": {"clip_scope": "head"}}, "optim.clip_scope must be one of backbone, all, got 'head'"),
+        ({"mae": {"decoder_heads": 0}}, "mae.decoder_dim and decoder_heads must be >= 1"),
+        ({"mae": {"decoder_depth": 10**9}}, "mae.decoder_depth must be in 1..1000"),
+        ({"mae": {"decoder_mlp_ratio": -1}}, "mae.decoder_mlp_ratio must be positive"),
     ],
 )
 def test_huge_and_negative_integers_are_config_errors(tmp_path, data, patch, message) -> None:

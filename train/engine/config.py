@@ -19,7 +19,7 @@ import math
 import os
 import tomllib
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -327,9 +327,18 @@ def validate(cfg: Config) -> None:
     need(sched["min_lr"] >= 0, "schedule.min_lr must be >= 0")
     need(sched["milestones"] == sorted(sched["milestones"]), "schedule.milestones must be increasing")
     need(sched["kind"] != "step" or bool(sched["milestones"]), "schedule.kind = 'step' needs schedule.milestones")
+    _validate_eval_mae_paths(cfg, need)
+
+
+def _validate_eval_mae_paths(cfg: Config, need: Callable[[bool, str], None]) -> None:
+    """:func:`validate`'s checks of ``[eval]``, ``[mae]`` and of the files the config names."""
+    run, data = cfg["run"], cfg["data"]
     need(cfg["eval"]["every"] >= 0 and cfg["eval"]["batch_size"] >= 1, "eval.every >= 0 and eval.batch_size >= 1")
     mae = cfg["mae"]
     need(0 < mae["mask_ratio"] < 1, "mae.mask_ratio must be in (0, 1)")
+    need(1 <= mae["decoder_depth"] <= 1000, "mae.decoder_depth must be in 1..1000")  # FaceT-B's encoder: 12
+    need(mae["decoder_dim"] >= 1 and mae["decoder_heads"] >= 1, "mae.decoder_dim and decoder_heads must be >= 1")
+    need(mae["decoder_mlp_ratio"] > 0, "mae.decoder_mlp_ratio must be positive")
     need(mae["decoder_dim"] % mae["decoder_heads"] == 0, "mae.decoder_dim must be a multiple of mae.decoder_heads")
     for path in cfg["eval"]["bins"]:
         need(Path(path).is_file(), f"eval.bins: {path} does not exist")
@@ -361,33 +370,3 @@ def backbone_options(cfg: Config) -> dict[str, Any]:
 def head_options(cfg: Config) -> dict[str, Any]:
     """The ``[head]`` keys that go to ``create_head``."""
     return {k: v for k, v in cfg["head"].items() if k not in SCHEMA["head"]}
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf") if math.isinf(value) else "nan"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
-
-
-def to_toml(cfg: dict[str, dict[str, Any]]) -> str:
-    """The config as TOML text (reads back with ``tomllib`` to the same values)."""
-    lines = []
-    for table, body in cfg.items():
-        lines.append(f"[{table}]")
-        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in body.items()]
-        lines.append("")
-    return "\n".join(lines)

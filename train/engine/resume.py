@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from facetool.pipeline.errors import FacetoolError
+from facetool.train.engine import checkpoint as ckpt
 from facetool.train.engine.config import OPEN_TABLES, SCHEMA, Config
 
 #: What a run writes into its output folder.
@@ -143,6 +144,25 @@ def check_resume_config(
             "with, or allow each change with --allow-change KEY"
         )
     return changes
+
+
+def resume_point(
+    output: Path, cfg: Config, resume: bool, overwrite: bool, patterns: Sequence[str]
+) -> tuple[tuple[int, Path] | None, list[tuple[str, Any, Any]]]:
+    """Whether ``output`` may take this run, and the checkpoint it continues: with ``resume`` the newest complete
+    one (None: none, start from the beginning). Without a checkpoint, a resumed folder's ``config.toml`` (a run
+    stopped before its first checkpoint) must match as a checkpoint's config would. Returns (checkpoint, the
+    changes allowed against ``config.toml``); a checkpoint's own config is checked when it is restored."""
+    if resume and overwrite:
+        raise FacetoolError(f"{output}: resume continues the run in this folder and overwrite deletes it; give one")
+    if not resume:
+        check_fresh_folder(output, overwrite)
+        return None, []
+    found = ckpt.latest(output / "checkpoints")
+    saved = output / "config.toml"
+    if found is not None or not saved.exists():
+        return found, []
+    return None, check_resume_config(read_saved_config(saved), cfg, patterns, saved)
 
 
 def read_saved_config(path: Path) -> str | None:

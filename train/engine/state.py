@@ -15,8 +15,8 @@ from torch import nn
 
 from facetool.pipeline.errors import FacetoolError
 from facetool.train.engine import checkpoint as ckpt
-from facetool.train.engine.config import to_toml
 from facetool.train.engine.resume import check_resume_config
+from facetool.train.engine.tomlwrite import to_toml
 from facetool.train.models.checkpoint import backbone_payload
 
 if TYPE_CHECKING:

@@ -37,20 +37,14 @@ from facetool.train.engine.build import (
     embedding_size,
     head_classes,
 )
-from facetool.train.engine.config import Config, to_toml
+from facetool.train.engine.config import Config
 from facetool.train.engine.context import Context, setup_distributed
 from facetool.train.engine.optim import apply_lr
-from facetool.train.engine.resume import (
-    check_allow,
-    check_fresh_folder,
-    check_resume_config,
-    clear_run,
-    describe,
-    read_saved_config,
-)
+from facetool.train.engine.resume import check_allow, clear_run, describe, resume_point
 from facetool.train.engine.scalars import ScalarLog
 from facetool.train.engine.state import restore, save_checkpoint
 from facetool.train.engine.sync import check_replicas, clip_gradients, grad_scaler
+from facetool.train.engine.tomlwrite import to_toml
 from facetool.train.models.checkpoint import load_init
 
 Evaluate = Callable[[nn.Module], dict[str, dict[str, Any]]]
@@ -98,7 +92,10 @@ class Trainer:
         run, data = cfg["run"], cfg["data"]
         self.task = run["task"]
         self.ckpt_root = self.output / "checkpoints"
-        resume_from = self.check_output(resume, overwrite)
+        resume_from, changes = resume_point(self.output, cfg, resume, overwrite, self.allow_change)
+        self.note_changes(changes)
+        if resume and resume_from is None:
+            self.log(f"--resume: no complete checkpoint in {self.ckpt_root}; starting from the beginning")
         torch.manual_seed(run["seed"])
 
         # data first: a missing or damaged shard folder fails before any model is built
@@ -133,23 +130,6 @@ class Trainer:
                 )
             self.log(f"resumed from {resume_from[1]} at step {self.step}")
         self.open_output(overwrite, purge_after=self.step if resume else None)
-
-    def check_output(self, resume: bool, overwrite: bool) -> tuple[int, Path] | None:
-        """Whether the output folder may take this run; the checkpoint to resume from (None: from the start)."""
-        if resume and overwrite:
-            raise FacetoolError(
-                f"{self.output}: resume continues the run in this folder and overwrite deletes it; give one"
-            )
-        if not resume:
-            check_fresh_folder(self.output, overwrite)
-            return None
-        found = ckpt.latest(self.ckpt_root)
-        if found is None:
-            saved = self.output / "config.toml"  # a run stopped before its first checkpoint: same config only
-            self.note_changes(check_resume_config(read_saved_config(saved), self.cfg, self.allow_change, saved)
-                              if saved.exists() else [])  # fmt: skip
-            self.log(f"--resume: no complete checkpoint in {self.ckpt_root}; starting from the beginning")
-        return found
 
     def note_changes(self, changes: list[tuple[str, Any, Any]]) -> None:
         """Say which keys a resumed run changed (all of them allowed)."""
