@@ -47,6 +47,26 @@ def resume(path: Path, out: Path, overrides: list[str], **options) -> Trainer:
     return trainer
 
 
+def test_progress_and_notify_replace_the_bar(tmp_path, data) -> None:
+    """The library reports through callables (the command draws the bar), and an evaluation's error names the
+    step and the backbone."""
+    seen: list[tuple[int, int]] = []
+    notes: list[str] = []
+
+    def evaluate(model):
+        raise FacetoolError("x.bin: set 'x': embeddings contain NaN or infinite values")
+
+    path = write_config(tmp_path / "c.toml", data, run={"steps": 3}, eval={"every": 2})
+    trainer = Trainer(load_config(path), tmp_path / "out", evaluate=evaluate, progress=lambda d, t: seen.append((d, t)),
+                      notify=notes.append)  # fmt: skip
+    with pytest.raises(FacetoolError) as err:
+        trainer.run()
+    assert seen == [(0, 3), (1, 3), (2, 3)]
+    assert notes[0].startswith("training tinynet (classify) on 1 rank(s), cpu: 3 steps of 8 images")
+    assert str(err.value) == "step 2: evaluating the tinynet backbone: x.bin: set 'x': embeddings contain NaN or " \
+        "infinite values"  # fmt: skip
+
+
 # -- a used output folder --------------------------------------------------------------------------------------
 def test_fresh_run_into_a_used_folder_is_refused_and_overwrite_clears_it(tmp_path, data) -> None:
     """The old failure: a 6-step run, then a fresh 2-step run into its folder kept the old checkpoints (pruned its
