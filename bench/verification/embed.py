@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import io
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -80,7 +81,8 @@ def decode_face(data: bytes, where: str) -> np.ndarray:
                 img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
             return np.asarray(img, dtype=np.uint8)
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        raise FacetoolError(f"{where}: cannot decode the image ({type(err).__name__}: {err})") from None
+        reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))  # PIL names our buffer
+        raise FacetoolError(f"{where}: cannot decode the image ({type(err).__name__}: {reason})") from None
 
 
 def _decode_batch(pair_set: PairSet, start: int, stop: int) -> np.ndarray:
