@@ -108,7 +108,7 @@ def run_steps(config: str, overrides: tuple[str, ...], source: str, warmup: int,
         except FacetoolError:
             pass  # no readable shards: the configured synthetic_classes stay
     with tempfile.TemporaryDirectory(prefix="facetool-bench-train-") as tmp:
-        trainer = Trainer(cfg, Path(tmp), quiet=True)
+        trainer = Trainer(cfg, Path(tmp))
         device = trainer.ctx.device
         marks = step_clock(trainer, (warmup, warmup + steps))
         (t0, c0), (t1, c1) = marks[warmup], marks[warmup + steps]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -24,12 +23,7 @@ def export_command(checkpoint: Path, out: Path) -> None:
     from facetool.train.models.export import export_onnx
 
     model, name, options = load_backbone(checkpoint)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        inputs = export_onnx(model, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    inputs = export_onnx(model, out)  # written atomically (a temporary name, then a rename)
     shown = ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
     click.echo(f"export: {name}({shown}) -> {out}; inputs {', '.join(inputs)}, output embeddings")
 

@@ -36,8 +36,32 @@ _set_option = click.option(
     help="Continue from the newest complete checkpoint in the output folder (model, head shards, optimiser, "
     "scaler, step, loader position, RNG states); without one, start from the beginning.",
 )
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Start afresh in an output folder that holds a run: its config.toml, checkpoints/, logs/, summary.json "
+    "and backbone.pt are deleted (once the new run is built). Without it such a folder is refused.",
+)
+@click.option(
+    "--allow-change",
+    "allow_change",
+    multiple=True,
+    metavar="TABLE.KEY",
+    help="With --resume: continue although this key differs from the checkpoint's config (repeatable; "
+    "TABLE.* for a whole table). Changes that alter the training (seed, batch, lr, margin, optimiser, "
+    "schedule, model, head, data...) are refused without it; run.steps/epochs, logging, checkpoint and eval.* "
+    "keys may always change. A changed optim.name starts a fresh optimiser state.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar or messages (errors still go to stderr).")
-def train_command(config: Path, overrides: tuple[str, ...], output: Path | None, resume: bool, quiet: bool) -> None:
+def train_command(
+    config: Path,
+    overrides: tuple[str, ...],
+    output: Path | None,
+    resume: bool,
+    overwrite: bool,
+    allow_change: tuple[str, ...],
+    quiet: bool,
+) -> None:
     """Train a backbone as CONFIG.toml describes (see configs/README.md for every key).
 
     Runs in one process, or in many under torchrun (gloo on CPUs, NCCL on GPUs; one process per GPU):
@@ -47,27 +71,39 @@ def train_command(config: Path, overrides: tuple[str, ...], output: Path | None,
       facetool train configs/ir100_ms1mv2.toml --set data.shards=/data/ms1mv2-shards --set run.amp=bf16
       torchrun --nproc-per-node 8 -m facetool train configs/facet_base_arcface.toml --output runs/ft
       facetool train configs/demo.toml --output runs/demo --resume      # after an interruption
+      facetool train configs/demo.toml --output runs/demo --resume --set run.epochs=5   # a longer run
+      facetool train configs/demo.toml --output runs/demo --overwrite   # start again in a used folder
 
-    Every key is checked before anything starts (unknown keys, wrong types, missing shards or .bin files, a
-    checkpoint of another backbone). Verification accuracy on eval.bins is computed every eval.every steps and
-    at the end, and written to OUTPUT/summary.json with the image rate.
+    Every key is checked before anything starts (unknown keys, wrong types, missing shards or .bin files, every
+    eval.bins image decoded once, a checkpoint of another backbone or config). Verification accuracy on eval.bins
+    is computed every eval.every steps and at the end, and written to OUTPUT/summary.json with the image rate.
+    Gradient clipping (optim.clip_grad, optim.clip_scope) and fp16's loss scaler decide for all ranks at once;
+    run.check_sync_every = N checks every N steps that the ranks hold the same backbone (a debug aid).
     """
-    import functools
-
-    from facetool.bench import verification as v
+    from facetool.cli_options import progress_or_quiet
     from facetool.train.engine import load_config, train
+    from facetool.train.engine.context import launched_rank
 
     cfg = load_config(config, overrides)
     out = output or (Path(cfg["run"]["output"]) if cfg["run"]["output"] else Path("runs") / config.stem)
+    quiet = quiet or launched_rank() != 0  # one bar and one voice: rank 0's
     evaluate = None
     if cfg["eval"]["bins"]:
-        sets = v.load_sets(bins=cfg["eval"]["bins"])  # untrusted pickles refused before training
-        evaluate = functools.partial(v.evaluate_model, sets=sets, batch_size=cfg["eval"]["batch_size"])
+        from facetool.bench.verification import training_evaluation
+
+        with progress_or_quiet("eval sets", "img", quiet) as progress:  # every image decoded before training
+            evaluate = training_evaluation(cfg["eval"]["bins"], cfg["eval"]["batch_size"], progress=progress)
     # DALI's image codec logs a line of its own before the loader's one-line error (the fallback's forked workers
     # would hold the filter's pipe open: it is only for DALI)
     dali = cfg["data"]["source"] != "synthetic" and cfg["data"]["backend"] != "wds"
-    with native_stderr_filter() if dali else contextlib.nullcontext():
-        summary = train(cfg, out, resume=resume, evaluate=evaluate, quiet=quiet)
+    with (
+        native_stderr_filter() if dali else contextlib.nullcontext(),
+        progress_or_quiet("train", "step", quiet) as progress,
+    ):
+        from tqdm import tqdm
+
+        summary = train(cfg, out, resume=resume, evaluate=evaluate, overwrite=overwrite, allow_change=allow_change,
+                        progress=progress, notify=None if quiet else tqdm.write)  # fmt: skip
     if summary and not quiet:
         sets = summary["verification"]["sets"]
         shown = ", ".join(f"{name} {100 * m['accuracy']:.2f}%" for name, m in sets.items())

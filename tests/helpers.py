@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -114,3 +115,10 @@ def wait_gone(pids: Sequence[int], within: float = 30.0) -> list[int]:
 def tree_bytes(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (relative name -> bytes), for byte-identity checks."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a test's torch.distributed rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -127,3 +127,64 @@ def test_export_reads_a_training_checkpoint_like_the_other_consumers(tmp_path) -
     got = session(tmp_path / "m.onnx").run(None, {"images": x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, model(x).numpy(), atol=1e-4)
+
+
+def _edit_payload(tmp_path, edit) -> str:
+    """A tinynet backbone file (width 4) changed by ``edit(payload)``."""
+    from facetool.train.models.checkpoint import backbone_payload
+
+    payload = backbone_payload(create_backbone("tinynet", width=4), "tinynet", {"width": 4})
+    edit(payload)
+    path = tmp_path / "edited.pt"
+    torch.save(payload, path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda p: p["state_dict"].__setitem__("linear.weight", 5), "state_dict entry 'linear.weight' is not a tensor"),
+        (lambda p: p["options"].__setitem__("embedding_size", 10**5), "state dict does not fit backbone 'tinynet'"),
+        (lambda p: p["options"].__setitem__("embedding_size", 10**9), "option embedding_size = 1000000000 exceeds"),
+        (lambda p: p["options"].__setitem__("width", -3), "negative dimension -3"),
+        (lambda p: p["options"].__setitem__("width", 2**70), f"option width = {2**70} exceeds every tensor"),
+        (lambda p: p["options"].__setitem__(7, 1), "backbone options must be named"),
+    ],
+    ids=[
+        "int-in-state-dict",
+        "embedding-size-1e5",
+        "embedding-size-1e9",
+        "negative-width",
+        "width-2**70",
+        "unnamed-option",
+    ],
+)
+def test_export_of_a_damaged_backbone_file_is_one_line(tmp_path, edit, message) -> None:
+    from helpers import error_line
+
+    path = _edit_payload(tmp_path, edit)
+    line = error_line("export", path, str(tmp_path / "out.onnx"))
+    assert line.startswith(f"Error: {path}: ") and message in line
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_sizes_in_a_backbone_file_are_checked_before_any_allocation(tmp_path, monkeypatch) -> None:
+    """The options come from the file: the model is built on the "meta" device and compared with the stored
+    tensors first, so ``embedding_size = 1e5`` (a 0.6 GB layer for this tinynet) never reaches a real allocation."""
+    from facetool.pipeline.errors import FacetoolError
+    from facetool.train.models import checkpoint
+
+    built = []
+
+    def spy(name, **options):
+        model = create_backbone(name, **options)
+        built.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(checkpoint, "create_backbone", spy)
+    path = _edit_payload(tmp_path, lambda p: p["options"].__setitem__("embedding_size", 10**5))
+    with pytest.raises(FacetoolError, match="does not fit backbone 'tinynet'"):
+        checkpoint.load_backbone(path)
+    assert built == ["meta"]
+    model, _, _ = checkpoint.load_backbone(_edit_payload(tmp_path, lambda p: None))
+    assert built == ["meta", "meta", "cpu"] and next(model.parameters()).device.type == "cpu"

@@ -28,3 +28,15 @@ def test_cli_help_lists_commands():
     assert result.exit_code == 0
     for command in ("synth", "convert", "merge-parts", "bench"):
         assert command in result.output
+
+
+def test_tqdm_only_in_the_command_line():
+    """The library reports progress through ``progress(done, total)`` callables; the bars are the CLI's."""
+    import ast
+
+    for folder in ("pipeline", "train", "bench"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                assert not any(n.split(".")[0] == "tqdm" for n in names), f"{path} imports tqdm"

@@ -59,7 +59,7 @@ def mae_backbone(shards, tmp_path_factory) -> Path:
     """The MAE recipe, scaled down, run for two steps: its exported encoder starts the fine-tuning recipes."""
     out = tmp_path_factory.mktemp("mae_run")
     cfg = scaled_down("facet_base_mae_ms1mv2.toml", shards, out)
-    summary = Trainer(cfg, out, quiet=True).run()
+    summary = Trainer(cfg, out).run()
     assert summary["steps"] == 2 and summary["task"] == "mae"
     return out / "backbone.pt"
 
@@ -77,7 +77,7 @@ def test_recipe_runs_scaled_down(name: str, shards: Path, mae_backbone: Path, tm
     assert full["run"]["task"] in ("classify", "mae")
     extra = (f"run.init_from={mae_backbone}",) if full["run"]["init_from"] else ()
     cfg = scaled_down(name, shards, tmp_path, extra)
-    trainer = Trainer(cfg, tmp_path, quiet=True)
+    trainer = Trainer(cfg, tmp_path)
     if full["run"]["init_from"]:
         assert trainer.missing_init  # the prompts are new; the encoder came from the MAE run
         enc = torch.load(mae_backbone, weights_only=True)["state_dict"]

@@ -15,61 +15,23 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import error_line, kill_when, run_cli
+from helpers import error_line, kill_when
+from train_setup import ENV, make_data, train, weights, write_config
 
 from facetool.cli import main
 from facetool.pipeline.errors import FacetoolError
-from facetool.pipeline.shards import ConvertOptions, convert
-from facetool.pipeline.synth import write_synth
 from facetool.train.data import LoaderConfig
 from facetool.train.engine import MAE, Schedule, Trainer, load_config, parameter_groups, to_toml
 from facetool.train.engine.config import defaults, loader_config
 from facetool.train.engine.scalars import ScalarLog
 from facetool.train.models import create_backbone, save_backbone
 
-ENV = {"OMP_NUM_THREADS": "1"}
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """16 synthetic identities x 8 images as 4 shards, half with a masked twin, and a 20-pair verification set."""
-    root = tmp_path_factory.mktemp("train_data")
-    write_synth(root / "src", identities=16, images_per_identity=8, pairs=20, seed=5, workers=1)
-    convert(root / "src", root / "shards", ConvertOptions(samples_per_shard=32, mask_fraction=0.5))
-    return root
-
-
-def write_config(path: Path, root: Path, **tables: dict) -> Path:
-    """A small run on the fixture shards: tinynet, batch 8, in-process loader, one thread."""
-    cfg = {
-        "run": {"seed": 1, "steps": 6, "threads": 1, "log_every": 1},
-        "data": {
-            "shards": str(root / "shards"),
-            "backend": "wds",
-            "workers": 0,
-            "batch_size": 8,
-            "masked_prob": 0.25,
-            "shuffle_buffer": 16,
-        },  # fmt: skip
-        "model": {"name": "tinynet", "width": 4},
-        "head": {"name": "arcface", "s": 32.0, "sample_rate": 0.5},
-        "optim": {"name": "sgd", "lr": 0.05, "nesterov": True},
-        "schedule": {"warmup_steps": 2},
-    }
-    for table, body in tables.items():
-        cfg.setdefault(table, {}).update(body)
-    path.write_text(to_toml(cfg))
-    return path
-
-
-def train(*args: str) -> subprocess.CompletedProcess:
-    """``facetool train ARGS --quiet`` in a fresh process, one torch thread (no traceback, whatever the exit)."""
-    return run_cli("train", *args, "--quiet", env=ENV, timeout=300)
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return make_data(tmp_path_factory.mktemp("train_data"))
 
 
 # -- config ------------------------------------------------------------------------------------------------------
@@ -279,7 +241,7 @@ def test_checkpoint_with_the_sampler_among_its_rng_states_resumes_it(tmp_path, d
     sampler = state["head"].pop("_extra_state")["sampler"]
     state["rng"]["head_sampler"] = sampler
     torch.save(state, rank0)
-    trainer = Trainer(load_config(path, ["run.steps=4"]), out, resume=True, quiet=True)
+    trainer = Trainer(load_config(path, ["run.steps=4"]), out, resume=True)
     trainer.scalars.close()
     assert trainer.step == 2 and torch.equal(trainer.head.get_extra_state()["sampler"], sampler)
 

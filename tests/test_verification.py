@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,6 +287,41 @@ def test_undecodable_image_names_set_and_index(tmp_path, mbf_checkpoint, broken,
     write_bin(path, [*IMAGES[:17], broken, *IMAGES[18:]], ISSAME)
     line = _failure(str(mbf_checkpoint), "--bin", str(path), "--quiet")
     assert all(needle in line for needle in needles), line
+
+
+def _nan_checkpoint(tmp_path) -> str:
+    model = create_backbone("tinynet", width=4)
+    with torch.no_grad():
+        model.linear.weight.fill_(float("nan"))
+    save_backbone(tmp_path / "nan.pt", model, "tinynet", {"width": 4})
+    return str(tmp_path / "nan.pt")
+
+
+def _nan_features(tmp_path) -> str:
+    feats = np.ones((24, 8), np.float32)
+    feats[5, 3] = np.nan
+    np.save(tmp_path / "f.npy", feats)
+    return str(tmp_path / "f.npy")
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (lambda t, b: [_nan_checkpoint(t), "--bin", b], ["{b}: set 'lfw': ", "nan.pt (tinynet): embeddings contain"]),
+        (lambda t, b: ["--features", _nan_features(t), "--bin", b], ["{b}: set 'lfw': ", "f.npy: embeddings contain"]),
+        (lambda t, b: [str(Path(b).with_name("few.bin")), "--bin", str(Path(b).with_name("few.bin"))],
+         ["few.bin: set 'few': 10-fold accuracy needs at least 10 pairs, got 2"]),
+    ],
+    ids=["nan-model", "nan-features", "two-pairs"],
+)  # fmt: skip
+def test_errors_name_the_set_file_and_the_model(tmp_path, args, needles):
+    """Each message a user can trigger names the set's file (and the model or the embeddings' file); too few pairs
+    is found before any model is read (the CHECKPOINT given here is the set itself, not a model)."""
+    good = tmp_path / "lfw.bin"
+    write_bin(good, IMAGES, ISSAME)
+    write_bin(tmp_path / "few.bin", IMAGES[:4], ISSAME[:2])
+    line = _failure(*args(tmp_path, str(good)), "--quiet")
+    assert all(needle.format(b=good) in line for needle in needles), line
 
 
 def _wrong_arch(tmp_path, checkpoint):

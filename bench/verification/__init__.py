@@ -16,6 +16,7 @@ area and the equal error rate.
 from .embed import (
     DEFAULT_BATCH,
     IMAGE_SIZE,
+    check_sets,
     decode_face,
     default_batch_size,
     embed_set,
@@ -45,7 +46,7 @@ from .metrics import (
     tar_at_far,
 )
 from .report import Report, format_table, plot_roc, report_json, timing_line
-from .run import run_verification
+from .run import run_verification, training_evaluation
 from .sets import (
     KNOWN_SETS,
     PAIRS_FILE,
@@ -74,6 +75,7 @@ __all__ = [
     "SetMetrics",
     "bin_dir_paths",
     "canonical_set_name",
+    "check_sets",
     "check_unique_names",
     "decode_face",
     "default_batch_size",
@@ -107,4 +109,5 @@ __all__ = [
     "set_order",
     "tar_at_far",
     "timing_line",
+    "training_evaluation",
 ]

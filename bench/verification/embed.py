@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import io
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -21,7 +22,7 @@ import numpy as np
 from facetool.pipeline.atomic import Progress
 from facetool.pipeline.errors import FacetoolError
 
-from .metrics import SetMetrics, embedding_metrics
+from .metrics import FOLDS, SetMetrics, embedding_metrics
 from .sets import PairSet
 
 IMAGE_SIZE = 112
@@ -80,7 +81,8 @@ def decode_face(data: bytes, where: str) -> np.ndarray:
                 img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
             return np.asarray(img, dtype=np.uint8)
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        raise FacetoolError(f"{where}: cannot decode the image ({type(err).__name__}: {err})") from None
+        reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))  # PIL names our buffer
+        raise FacetoolError(f"{where}: cannot decode the image ({type(err).__name__}: {reason})") from None
 
 
 def _decode_batch(pair_set: PairSet, start: int, stop: int) -> np.ndarray:
@@ -104,6 +106,31 @@ def _batches(pair_set: PairSet, batch_size: int) -> Iterator[tuple[int, np.ndarr
                 nxt = starts[k + 1]
                 pending = pool.submit(_decode_batch, pair_set, nxt, min(n, nxt + batch_size))
             yield start, batch
+
+
+def _check_image(pair_set: PairSet, i: int) -> None:
+    decode_face(pair_set.images[i], f"{pair_set.where()}, {pair_set.describe_image(i)}")
+
+
+def check_sets(sets: Sequence[PairSet], decode: bool = True, progress: Progress | None = None) -> None:
+    """Find what would stop an evaluation before it starts: a set with fewer pairs than the folds, and with
+    ``decode`` an image that does not decode (each decoded once, on a few threads: seconds for a few thousand
+    JPEGs), as one-line errors naming the set's file (and the image). ``progress(images_done, images)``."""
+    for s in sets:
+        if s.num_pairs < FOLDS:
+            raise FacetoolError(f"{s.where()}: {FOLDS}-fold accuracy needs at least {FOLDS} pairs, got {s.num_pairs}")
+    if not decode:
+        return
+    total, done = sum(len(s.images) for s in sets), 0
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    try:
+        for s in sets:
+            for _ in pool.map(_check_image, [s] * len(s.images), range(len(s.images))):  # in order: the first bad
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def default_batch_size(device: str) -> int:
@@ -178,12 +205,15 @@ def evaluate_set(
     batch_size: int | None = None,
     device: str | None = None,
     progress: Progress | None = None,
+    *,
+    model_name: str | None = None,
 ) -> SetMetrics:
-    """Embed ``pair_set`` with ``model`` (image + flip) and compute its metrics; timings go into ``extra``."""
+    """Embed ``pair_set`` with ``model`` (image + flip) and compute its metrics; timings go into ``extra``.
+    ``model_name`` (its file, say) names the model in error messages."""
     t0 = time.perf_counter()
     emb, flip = embed_set(model, pair_set, batch_size, device, progress)
     t1 = time.perf_counter()
-    metrics = _set_metrics(pair_set, emb, flip)
+    metrics = _set_metrics(pair_set, emb, flip, model_name)
     t2 = time.perf_counter()
     metrics.extra.update(_set_extra(pair_set, embed_seconds=t1 - t0, metric_seconds=t2 - t1))
     return metrics
@@ -210,17 +240,20 @@ def evaluate_features(
     if flip_features is not None and flip_features.shape != features.shape:
         raise FacetoolError(f"{labels[1]}: shape {flip_features.shape} differs from {labels[0]} {features.shape}")
     t0 = time.perf_counter()
-    metrics = _set_metrics(pair_set, features, flip_features)
+    metrics = _set_metrics(pair_set, features, flip_features, labels[0])
     metrics.extra.update(_set_extra(pair_set, embed_seconds=None, metric_seconds=time.perf_counter() - t0))
     return metrics
 
 
-def _set_metrics(pair_set: PairSet, embeddings: np.ndarray, flipped: np.ndarray | None) -> SetMetrics:
-    """:func:`embedding_metrics` of the set's pairs; an error names the set."""
+def _set_metrics(
+    pair_set: PairSet, embeddings: np.ndarray, flipped: np.ndarray | None, source: str | None = None
+) -> SetMetrics:
+    """:func:`embedding_metrics` of the set's pairs; an error names the set and ``source`` (the model, or the
+    embeddings' file)."""
     try:
         return embedding_metrics(embeddings, pair_set.pairs, pair_set.issame, flipped)
     except FacetoolError as err:
-        raise FacetoolError(f"{pair_set.where()}: {err}") from None
+        raise FacetoolError(f"{pair_set.where()}: {source + ': ' if source else ''}{err}") from None
 
 
 def _set_extra(pair_set: PairSet, embed_seconds: float | None, metric_seconds: float) -> dict[str, Any]:

@@ -3,6 +3,7 @@ then embed them with a backbone, or take embeddings computed elsewhere, and scor
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,6 +51,7 @@ def run_verification(
         progress(done, total)
 
     sets = load_sets(bins, bin_dirs, pairs, masked, mask_seed, progress=None if progress is None else masking)
+    embed.check_sets(sets, decode=False)  # too few pairs: found before any model is loaded
     for note in known_set_warnings(sets):
         say(note)
     if features is not None:
@@ -70,9 +72,21 @@ def run_verification(
     done, total = rendered[0], rendered[0] + sum(len(s.images) for s in sets)
     for s in sets:
         step = None if progress is None else (lambda d, _t, base=done: progress(base + d, total))
-        results[s.name] = embed.evaluate_set(model, s, meta["batch_size"], dev, progress=step)
+        results[s.name] = embed.evaluate_set(model, s, meta["batch_size"], dev, progress=step,
+                                             model_name=f"{checkpoint} ({name})")  # fmt: skip
         done += len(s.images)
     return Report.build(results, meta, title=f"ROC: {Path(checkpoint).name} ({name})")
+
+
+def training_evaluation(
+    bins: Sequence[PathLike], batch_size: int | None = None, progress: Progress | None = None
+) -> Callable[[Any], dict[str, dict[str, Any]]]:
+    """The evaluation a training run is handed (``evaluate(backbone) -> {set name: metrics}``) on the ``.bin``
+    sets ``bins``: each is read (an untrusted pickle refused), its pairs counted and every image decoded once now,
+    so a damaged set fails before the first step rather than after training. ``progress`` counts the images."""
+    sets = load_sets(bins=bins)
+    embed.check_sets(sets, decode=True, progress=progress)
+    return functools.partial(embed.evaluate_model, sets=sets, batch_size=batch_size)
 
 
 def _features_report(sets: list[PairSet], features: Path, flip_features: Path | None) -> Report:

@@ -4,12 +4,14 @@ one-line error naming the config file."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from torch import nn
 
 from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.shards.format import MANIFEST
 from facetool.train.data import DaliLoader, WdsLoader, create_loader, open_shards
 from facetool.train.engine.config import SCHEDULE_KEYS, Config, backbone_options, head_options, loader_config
 from facetool.train.engine.context import Context
@@ -83,9 +85,61 @@ def embedding_size(model: nn.Module) -> int:
     return int(out.shape[1])
 
 
-def build_head(cfg: Config, width: int, classes: int) -> nn.Module:
+def head_classes(cfg: Config, loader: Any) -> int:
+    """The classes the classifier holds: ``data.synthetic_classes``, or the shards' manifest's ``classes``, which
+    a class without a sample may exceed, but not the manifest's sample count (``classes = 1e12`` would otherwise
+    size a classifier no machine holds)."""
+    if cfg["data"]["source"] == "synthetic":
+        return cfg["data"]["synthetic_classes"]
+    shards = loader.shards
+    if shards.classes > shards.samples:
+        raise FacetoolError(
+            f"{shards.root / MANIFEST}: {shards.classes} classes for {shards.samples} samples; the classifier is "
+            "sized by the classes, so they must not outnumber the samples"
+        )
+    return shards.classes
+
+
+def device_memory(device: torch.device) -> int | None:
+    """The memory of ``device`` in bytes (the machine's RAM for the CPU), None where it is unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(cfg: Config, ctx: Context, classes: int | None) -> None:
+    """The run's parameters, built first on the "meta" device (shapes, no memory), must fit this rank's device:
+    a size out of reach (``model.embedding_size``, a head for ``classes`` classes, the MAE decoder) is a one-line
+    error before anything is allocated. ``classes`` None: MAE pre-training (no head)."""
+    with torch.device("meta"):
+        backbone, name, _ = build_backbone(cfg)
+        if classes is None:
+            other, what = build_mae(cfg, backbone, name), "the MAE decoder"
+        else:
+            try:
+                width = embedding_size(backbone)
+            except RuntimeError as err:  # width = 0, say
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise FacetoolError(f"{cfg.source}: [model] {name} fails on a 112x112 image ({reason})") from None
+            other = build_head(cfg, width, classes, init=False)
+            what = f"this rank's classifier ({classes:,} classes over {ctx.world_size} rank(s))"
+    sizes = [sum(t.numel() * t.element_size() for t in m.state_dict().values() if torch.is_tensor(t))
+             for m in (backbone, other)]  # fmt: skip
+    have = device_memory(ctx.device)
+    if have is not None and sum(sizes) > have:
+        gib = [f"{n / 2**30:,.1f} GiB" for n in (*sizes, have)]
+        raise FacetoolError(
+            f"{cfg.source}: the parameters alone need {gib[0]} for the {name} backbone and {gib[1]} for {what}, "
+            f"more than the {gib[2]} of this {ctx.device.type} device; check [model], [head] and the classes"
+        )
+
+
+def build_head(cfg: Config, width: int, classes: int, init: bool = True) -> nn.Module:
     """The margin head with Partial FC (the classifier always sharded over the ranks; ``sample_rate`` 1 is exact),
-    its class weight drawn by :func:`init_class_weights`."""
+    its class weight drawn by :func:`init_class_weights` (unless not ``init``)."""
     from facetool.train.heads import create_head, list_heads
 
     name, options = cfg["head"]["name"], head_options(cfg)
@@ -102,15 +156,18 @@ def build_head(cfg: Config, width: int, classes: int) -> nn.Module:
         head = create_head(name, width, classes, **options)
     except FacetoolError as err:
         raise FacetoolError(f"{cfg.source}: [head] {err}") from None
-    init_class_weights(head, cfg["run"]["seed"])
+    if init:
+        init_class_weights(head, cfg["run"]["seed"])
     return head
 
 
 def init_class_weights(head: nn.Module, seed: int) -> None:
     """N(0, 0.01) class weights drawn from ``seed`` for all classes in order, in chunks, keeping this rank's rows:
     the weights do not depend on the number of ranks."""
+    from facetool.train.heads.base import generator_seed
+
     shard = head.shard
-    gen = torch.Generator().manual_seed(seed * 7919 + 17)
+    gen = torch.Generator().manual_seed(generator_seed(seed * 7919 + 17))
     end = shard.start + shard.size
     with torch.no_grad():
         for weight in head.class_weights():

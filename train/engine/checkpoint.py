@@ -84,7 +84,14 @@ def latest(root: Path) -> tuple[int, Path] | None:
 
 def read_rank(folder: Path, rank: int, world_size: int) -> dict[str, Any]:
     """This rank's state from a complete checkpoint folder written by a run of ``world_size`` ranks."""
-    written = int((folder / COMPLETE).read_text().strip() or 0)
+    marker = folder / COMPLETE
+    try:
+        text = marker.read_text().strip()
+        written = int(text)
+    except OSError as err:
+        raise FacetoolError(f"{marker}: cannot read ({err.strerror or err})") from None
+    except ValueError:
+        raise FacetoolError(f"{marker}: damaged (expected the number of ranks, got {text[:40]!r})") from None
     if written != world_size:
         raise FacetoolError(
             f"{folder}: written by {written} ranks, this run has {world_size}; resume with the same number of ranks"

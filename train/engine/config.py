@@ -19,7 +19,7 @@ import math
 import os
 import tomllib
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from facetool.pipeline.shards.format import MANIFEST
 from facetool.train.data import BACKENDS, DEVICES, LoaderConfig
 from facetool.train.engine.mae import MAE
 from facetool.train.engine.optim import NO_DECAY_KINDS, OPTIMIZERS, SCHEDULE_KINDS, Schedule
+from facetool.train.engine.sync import CLIP_SCOPES
 
 # Schema kinds of the annotated types an object's options may have (tuples are TOML arrays).
 _KIND_OF_TYPE: dict[Any, Any] = {int: int, float: float, str: str, bool: bool, tuple[float, float]: "list[float]"}
@@ -77,6 +78,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "dist_backend": (str, "auto"),  # auto (nccl on GPUs, gloo on CPUs) | nccl | gloo
         "output": (str, ""),  # default output folder (the command's --output wins)
         "stop_on_nonfinite": (bool, True),  # a NaN or inf loss stops the run naming the step
+        "check_sync_every": (int, 0),  # steps between checks that every rank holds the same backbone (0: off)
     },
     "data": {
         "shards": (str, ""),  # shard folder written by `facetool convert` (relative paths: to the config file)
@@ -107,7 +109,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "no_decay": ("list[str]", ["norm", "bias", "model"]),  # groups without decay: norm, bias, 1d, model, prelu
         "weight_decay_by_name": ("table", {}),  # {"linear.weight" = 4e-4}: decay of backbone parameters by name
         "layer_decay": (float, 1.0),  # FaceT layer-wise lr decay: scale decay^(depth + 1 - layer id)
-        "clip_grad": (float, 0.0),  # max global gradient norm (0: no clipping)
+        "clip_grad": (float, 0.0),  # max gradient norm (0: no clipping) ...
+        "clip_scope": (str, "backbone"),  # ... of the backbone (as upstream), or of all: backbone and head
     },
     "schedule": {
         **_SCHEDULE,  # kind, warmup_start, min_lr, power, gamma
@@ -132,6 +135,7 @@ CHOICES = {
     ("data", "backend"): BACKENDS,
     ("data", "loader_device"): DEVICES,
     ("optim", "name"): OPTIMIZERS,
+    ("optim", "clip_scope"): CLIP_SCOPES,
     ("schedule", "kind"): SCHEDULE_KINDS,
 }
 PATH_KEYS = (("data", "shards"), ("run", "init_from"))
@@ -155,6 +159,7 @@ _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "tru
                "list[int]": "a list of integers", "list[float]": "a list of numbers",
                "list[str]": "a list of strings"}  # fmt: skip
 _BAD = object()  # what _convert returns for a value that is not of the kind
+INT_RANGE = (-(2**63), 2**63 - 1)  # integers of a config are 64-bit
 
 
 def _convert(kind: Any, value: Any, finite: bool = True) -> Any:
@@ -172,9 +177,17 @@ def _convert(kind: Any, value: Any, finite: bool = True) -> Any:
     return value if kind in (int, str) and isinstance(value, kind) else _BAD
 
 
+def check_int_range(table: str, key: str, value: Any, where: str) -> None:
+    """Integers (alone or in a list) must be 64-bit: TOML's own limit, which ``tomllib`` does not enforce."""
+    ints = [v for v in (value if isinstance(value, list) else [value]) if type(v) is int]
+    if any(not INT_RANGE[0] <= v <= INT_RANGE[1] for v in ints):
+        raise FacetoolError(f"{where}: {table}.{key} is out of range (integers are 64-bit), got {value!r}")
+
+
 def check_value(table: str, key: str, value: Any, where: str) -> Any:
     """``value`` converted to the schema's type for ``table.key``; a FacetoolError naming both and ``where``."""
     kind = SCHEMA[table][key][0]
+    check_int_range(table, key, value, where)
     converted = _convert(kind, value)
     if converted is _BAD:
         raise FacetoolError(f"{where}: {table}.{key} must be {_TYPE_NAMES[kind]}, got {value!r}")
@@ -206,6 +219,7 @@ def merge(cfg: dict[str, dict[str, Any]], data: dict[str, Any], where: str) -> N
             elif table in OPEN_TABLES:
                 if isinstance(value, dict):
                     raise FacetoolError(f"{where}: {table}.{key} must be a plain value, got a table")
+                check_int_range(table, key, value, where)
                 cfg[table][key] = value  # a backbone/head option: checked when the run is built
             else:
                 raise FacetoolError(
@@ -240,6 +254,8 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Confi
             data = tomllib.load(f)
     except OSError as err:
         raise FacetoolError(f"{path}: cannot read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise FacetoolError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
     except tomllib.TOMLDecodeError as err:
         raise FacetoolError(f"{path}: not valid TOML ({err})") from None
     cfg = defaults()
@@ -276,12 +292,14 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise FacetoolError(f"{where}: {message}")
 
+    need(0 <= run["seed"] <= INT_RANGE[1], f"run.seed must be in [0, 2**63), got {run['seed']}")
     need(run["epochs"] > 0 or run["steps"] > 0, "run.epochs or run.steps must be positive")
     need(run["steps"] >= 0, "run.steps must be >= 0")
     need(run["log_every"] >= 1, "run.log_every must be >= 1")
     need(run["checkpoint_every"] >= 0, "run.checkpoint_every must be >= 0")
     need(run["keep_checkpoints"] >= 1, "run.keep_checkpoints must be >= 1")
     need(run["threads"] >= 0, "run.threads must be >= 0")
+    need(run["check_sync_every"] >= 0, "run.check_sync_every must be >= 0")
     loader_config(cfg)  # the loader's own checks of its options, as data.KEY errors
     need(
         data["source"] == "synthetic" or bool(data["shards"]),
@@ -309,9 +327,18 @@ def validate(cfg: Config) -> None:
     need(sched["min_lr"] >= 0, "schedule.min_lr must be >= 0")
     need(sched["milestones"] == sorted(sched["milestones"]), "schedule.milestones must be increasing")
     need(sched["kind"] != "step" or bool(sched["milestones"]), "schedule.kind = 'step' needs schedule.milestones")
+    _validate_eval_mae_paths(cfg, need)
+
+
+def _validate_eval_mae_paths(cfg: Config, need: Callable[[bool, str], None]) -> None:
+    """:func:`validate`'s checks of ``[eval]``, ``[mae]`` and of the files the config names."""
+    run, data = cfg["run"], cfg["data"]
     need(cfg["eval"]["every"] >= 0 and cfg["eval"]["batch_size"] >= 1, "eval.every >= 0 and eval.batch_size >= 1")
     mae = cfg["mae"]
     need(0 < mae["mask_ratio"] < 1, "mae.mask_ratio must be in (0, 1)")
+    need(1 <= mae["decoder_depth"] <= 1000, "mae.decoder_depth must be in 1..1000")  # FaceT-B's encoder: 12
+    need(mae["decoder_dim"] >= 1 and mae["decoder_heads"] >= 1, "mae.decoder_dim and decoder_heads must be >= 1")
+    need(mae["decoder_mlp_ratio"] > 0, "mae.decoder_mlp_ratio must be positive")
     need(mae["decoder_dim"] % mae["decoder_heads"] == 0, "mae.decoder_dim must be a multiple of mae.decoder_heads")
     for path in cfg["eval"]["bins"]:
         need(Path(path).is_file(), f"eval.bins: {path} does not exist")
@@ -343,33 +370,3 @@ def backbone_options(cfg: Config) -> dict[str, Any]:
 def head_options(cfg: Config) -> dict[str, Any]:
     """The ``[head]`` keys that go to ``create_head``."""
     return {k: v for k, v in cfg["head"].items() if k not in SCHEMA["head"]}
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf") if math.isinf(value) else "nan"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
-
-
-def to_toml(cfg: dict[str, dict[str, Any]]) -> str:
-    """The config as TOML text (reads back with ``tomllib`` to the same values)."""
-    lines = []
-    for table, body in cfg.items():
-        lines.append(f"[{table}]")
-        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in body.items()]
-        lines.append("")
-    return "\n".join(lines)

@@ -32,10 +32,15 @@ class Context:
             dist.barrier()
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 when it did not launch us)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup_distributed(cfg: Config) -> Context:
     """Join torchrun's process group when it launched us (WORLD_SIZE > 1), pick the device and the threads."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launched_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     want = cfg["run"]["device"]
     if want == "cuda" and not torch.cuda.is_available():

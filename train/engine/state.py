@@ -15,7 +15,8 @@ from torch import nn
 
 from facetool.pipeline.errors import FacetoolError
 from facetool.train.engine import checkpoint as ckpt
-from facetool.train.engine.config import to_toml
+from facetool.train.engine.resume import check_resume_config
+from facetool.train.engine.tomlwrite import to_toml
 from facetool.train.models.checkpoint import backbone_payload
 
 if TYPE_CHECKING:
@@ -107,19 +108,47 @@ def check_resume_backbone(state: dict[str, Any], name: str, options: dict[str, A
         )
 
 
+_STATE_TYPES: dict[str, type] = {"step": int, "task": str, "model": dict, "config": str, "optimizer": dict,
+                                 "scaler": dict, "rng": dict, "history": str}  # fmt: skip
+
+
+def check_state(state: Any, path: Path, task: str, main: bool) -> None:
+    """The entries of a training checkpoint's ``state`` are of the types :func:`training_state` writes."""
+    kinds = {**_STATE_TYPES, "head" if task == "classify" else "mae": dict}
+    kinds["backbone" if main else "backbone_state"] = dict
+    if not isinstance(state, dict):
+        raise FacetoolError(f"{path}: damaged training checkpoint (not a dict)")
+    for key, kind in kinds.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            raise FacetoolError(f"{path}: damaged training checkpoint ({key} is {type(value).__name__} "
+                                f"{str(value)[:40]!r}, expected {kind.__name__})")  # fmt: skip
+
+
 def restore(trainer: Trainer, folder: Path) -> None:
     """Load this rank's file of the checkpoint ``folder`` into ``trainer``: the run continues bitwise as if it
-    had not stopped."""
+    had not stopped. A damaged file is a one-line error naming it."""
     ctx = trainer.ctx
     state = ckpt.read_rank(folder, ctx.rank, ctx.world_size)
+    path = ckpt.rank_file(folder, ctx.rank)
+    check_state(state, path, trainer.task, ctx.main)
+    try:
+        restore_state(trainer, state, folder)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise FacetoolError(f"{path}: damaged training checkpoint ({type(err).__name__}: {reason})") from None
+
+
+def restore_state(trainer: Trainer, state: dict[str, Any], folder: Path) -> None:
+    """Put a checkpoint's ``state`` (this rank's) into ``trainer``, after checking its backbone and config."""
+    ctx = trainer.ctx
     check_resume_backbone(state, trainer.name, trainer.options, folder)
     if state.get("task") != trainer.task:
         raise FacetoolError(f"{folder}: a {state.get('task')!r} checkpoint, the config's run.task is {trainer.task!r}")
+    changes = check_resume_config(state.get("config"), trainer.cfg, trainer.allow_change, folder)
+    trainer.note_changes(changes)
     restore_modules(trainer, state, folder)
-    try:
-        trainer.optimizer.load_state_dict(state["optimizer"])
-    except ValueError as err:
-        raise FacetoolError(f"{folder}: optimizer state does not fit [optim] of the config ({err})") from None
+    restore_optimizer(trainer, state["optimizer"], {key for key, _, _ in changes}, folder)
     if state["scaler"]:
         trainer.scaler.load_state_dict(state["scaler"])
     set_rng_states(state["rng"], ctx.device)
@@ -127,6 +156,29 @@ def restore(trainer: Trainer, folder: Path) -> None:
     trainer.history = json.loads(state["history"])
     if trainer.history and "sets" in trainer.history[-1]:
         trainer.verification = trainer.history[-1]["sets"]
+
+
+def restore_optimizer(trainer: Trainer, saved: Any, changed: set[str], folder: Path) -> None:
+    """The optimiser's state from a checkpoint, with the hyperparameters of the config (an allowed change of
+    ``[optim]`` takes effect). Another optimiser (``optim.name`` changed), or groups that no longer match after
+    an allowed ``[optim]`` change, start a fresh state, with a note; without such a change a state that does not
+    fit is an error."""
+    optimizer = trainer.optimizer
+    if "optim.name" in changed:
+        trainer.log(f"{folder}: optim.name changed, so the optimiser state starts fresh")
+        return
+    fresh = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
+    try:
+        names = [g.get("names") for g in saved["param_groups"]]
+        if names != [g.get("names") for g in optimizer.param_groups]:
+            raise ValueError("its parameter groups hold other parameters")
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        if not any(key.startswith("optim.") for key in changed):
+            raise FacetoolError(f"{folder}: optimizer state does not fit [optim] of the config ({err})") from None
+        trainer.log(f"{folder}: the optimiser state does not fit the changed [optim] ({err}); it starts fresh")
+    for group, own in zip(optimizer.param_groups, fresh, strict=True):
+        group.update(own)
 
 
 def restore_modules(trainer: Trainer, state: dict[str, Any], folder: Path) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from facetool.pipeline.atomic import write_bytes_atomic, write_json_atomic
+from facetool.pipeline.atomic import Progress, write_bytes_atomic, write_json_atomic
 from facetool.pipeline.errors import FacetoolError
 from facetool.train.data import Batch
 from facetool.train.engine import checkpoint as ckpt
@@ -32,17 +32,23 @@ from facetool.train.engine.build import (
     build_mae,
     build_optimizer,
     build_schedule,
+    check_memory,
     distributed,
     embedding_size,
+    head_classes,
 )
-from facetool.train.engine.config import Config, to_toml
+from facetool.train.engine.config import Config
 from facetool.train.engine.context import Context, setup_distributed
 from facetool.train.engine.optim import apply_lr
+from facetool.train.engine.resume import check_allow, clear_run, describe, resume_point
 from facetool.train.engine.scalars import ScalarLog
 from facetool.train.engine.state import restore, save_checkpoint
+from facetool.train.engine.sync import check_replicas, clip_gradients, grad_scaler
+from facetool.train.engine.tomlwrite import to_toml
 from facetool.train.models.checkpoint import load_init
 
 Evaluate = Callable[[nn.Module], dict[str, dict[str, Any]]]
+Notify = Callable[[str], None]
 
 
 @dataclass
@@ -58,7 +64,13 @@ class Session:
 
 
 class Trainer:
-    """Builds everything from a config (errors before any step), then :meth:`run` trains."""
+    """Builds everything from a config (errors before any step), then :meth:`run` trains.
+
+    A fresh run refuses an ``output`` folder that holds a run, unless ``overwrite`` (its outputs are deleted once
+    the run is built); ``resume`` continues the newest checkpoint when it was written with this config, or with
+    changes that ``allow_change`` names (``table.key`` or ``table.*``; see :mod:`.resume`). ``progress(step,
+    total)`` follows the steps and ``notify`` receives the messages (rank 0 only).
+    """
 
     def __init__(
         self,
@@ -66,15 +78,22 @@ class Trainer:
         output: Path,
         resume: bool = False,
         evaluate: Evaluate | None = None,
-        quiet: bool = False,
         ctx: Context | None = None,
+        *,
+        overwrite: bool = False,
+        allow_change: Sequence[str] = (),
+        progress: Progress | None = None,
+        notify: Notify | None = None,
     ) -> None:
-        self.cfg, self.output, self.evaluate, self.quiet = cfg, Path(output), evaluate, quiet
+        self.cfg, self.output, self.evaluate = cfg, Path(output), evaluate
+        self.progress, self.notify = progress, notify
         self.ctx = ctx or setup_distributed(cfg)
+        self.allow_change = check_allow(allow_change)
         run, data = cfg["run"], cfg["data"]
         self.task = run["task"]
         self.ckpt_root = self.output / "checkpoints"
-        resume_from = ckpt.latest(self.ckpt_root) if resume else None
+        resume_from, changes = resume_point(self.output, cfg, resume, overwrite, self.allow_change)
+        self.note_changes(changes)
         if resume and resume_from is None:
             self.log(f"--resume: no complete checkpoint in {self.ckpt_root}; starting from the beginning")
         torch.manual_seed(run["seed"])
@@ -93,10 +112,10 @@ class Trainer:
         self.optimizer, self.peak_lr = build_optimizer(cfg, self.backbone, self.head, self.mae, self.global_batch)
         self.schedule = build_schedule(cfg, self.peak_lr, self.total, self.steps_per_epoch)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run["amp"])
-        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=run["amp"] == "fp16")
+        self.scaler = grad_scaler(self.ctx.device.type, run["amp"] == "fp16", self.ctx.world_size)
         # DDP over the backbone (the MAE module in pre-training); the Partial FC head is not wrapped
-        trained = self.mae if self.mae is not None else self.backbone
-        self.model = distributed(trained, self.ctx, find_unused=self.mae is not None)
+        self.replicated = self.mae if self.mae is not None else self.backbone
+        self.model = distributed(self.replicated, self.ctx, find_unused=self.mae is not None)
 
         self.step = 0
         self.eval_seconds = 0.0  # left out of the training image rate
@@ -104,15 +123,36 @@ class Trainer:
         self.verification: dict[str, Any] = {}
         if resume_from is not None:
             restore(self, resume_from[1])
+            if self.step > self.total:
+                raise FacetoolError(
+                    f"{resume_from[1]}: checkpoint of step {self.step}, past this run's {self.total} steps "
+                    "(run.steps or run.epochs); raise them to go on"
+                )
             self.log(f"resumed from {resume_from[1]} at step {self.step}")
+        self.open_output(overwrite, purge_after=self.step if resume else None)
+
+    def note_changes(self, changes: list[tuple[str, Any, Any]]) -> None:
+        """Say which keys a resumed run changed (all of them allowed)."""
+        if changes:
+            self.log(f"resuming with changed keys: {describe(changes, limit=len(changes))}")
+
+    def open_output(self, overwrite: bool, purge_after: int | None) -> None:
+        """Rank 0 clears the folder (``overwrite``) and writes the resolved config; the scalar log opens, without
+        what an interrupted run logged after ``purge_after``."""
         if self.ctx.main:
+            if overwrite:
+                clear_run(self.output)
             self.output.mkdir(parents=True, exist_ok=True)
             write_bytes_atomic(self.output / "config.toml", to_toml(self.cfg))
-        self.scalars = ScalarLog(self.output / "logs", self.ctx.main, purge_after=self.step if resume_from else None)
+        if overwrite:
+            self.ctx.barrier()  # no rank writes before the old outputs are gone
+        self.scalars = ScalarLog(self.output / "logs", self.ctx.main, purge_after=purge_after)
 
     def build_models(self, init: bool) -> None:
         """The backbone (started from ``run.init_from`` when ``init``), the head or MAE decoder, on the device."""
-        cfg, data = self.cfg, self.cfg["data"]
+        cfg = self.cfg
+        classes = None if self.task == "mae" else head_classes(cfg, self.loader)
+        check_memory(cfg, self.ctx, classes)  # sizes checked on the "meta" device before any allocation
         self.backbone, self.name, self.options = build_backbone(cfg)
         self.missing_init: list[str] = []
         if cfg["run"]["init_from"] and init:
@@ -122,18 +162,20 @@ class Trainer:
         if self.task == "mae":
             self.mae = build_mae(cfg, self.backbone, self.name)
         else:
-            classes = data["synthetic_classes"] if data["source"] == "synthetic" else self.loader.shards.classes
             self.head = build_head(cfg, embedding_size(self.backbone), classes)
         for module in (self.backbone, self.head, self.mae):
             if module is not None:
                 module.to(self.ctx.device)
 
     def log(self, message: str) -> None:
-        """A message above the progress bar (rank 0, unless quiet)."""
-        if self.ctx.main and not self.quiet:
-            from tqdm import tqdm
+        """A message for the user (rank 0, when there is a ``notify``)."""
+        if self.ctx.main and self.notify is not None:
+            self.notify(message)
 
-            tqdm.write(message)
+    def report_progress(self) -> None:
+        """``progress(step, total)`` on rank 0."""
+        if self.ctx.main and self.progress is not None:
+            self.progress(self.step, self.total)
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of this step (every rank its file, rank 0 commits); returns its folder."""
@@ -146,7 +188,10 @@ class Trainer:
         t_eval = time.perf_counter()
         if self.evaluate is not None and self.ctx.main:
             t0 = time.perf_counter()
-            result = self.evaluate(self.backbone)
+            try:
+                result = self.evaluate(self.backbone)
+            except FacetoolError as err:
+                raise FacetoolError(f"step {self.step}: evaluating the {self.name} backbone: {err}") from None
             self.backbone.train()
             accs = {name: m["accuracy"] for name, m in result.items()}
             self.history.append({"step": self.step, "accuracy": accs, "seconds": round(time.perf_counter() - t0, 2)})
@@ -205,30 +250,32 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        clip = self.cfg["optim"]["clip_grad"]
-        if clip > 0:
+        optim = self.cfg["optim"]
+        if optim["clip_grad"] > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], clip)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            sharded = list(self.head.parameters()) if self.head is not None else []
+            clip_gradients(params, sharded, optim["clip_grad"], optim["clip_scope"], ctx.world_size)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
         session.images += self.global_batch
         return lr, value
 
-    def after_step(self, lr: float, loss: float, session: Session, bar: Any = None) -> None:
-        """What follows a step: the scalars every ``run.log_every`` steps, a checkpoint every
-        ``run.checkpoint_every``, an evaluation (and the summary) every ``eval.every``, and all three at the end."""
+    def after_step(self, lr: float, loss: float, session: Session) -> None:
+        """What follows a step: the replicas' check every ``run.check_sync_every`` steps, the scalars every
+        ``run.log_every``, a checkpoint every ``run.checkpoint_every``, an evaluation (and the summary) every
+        ``eval.every``, and the last three at the end."""
         run, last = self.cfg["run"], self.step == self.total
+        if run["check_sync_every"] and self.step % run["check_sync_every"] == 0:
+            check_replicas(self.replicated, self.step, self.ctx.world_size, self.ctx.device)
         session.loss_sum, session.loss_n = session.loss_sum + loss, session.loss_n + 1
         if self.step % run["log_every"] == 0 or last:
             rate = session.images / max(1e-9, time.perf_counter() - session.t_start - self.eval_seconds)
             mean = session.loss_sum / session.loss_n
             self.scalars.add(self.step, {"train/loss": mean, "train/lr": lr, "train/images_per_s": rate})
-            if bar is not None:
-                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:,.0f}")
             session.loss_sum, session.loss_n = 0.0, 0
-        if bar is not None:
-            bar.update(1)
+        self.report_progress()
         if (run["checkpoint_every"] and self.step % run["checkpoint_every"] == 0) or last:
             session.last_good = self.save_checkpoint()
         every = self.cfg["eval"]["every"]
@@ -245,19 +292,17 @@ class Trainer:
         self.model.train()
         if self.head is not None:
             self.head.train()
-        bar = self._progress_bar()
         found = ckpt.latest(self.ckpt_root)
         session = Session(start_step=self.step, last_good=found[1] if found else None, t_start=time.perf_counter())
+        self.report_progress()
         batches = self._batches() if self.step < self.total else iter(())
         try:
             while self.step < self.total:
                 lr, loss = self.train_step(next(batches), session)
                 if on_step is not None:
                     on_step(self.step)
-                self.after_step(lr, loss, session, bar)
+                self.after_step(lr, loss, session)
         finally:
-            if bar is not None:
-                bar.close()
             self.scalars.close()
         return self.finish(session)
 
@@ -271,14 +316,6 @@ class Trainer:
             f"{self.global_batch} images ({self.steps_per_epoch} per epoch), peak lr {self.peak_lr:g}; scalars: "
             f"{self.scalars.kind}"
         )
-
-    def _progress_bar(self) -> Any:
-        if not self.ctx.main or self.quiet:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=self.total, initial=self.step, desc="train", unit="step", dynamic_ncols=True, disable=None,
-                    smoothing=0.05)  # fmt: skip
 
     def finish(self, session: Session) -> dict[str, Any]:
         """Rank 0 writes the summary and the trained backbone (``backbone.pt``); returns the summary."""
@@ -316,10 +353,20 @@ class Trainer:
 
 
 def train(
-    cfg: Config, output: str | os.PathLike, resume: bool = False, evaluate: Evaluate | None = None, quiet: bool = False
+    cfg: Config,
+    output: str | os.PathLike,
+    resume: bool = False,
+    evaluate: Evaluate | None = None,
+    *,
+    overwrite: bool = False,
+    allow_change: Sequence[str] = (),
+    progress: Progress | None = None,
+    notify: Notify | None = None,
 ) -> dict[str, Any]:
-    """Build and run a training from a resolved config; returns the summary."""
-    trainer = Trainer(cfg, Path(output), resume=resume, evaluate=evaluate, quiet=quiet)
+    """Build and run a training from a resolved config (see :class:`Trainer` for the options); returns the
+    summary."""
+    trainer = Trainer(cfg, Path(output), resume=resume, evaluate=evaluate, overwrite=overwrite,
+                      allow_change=allow_change, progress=progress, notify=notify)  # fmt: skip
     try:
         return trainer.run()
     finally:

@@ -21,6 +21,13 @@ from facetool.pipeline.errors import FacetoolError
 from .distributed import Shard, all_gather_rows, class_shard, sharded_cross_entropy, world
 from .margins import softmax_margin
 
+
+def generator_seed(value: int) -> int:
+    """A torch generator's seed from any integer: ``value`` modulo 2**64 (torch's own range; the same seed for
+    every value torch takes, negative ones included)."""
+    return value % 2**64
+
+
 #: name -> head class; :func:`register_head` adds to it.
 HEADS: dict[str, type[Head]] = {}
 
@@ -175,7 +182,7 @@ class Head(nn.Module):
                 gen.set_state(self._sampler_state)
                 self._sampler_state = None
             else:
-                gen.manual_seed(self.seed * 1_000_003 + self.shard.rank)
+                gen.manual_seed(generator_seed(self.seed * 1_000_003 + self.shard.rank))
             self._generators[device] = gen
         return self._generators[device]
 

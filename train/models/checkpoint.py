@@ -8,6 +8,7 @@ same one-line errors.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Any
@@ -70,19 +71,43 @@ def read_backbone_file(path: str | os.PathLike) -> dict[str, Any]:
     name, options, state = obj.get("backbone"), obj.get("options"), obj.get("state_dict")
     if not isinstance(name, str) or not isinstance(options, dict) or not isinstance(state, dict):
         raise FacetoolError(f"{path}: backbone checkpoint lacks a name, options or state_dict")
+    if not all(isinstance(k, str) for k in options):
+        raise FacetoolError(f"{path}: backbone options must be named, got {sorted(map(repr, options))}")
     bad = next((k for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)), None)
     if bad is not None:
         raise FacetoolError(f"{path}: backbone state_dict entry {bad!r} is not a tensor")
     return obj
 
 
-def build_from_payload(payload: dict[str, Any], path: str | os.PathLike) -> nn.Module:
-    """A fresh (untrained) backbone of the architecture and options that ``payload`` names."""
+def build_from_payload(payload: dict[str, Any], path: str | os.PathLike, device: str | None = None) -> nn.Module:
+    """A fresh (untrained) backbone of the architecture and options that ``payload`` names; on ``device`` when
+    given (``"meta"``: shapes without memory)."""
     name = payload["backbone"]
     try:
-        return create_backbone(name, **payload["options"])
-    except (FacetoolError, ValueError) as err:
-        raise FacetoolError(f"{path}: cannot build backbone {name!r}: {err}") from None
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return create_backbone(name, **payload["options"])
+    except FacetoolError as err:
+        reason = str(err).removeprefix(f"backbone {name!r}: ")
+        raise FacetoolError(f"{path}: cannot build backbone {name!r}: {reason}") from None
+
+
+def check_fits(payload: dict[str, Any], path: str | os.PathLike) -> None:
+    """The tensors of ``payload`` must fit the backbone its name and options describe, strictly. Checked on a
+    model built on the "meta" device, before any memory is allocated: the options are read from the file, and
+    ``embedding_size = 1e6`` would otherwise allocate a 100 GB layer before the shapes are compared."""
+    name, state = payload["backbone"], payload["state_dict"]
+    largest = max((v.numel() for v in state.values()), default=0)
+    for key, value in payload["options"].items():
+        if type(value) is int and abs(value) > max(largest, len(state)):  # a size or a count, bounded by the file
+            raise FacetoolError(f"{path}: backbone option {key} = {value} exceeds every tensor in the file")
+    missing, unexpected, wrong = state_mismatch(build_from_payload(payload, path, "meta").state_dict(), state)
+    if missing or unexpected or wrong:
+        parts = [
+            f"{label} {len(keys)} (e.g. {keys[0]})"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        ]
+        raise FacetoolError(f"{path}: state dict does not fit backbone {name!r}: {'; '.join(parts)}")
 
 
 def state_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tuple[list, list, list]:
@@ -97,19 +122,11 @@ def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, str, dict[str, An
     """Rebuild the backbone in ``path`` (see :func:`read_backbone_file`); returns (model in eval mode, name,
     options). Every stored tensor must fit the named architecture, strictly; a mismatch is a one-line error."""
     payload = read_backbone_file(path)
+    check_fits(payload, path)
     model = build_from_payload(payload, path)
-    name, state = payload["backbone"], payload["state_dict"]
-    missing, unexpected, wrong = state_mismatch(model.state_dict(), state)
-    if missing or unexpected or wrong:
-        parts = [
-            f"{label} {len(keys)} (e.g. {keys[0]})"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-            if keys
-        ]
-        raise FacetoolError(f"{path}: state dict does not fit backbone {name!r}: {'; '.join(parts)}")
-    model.load_state_dict(state)
+    model.load_state_dict(payload["state_dict"])
     model.eval()
-    return model, name, dict(payload["options"])
+    return model, payload["backbone"], dict(payload["options"])
 
 
 def load_init(model: nn.Module, name: str, path: str | os.PathLike) -> list[str]:
@@ -135,6 +152,7 @@ __all__ = [
     "VERSION",
     "backbone_payload",
     "build_from_payload",
+    "check_fits",
     "is_backbone_payload",
     "load_backbone",
     "load_init",

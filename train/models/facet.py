@@ -105,7 +105,7 @@ class FaceT(nn.Module):
 
         self.patch_embed = nn.Linear(3 * patch_size**2, embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, embed_dim))
-        rates = torch.linspace(0, drop_path, depth).tolist()
+        rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()  # a plain list, also when built on "meta"
         if norm == "deepnorm":
             alpha = (2 * depth) ** 0.25
             blocks = [DeepNormBlock(embed_dim, num_heads, mlp_ratio, r, alpha) for r in rates]

@@ -45,5 +45,6 @@ def create_backbone(name: str, **options: Any) -> nn.Module:
         raise FacetoolError(f"option not taken by {name}: {', '.join(unknown)}; it takes {', '.join(takes)}")
     try:
         return fn(**options)
-    except TypeError as err:  # an option of the wrong type (width = "big")
-        raise FacetoolError(f"backbone {name!r}: {err}") from None
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:  # width = "big", -3 or 2**70
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FacetoolError(f"backbone {name!r}: {reason}") from None
