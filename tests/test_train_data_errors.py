@@ -94,3 +94,36 @@ def test_facetool_train_stops_with_one_line_naming_shard_and_sample(data, tmp_pa
                           data={"shards": str(shards), "masked_prob": 0.0, **BACKENDS[backend]})  # fmt: skip
     line = error_line("train", str(config), "--output", str(tmp_path / "run"), "--quiet", env=ENV)
     assert line.startswith(f"Error: {shards / VICTIM[0]}: sample {key}") and re.search(DAMAGES[kind][1], line), line
+
+
+_FORK_AFTER_DALI = """
+import gc, os, sys
+from facetool.train.data import LoaderConfig, create_loader, open_shards
+from facetool.train.data.dali import build_pipeline
+shards = sys.argv[1]
+gc.disable()  # the DALI pipeline below becomes garbage the parent has not collected when the workers fork ...
+os.register_at_fork(after_in_child=gc.collect)  # ... and a forked child collects at once (as it may at any time)
+pipe = build_pipeline(open_shards(shards), LoaderConfig(batch_size=8, threads=1))
+pipe.build()
+pipe.run()
+cycle = [pipe]
+cycle.append(cycle)  # held by a cycle, as a traceback's frames hold a failed pipeline
+del pipe, cycle
+wds = create_loader(shards, LoaderConfig(batch_size=8, workers=2), device="cpu", backend="wds")
+print(sum(len(labels) for _, labels, _ in wds))
+"""
+
+
+def test_fallback_workers_fork_after_a_dali_loader_without_hanging(data, tmp_path) -> None:
+    """A DALI pipeline left as garbage in the parent, collected in a forked worker, waited forever for threads the
+    child does not have: the loader collects garbage before its workers fork."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork_after_dali.py"
+    script.write_text(_FORK_AFTER_DALI)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(data / "shards")], capture_output=True, text=True, timeout=90
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.split()[-1]) == open_shards(data / "shards").samples

@@ -15,6 +15,7 @@ floor(smallest part / B) full batches).
 
 from __future__ import annotations
 
+import gc
 import itertools
 import multiprocessing as mp
 import os
@@ -270,12 +271,19 @@ class WdsLoader:
             pin_memory=self.device.type == "cuda",
         )
         self.epoch = 0
+        self._started = False
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
         return batches_per_epoch(self.shards.samples, self.world_size, self.config.batch_size, self.config.last_batch)
 
     def __iter__(self) -> Iterator[Batch]:
+        if self._loader.num_workers and not self._started:
+            # Collect garbage before the workers fork: an unreachable DALI pipeline (say, from a DALI loader used
+            # earlier in this process) collected inside a forked child waits forever on threads that do not exist
+            # there. Persistent workers fork once, at the first epoch.
+            gc.collect()
+            self._started = True
         self._epoch.value = self.epoch
         total, B = len(self), self.config.batch_size
         done, rest = 0, []
