@@ -75,6 +75,8 @@ class FaceT(nn.Module):
     projection and both MLP linears; q and k get gain 1 (N = depth). FaceT's own code scales q and k too.
     """
 
+    stem_weight = "patch_embed.weight"  # sees the colour channels: patch vectors are (row, column, channel)
+
     def __init__(
         self,
         *,
@@ -105,7 +107,7 @@ class FaceT(nn.Module):
 
         self.patch_embed = nn.Linear(3 * patch_size**2, embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, embed_dim))
-        rates = torch.linspace(0, drop_path, depth).tolist()
+        rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()  # plain floats, also under meta
         if norm == "deepnorm":
             alpha = (2 * depth) ** 0.25
             blocks = [DeepNormBlock(embed_dim, num_heads, mlp_ratio, r, alpha) for r in rates]
