@@ -35,6 +35,8 @@ def run_both(model: nn.Module, path, batch: int) -> tuple[np.ndarray, np.ndarray
 
 # The large backbones run once with batch 1 (exported at batch 2: the batch axis is dynamic); the small ones with 3.
 BATCH = {"ir100": 1, "ir200": 1, "irse100": 1, "facet_base": 1, "ir18": 2, "ir34": 2, "ir50": 2, "irse50": 2}
+# IResNet-200 sums 200 layers' rounding into embeddings up to ~20 in size: 1e-4 plus 1e-5 of each value there.
+RTOL = {"ir200": 1e-5}
 
 
 @pytest.mark.parametrize("name", list_backbones())
@@ -47,7 +49,7 @@ def test_onnx_reproduces_torch(name: str, tmp_path) -> None:
     assert [o.name for o in sess.get_outputs()] == ["embeddings"]
     assert got.shape == expected.shape == (BATCH.get(name, 3), 512)
     assert expected.std() > 0.3  # embeddings of order 1: the tolerance below is not trivially met
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got, expected, rtol=RTOL.get(name, 0), atol=1e-4)
 
 
 def test_onnx_masked_input_picks_the_prompts(tmp_path) -> None:
