@@ -14,7 +14,9 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _OUT_FILE = click.Path(dir_okay=False, path_type=Path)
 
 
-def _check_usage(ijb_dir, model, features, flip_features, masked, synthetic) -> None:
+def _check_usage(ijb_dir, model, arch, features, flip_features, masked, synthetic) -> None:
+    if arch is not None and model is None:
+        raise click.UsageError("--arch names the architecture of a MODEL")
     if synthetic is not None:
         if ijb_dir is not None or model is not None or features is not None or masked:
             raise click.UsageError("--synthetic makes its own meta set and features: no IJB_DIR, MODEL, --features")
@@ -76,7 +78,7 @@ def bench_ijb_command(ijb_dir, model, arch, target, features, flip_features, no_
     from facetool.bench.ijb import ProtocolOptions, format_report, plot_report, run_ijb, save_scores
     from facetool.bench.verification import retain_freed_memory
 
-    _check_usage(ijb_dir, model, features, flip_features, masked, synthetic)
+    _check_usage(ijb_dir, model, arch, features, flip_features, masked, synthetic)
     retain_freed_memory()  # large transient arrays are reused instead of faulted in again
     options = ProtocolOptions(flip=not no_flip, normalize_images=normalize_images, detector_score=not no_detector_score)
     with progress_or_quiet("embed", "img", quiet) as progress:

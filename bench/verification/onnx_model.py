@@ -5,7 +5,7 @@ The conventions are those of InsightFace's ``ArcFaceONNX`` (deepinsight/insightf
 python-package/insightface/model_zoo/arcface_onnx.py @ 7fadd420c235): 112x112 RGB, NCHW, ``(x - 127.5) / 127.5``,
 except for graphs converted from MXNet that normalise inside (a ``Sub``/``_minus`` and a ``Mul``/``_mul`` node
 among their first eight), which take 0..255. The input's name and shape come from the graph; a fixed batch size is
-met by padding the last batch. onnxruntime is imported only here (``pip install onnxruntime``).
+met by padding the last batch. onnxruntime is imported only here (``pip install 'facetool[onnx]'``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _onnxruntime(path: str | os.PathLike) -> Any:
     try:
         import onnxruntime
     except ImportError:
-        raise FacetoolError(f"{path}: running an ONNX model needs onnxruntime (pip install onnxruntime)") from None
+        raise FacetoolError(f"{path}: running an ONNX model needs onnxruntime (pip install 'facetool[onnx]')") from None
     return onnxruntime
 
 
