@@ -74,6 +74,14 @@ def test_auto_finds_the_layout_and_the_channel_order() -> None:
         "arcface_torch": "rgb", "treb1en": "bgr", "multiface": "bgr", "facet": "rgb", "facetool": "rgb"}  # fmt: skip
 
 
+def test_files_without_batchnorm_counters_import_with_zeros() -> None:
+    """Files saved before PyTorch 0.4.1 have no num_batches_tracked; load_state_dict fills 0, and so does import."""
+    state = {k: v for k, v in random_state("treb1en_mobilefacenet").items() if not k.endswith("num_batches_tracked")}
+    out, _, _ = import_state(state, "mobilefacenet", "treb1en")
+    counters = [k for k in out if k.endswith("num_batches_tracked")]
+    assert len(counters) == 50 and all(out[k].item() == 0 and out[k].dtype == torch.long for k in counters)
+
+
 def _facetool_names(_):
     return {k: v.clone() for k, v in create_backbone("mobilefacenet").state_dict().items()}
 

@@ -182,7 +182,10 @@ def import_state(
     tried = [LAYOUTS[layout]] if layout != AUTO else [t for t in LAYOUTS.values() if t.renames_for(model) is not None]
     problem = ""
     for candidate in tried:
-        fitted, options, text = try_layout(state, arch, model, candidate)
+        try:
+            fitted, options, text = try_layout(state, arch, model, candidate)
+        except FacetoolError as err:  # two keys renamed onto one, options the backbone refuses
+            raise FacetoolError(f"{source}: {candidate.name} layout: {err}") from None
         if not text:
             return fitted, options, candidate
         problem = problem or f"not {arch} in the {candidate.name} layout: {text}"
