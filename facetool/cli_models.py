@@ -20,7 +20,8 @@ ARCH_HELP = (
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--arch", help=ARCH_HELP)
 def export_command(checkpoint: Path, out: Path, arch: str | None) -> None:
-    """Export the backbone in CHECKPOINT (saved by facetool) to OUT.onnx for onnxruntime and friends.
+    """Export the backbone in CHECKPOINT (saved by facetool, or with --arch a bare state dict) to OUT.onnx for
+    onnxruntime and friends.
 
     \b
     Inputs:  images   float32 (N, 3, 112, 112), RGB in [-1, 1] (weights for BGR images reverse the
