@@ -160,12 +160,13 @@ def test_bgr_weights_are_honoured_by_every_consumer(tmp_path, treb1en_mbf) -> No
         expected = model(bgr_tensor).numpy()  # what the upstream network computes on BGR images
         got, _ = embed_batch(model, rgb, "cpu", flip=False)  # bench verification / bench ijb
     np.testing.assert_array_equal(got, expected)
+    # embeddings of these random weights reach ~25: float rounding then shows at 1e-5 of the value
     export_onnx(model, tmp_path / "bgr.onnx")  # the graph takes RGB
     sess = ort.InferenceSession(str(tmp_path / "bgr.onnx"), providers=["CPUExecutionProvider"])
     rgb_tensor = torch.from_numpy(rgb).permute(0, 3, 1, 2).float().sub(127.5).div(127.5)
-    np.testing.assert_allclose(sess.run(None, {"images": rgb_tensor.numpy()})[0], expected, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(sess.run(None, {"images": rgb_tensor.numpy()})[0], expected, rtol=1e-5, atol=1e-4)
     start = create_backbone("mobilefacenet")  # run.init_from: the RGB run starts with the stem turned to RGB
     assert load_init(start, "mobilefacenet", tmp_path / "bgr.pt") == []
     with torch.no_grad():
-        np.testing.assert_allclose(start.eval()(rgb_tensor).numpy(), expected, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(start.eval()(rgb_tensor).numpy(), expected, rtol=1e-5, atol=1e-4)
     assert torch.equal(start.conv1[0].weight, model.conv1[0].weight.flip(1))
