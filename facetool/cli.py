@@ -16,10 +16,10 @@ from facetool.cli_gpu import bench_gpu_command
 from facetool.cli_ijb import align_command, bench_ijb_command, synth_ijb_command
 from facetool.cli_loader import bench_loader_command
 from facetool.cli_masks import WEIGHTS_HELP, bench_masks_command, masks_group, parse_weights_option
-from facetool.cli_models import bench_models_command, export_command
+from facetool.cli_models import bench_models_command, export_command, import_model_command
 from facetool.cli_options import json_option, progress_bar, write_json
 from facetool.cli_train import bench_train_command, train_command
-from facetool.cli_verification import bench_verification_command
+from facetool.cli_verification import bench_verification_command, make_bin_command
 from facetool.pipeline import DEFAULT_SAMPLES_PER_SHARD
 from facetool.pipeline.errors import FacetoolError
 
@@ -307,6 +307,8 @@ def bench_convert(
 
 
 main.add_command(export_command)
+main.add_command(import_model_command)
+main.add_command(make_bin_command)
 main.add_command(train_command)
 main.add_command(masks_group)
 bench.add_command(bench_models_command)

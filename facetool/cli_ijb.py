@@ -7,13 +7,16 @@ from pathlib import Path
 
 import click
 
+from facetool.cli_models import ARCH_HELP
 from facetool.cli_options import json_option, progress_or_quiet, write_json
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _OUT_FILE = click.Path(dir_okay=False, path_type=Path)
 
 
-def _check_usage(ijb_dir, model, features, flip_features, masked, synthetic) -> None:
+def _check_usage(ijb_dir, model, arch, features, flip_features, masked, synthetic) -> None:
+    if arch is not None and model is None:
+        raise click.UsageError("--arch names the architecture of a MODEL")
     if synthetic is not None:
         if ijb_dir is not None or model is not None or features is not None or masked:
             raise click.UsageError("--synthetic makes its own meta set and features: no IJB_DIR, MODEL, --features")
@@ -31,6 +34,7 @@ def _check_usage(ijb_dir, model, features, flip_features, masked, synthetic) -> 
 @click.command("ijb")
 @click.argument("ijb_dir", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("model", required=False, type=_FILE)
+@click.option("--arch", help=ARCH_HELP)
 @click.option("--target", type=click.Choice(["IJBC", "IJBB"]), default="IJBC", show_default=True)
 @click.option("--features", type=_FILE, help="Embeddings computed elsewhere, instead of MODEL: a (images, D) .npy, "
               "one row per line of the 5-point file, in its order; then no image is read.")  # fmt: skip
@@ -55,14 +59,15 @@ def _check_usage(ijb_dir, model, features, flip_features, masked, synthetic) -> 
 @click.option("--reference", is_flag=True, help="Also run the eval_ijbc.py-style loop on the same features and "
               "report its time and agreement.")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def bench_ijb_command(ijb_dir, model, target, features, flip_features, no_flip, normalize_images, no_detector_score,
-                      masked, mask_seed, json_path, plot_path, scores_path, save_features, batch_size, device,
-                      synthetic, seed, reference, quiet) -> None:  # fmt: skip
+def bench_ijb_command(ijb_dir, model, arch, target, features, flip_features, no_flip, normalize_images,
+                      no_detector_score, masked, mask_seed, json_path, plot_path, scores_path, save_features,
+                      batch_size, device, synthetic, seed, reference, quiet) -> None:  # fmt: skip
     """IJB-B / IJB-C 1:1 verification (TAR at FAR 1e-6..1e-1, AUC) and, when the 1:N lists are there, 1:N
     identification (rank-1/5/10, TPIR at FPIR 1e-2, 1e-1), with arcface_torch's eval_ijbc.py protocol.
 
     IJB_DIR is InsightFace's layout (meta/<target>_face_tid_mid.txt, _template_pair_label.txt,
-    _name_5pts_score.txt, loose_crop/); MODEL a backbone saved by facetool or a training checkpoint.
+    _name_5pts_score.txt, loose_crop/); MODEL a backbone saved by facetool or a training checkpoint, a bare state
+    dict with --arch, or an ONNX model (.onnx, InsightFace's model-zoo conventions).
 
     \b
     Examples:
@@ -73,12 +78,12 @@ def bench_ijb_command(ijb_dir, model, target, features, flip_features, no_flip, 
     from facetool.bench.ijb import ProtocolOptions, format_report, plot_report, run_ijb, save_scores
     from facetool.bench.verification import retain_freed_memory
 
-    _check_usage(ijb_dir, model, features, flip_features, masked, synthetic)
+    _check_usage(ijb_dir, model, arch, features, flip_features, masked, synthetic)
     retain_freed_memory()  # large transient arrays are reused instead of faulted in again
     options = ProtocolOptions(flip=not no_flip, normalize_images=normalize_images, detector_score=not no_detector_score)
     with progress_or_quiet("embed", "img", quiet) as progress:
         report = run_ijb(
-            ijb_dir, model, target=target, features=features, flip_features=flip_features, options=options,
+            ijb_dir, model, arch=arch, target=target, features=features, flip_features=flip_features, options=options,
             reference=reference, progress=progress, masked=masked == "all", mask_seed=mask_seed,
             batch_size=batch_size, device=None if device == "auto" else device, save_features=save_features,
             synthetic=synthetic, seed=seed,

@@ -1,4 +1,5 @@
-"""Commands about backbones: ``facetool export`` and ``facetool bench models``. Heavy imports stay inside them."""
+"""Commands about backbones: ``facetool export``, ``facetool import-model`` and ``facetool bench models``. Heavy
+imports stay inside them."""
 
 from __future__ import annotations
 
@@ -8,24 +9,61 @@ import click
 
 from facetool.cli_options import json_option, write_json
 
+ARCH_HELP = (
+    "The architecture of a bare state dict (torch.save(model.state_dict()), e.g. arcface_torch's backbone.pth with "
+    "--arch ir100); its keys must be facetool's (for other code bases' names: facetool import-model)."
+)
+
 
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-def export_command(checkpoint: Path, out: Path) -> None:
-    """Export the backbone in CHECKPOINT (saved by facetool) to OUT.onnx for onnxruntime and friends.
+@click.option("--arch", help=ARCH_HELP)
+def export_command(checkpoint: Path, out: Path, arch: str | None) -> None:
+    """Export the backbone in CHECKPOINT (saved by facetool, or with --arch a bare state dict) to OUT.onnx for
+    onnxruntime and friends.
 
     \b
-    Inputs:  images   float32 (N, 3, 112, 112), RGB in [-1, 1]
+    Inputs:  images   float32 (N, 3, 112, 112), RGB in [-1, 1] (weights for BGR images reverse the
+                      channels inside the graph)
              masked   bool (N,): only for FaceT with prompts (True picks the masked-face prompts)
     Output:  embeddings float32 (N, D), not normalised. N is a dynamic axis."""
-    from facetool.train.models import load_backbone
-    from facetool.train.models.export import export_onnx
+    from facetool.train.models.export import export_backbone
 
-    model, name, options = load_backbone(checkpoint)
-    inputs = export_onnx(model, out)  # written atomically (a temporary name, then a rename)
-    shown = ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
-    click.echo(f"export: {name}({shown}) -> {out}; inputs {', '.join(inputs)}, output embeddings")
+    done = export_backbone(checkpoint, out, arch)
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(done["options"].items()))
+    flip = " (BGR weights: channels reversed in the graph)" if done["input_channels"] == "bgr" else ""
+    click.echo(f"export: {done['backbone']}({shown}) -> {out}; inputs {', '.join(done['inputs'])}, output "
+               f"embeddings{flip}")  # fmt: skip
+
+
+@click.command("import-model")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--arch", required=True, help="The facetool backbone the weights are for (ir18..ir200, irse50, "
+              "irse100, mobilefacenet, facet_base, ...).")  # fmt: skip
+@click.option("--layout", default="auto", show_default=True, help="Whose key names SRC has (see above); auto: the "
+              "first layout that fits.")  # fmt: skip
+@click.option("--input-channels", metavar="rgb|bgr", help="The channel order the weights expect (default: the "
+              "layout's: BGR for treb1en and multiface, RGB otherwise).")  # fmt: skip
+def import_model_command(src: Path, out: Path, arch: str, layout: str, input_channels: str | None) -> None:
+    """Turn released weights SRC (a state dict, or a checkpoint holding one) into a facetool backbone file OUT.
+
+    \b
+    Layouts (whose names the keys of SRC are):
+      arcface_torch  InsightFace's arcface_torch backbone.pth: ir18, ir34, ir50, ir100, ir200 (RGB)
+      treb1en        InsightFace_Pytorch (TreB1eN): irse50, irse100, mobilefacenet (BGR)
+      multiface      MultiFace: the same names as treb1en (BGR)
+      facet          FaceT's checkpoint-*.pth: facet_base, and its ir100 (RGB)
+      facetool       facetool's own names, e.g. torch.save(model.state_dict()) of a facetool backbone (RGB)
+
+    Every key and shape must fit, strictly; OUT records the architecture, its options and the channel order, which
+    bench verification, bench ijb, export and run.init_from honour."""
+    from facetool.train.models.layouts import import_model
+
+    done = import_model(src, out, arch, layout, input_channels)
+    click.echo(f"import-model: {src} ({done['layout']} layout, {done['input_channels'].upper()} input) -> {out}: "
+               f"{arch}, {done['tensors']} tensors, {done['parameters']:,} parameters")  # fmt: skip
 
 
 @click.command("models")

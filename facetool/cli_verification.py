@@ -1,5 +1,6 @@
 """``facetool bench verification``: InsightFace-protocol verification of a checkpoint (or of given embeddings) on
-``.bin`` sets and image-folder pair lists. Heavy imports stay inside the command."""
+``.bin`` sets and image-folder pair lists; ``facetool make-bin``: a ``.bin`` from a pairs list. Heavy imports stay
+inside the commands."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from pathlib import Path
 
 import click
 
-from facetool.cli_options import json_option, progress_bar, write_json
+from facetool.cli_models import ARCH_HELP
+from facetool.cli_options import json_option, progress_bar, progress_or_quiet, write_json
 
 _PATH = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 @click.command("verification")
 @click.argument("checkpoint", required=False, type=_PATH)
+@click.option("--arch", help=ARCH_HELP)
 @click.option(
     "--bin",
     "bins",
@@ -91,6 +94,7 @@ _PATH = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def bench_verification_command(
     checkpoint: Path | None,
+    arch: str | None,
     bins: tuple[Path, ...],
     bin_dirs: tuple[Path, ...],
     pairs_dirs: tuple[Path, ...],
@@ -108,23 +112,27 @@ def bench_verification_command(
     normalised embeddings, 10 folds, thresholds 0..4 step 0.01): accuracy mean +- std and threshold, TAR at FAR
     1e-1..1e-4 where the impostor pairs suffice, ROC AUC and EER, one row per set.
 
-    CHECKPOINT is a backbone saved by facetool (export) or a training checkpoint holding one; it is loaded with
-    torch.load(weights_only=True). Or give --features (and --flip-features) with one --bin instead.
+    CHECKPOINT is a backbone saved by facetool (import-model, training) or a training checkpoint holding one, or
+    with --arch a bare state dict; it is loaded with torch.load(weights_only=True). A CHECKPOINT ending in .onnx
+    is run by onnxruntime with InsightFace's model-zoo conventions (112x112 RGB, (x - 127.5) / 127.5). Or give
+    --features (and --flip-features) with one --bin instead.
 
     \b
     Examples:
       facetool bench verification model.pt --bin-dir /data/faces_emore --json report.json --plot roc.png
       facetool bench verification model.pt --bin lfw.bin --masked one --pairs /data/rmfvd
+      facetool bench verification backbone.pth --arch ir100 --bin-dir /data/faces_emore
+      facetool bench verification w600k_r50.onnx --bin-dir /data/faces_emore
       facetool bench verification --features feats.npy --flip-features flipped.npy --bin lfw.bin
     """
     from facetool.bench.verification import format_table, plot_roc, run_verification, timing_line
 
-    _check_options(checkpoint, bins, bin_dirs, pairs_dirs, masked, features, flip_features)
+    _check_options(checkpoint, arch, bins, bin_dirs, pairs_dirs, masked, features, flip_features)
     show_progress = not quiet and features is None
     update, close = progress_bar("verification", unit="img") if show_progress else (None, lambda: None)
     try:
         report = run_verification(
-            checkpoint, bins=bins, bin_dirs=bin_dirs, pairs=pairs_dirs, masked=masked, mask_seed=mask_seed,
+            checkpoint, arch=arch, bins=bins, bin_dirs=bin_dirs, pairs=pairs_dirs, masked=masked, mask_seed=mask_seed,
             features=features, flip_features=flip_features, batch_size=batch_size, device=device,
             retain_memory=True, progress=update, notify=_notify(show_progress),
         )  # fmt: skip
@@ -140,6 +148,7 @@ def bench_verification_command(
 
 def _check_options(
     checkpoint: Path | None,
+    arch: str | None,
     bins: tuple[Path, ...],
     bin_dirs: tuple[Path, ...],
     pairs_dirs: tuple[Path, ...],
@@ -152,6 +161,8 @@ def _check_options(
         raise click.UsageError("--flip-features goes with --features")
     if features is not None and checkpoint is not None:
         raise click.UsageError("give a CHECKPOINT or --features, not both")
+    if arch is not None and checkpoint is None:
+        raise click.UsageError("--arch names the architecture of a CHECKPOINT")
     if features is None and checkpoint is None:
         raise click.UsageError("give a CHECKPOINT to embed with, or --features with embeddings computed elsewhere")
     if features is not None and (len(bins) + len(bin_dirs) != 1 or pairs_dirs):
@@ -171,3 +182,26 @@ def _notify(under_bar: bool) -> Callable[[str], None]:
     from tqdm import tqdm
 
     return lambda message: tqdm.write(message, file=sys.stderr)
+
+
+@click.command("make-bin")
+@click.argument("pairs", type=_PATH)
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The folder the list's paths are relative to (default: the list's folder); paths outside it are "
+              "refused.")  # fmt: skip
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def make_bin_command(pairs: Path, out: Path, root: Path | None, quiet: bool) -> None:
+    """Make an InsightFace verification .bin OUT from the pairs list PAIRS: one pair per line, 'path1 path2
+    label' with label 1 (same person) or 0 (different); blank lines and # comments are skipped.
+
+    OUT is a pickle of (list of image bytes, list of bools), images 2k and 2k+1 being pair k, as InsightFace's
+    verification sets are: plain pickle.load(f, encoding="bytes") and facetool's restricted loader both read it.
+    JPEG and PNG files go in unchanged; other formats are re-encoded as PNG. A missing or undecodable image is an
+    error naming its line."""
+    from facetool.pipeline.verification_bin import make_bin
+
+    with progress_or_quiet("make-bin", "img", quiet) as progress:
+        done = make_bin(pairs, out, root=root, progress=progress)
+    click.echo(f"make-bin: {done['pairs']} pairs ({done['same']} same) of {done['images']} images -> {out}"
+               + (f"; {done['reencoded']} re-encoded as PNG" if done["reencoded"] else ""))  # fmt: skip

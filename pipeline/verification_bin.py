@@ -1,4 +1,5 @@
-"""InsightFace verification ``.bin`` files: a pickle of ``(images, issame)``, loaded without running code.
+"""InsightFace verification ``.bin`` files: a pickle of ``(images, issame)``, loaded without running code, written
+as InsightFace writes them, and made from a pairs list of image files (:func:`make_bin`).
 
 A ``.bin`` from the internet is untrusted: the loader's unpickler admits only bytes, lists, tuples, bools and numpy
 arrays (the handful of numpy globals that rebuild an array), so a pickle naming any other global (``os.system``,
@@ -17,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from facetool.pipeline.atomic import atomic_open
+from facetool.pipeline.atomic import Progress, atomic_open
 from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.pairs import parse_pairs_list, read_text
+from facetool.pipeline.recordio.format import image_extension
 
 try:  # numpy >= 2
     from numpy._core import multiarray as _multiarray
@@ -146,3 +149,50 @@ def write_bin(path: str | os.PathLike, images: list[bytes], issame: list[bool] |
         raise FacetoolError(f"{path}: {len(images)} images for {len(issame)} pairs (need exactly twice as many)")
     with atomic_open(path, "wb") as f:
         pickle.dump(([bytes(b) for b in images], [bool(v) for v in issame]), f, protocol=4)
+
+
+def bin_image(data: bytes, where: str) -> tuple[bytes, bool]:
+    """(the bytes a ``.bin`` holds for this image file, whether they were re-encoded): JPEG and PNG unchanged once
+    they decode, any other format PIL reads re-encoded as PNG (lossless, RGB). Undecodable is an error at ``where``."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if image_extension(data) is not None:
+                return data, False
+            out = io.BytesIO()
+            img.convert("RGB").save(out, format="PNG")
+            return out.getvalue(), True
+    except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+        raise FacetoolError(f"{where}: cannot decode the image ({type(err).__name__}: {err})") from None
+
+
+def make_bin(
+    pairs: str | os.PathLike,
+    out: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+) -> dict[str, int]:
+    """Write the pairs list ``pairs`` (lines ``path1 path2 label``, 1 same / 0 different; paths inside ``root``,
+    default the list's folder) as an InsightFace ``.bin`` at ``out``: images 2k and 2k+1 are pair k's, in the list's
+    order (see :func:`bin_image`). A missing, unreadable or undecodable image is an error naming its line.
+    ``progress(done, total)`` counts distinct images. Returns the counts."""
+    parsed = parse_pairs_list(read_text(pairs), pairs, root)
+    base = Path(root) if root is not None else Path(pairs).parent
+    encoded, reencoded = [], 0
+    for i, (rel, line) in enumerate(zip(parsed.names, parsed.lines, strict=True)):
+        where = f"{pairs} line {line}: image {rel!r}"
+        try:
+            data = (base / rel).read_bytes()
+        except OSError as err:
+            raise FacetoolError(f"{where}: cannot read ({err.strerror or err})") from None
+        image, changed = bin_image(data, where)
+        encoded.append(image)
+        reencoded += changed
+        if progress is not None:
+            progress(i + 1, len(parsed.names))
+    images = [encoded[j] for pair in parsed.pairs for j in pair]
+    write_bin(out, images, parsed.issame)
+    same = sum(parsed.issame)
+    return {"pairs": len(parsed.pairs), "same": same, "images": len(parsed.names), "reencoded": reencoded}

@@ -335,6 +335,27 @@ def test_end_to_end_on_the_fixture_with_a_tinynet(ijb_dir, tmp_path):
     assert masked.protocol["masked"] == "all" and np.abs(masked.scores - np.load(out["s.npy"])).max() > 1e-4
 
 
+def test_a_bare_state_dict_and_an_onnx_model_embed_as_the_backbone_file(ijb_dir, tmp_path):
+    """bench ijb reads backbones through the same loader as bench verification: a bare state dict with arch= and
+    an ONNX export give the scores of the facetool file."""
+    from facetool.train.models.export import export_onnx
+
+    torch.manual_seed(0)
+    model = create_backbone("tinynet")  # a bare state dict is built with the default options
+    save_backbone(tmp_path / "tiny.pt", model, "tinynet", {})
+    torch.save(model.state_dict(), tmp_path / "tiny.pth")
+    export_onnx(model, tmp_path / "tiny.onnx")
+    settings = {"device": "cpu", "batch_size": 16}
+    reference = run_ijb(ijb_dir, tmp_path / "tiny.pt", **settings)
+    assert reference.source["backbone"] == "tinynet"
+    bare = run_ijb(ijb_dir, tmp_path / "tiny.pth", arch="tinynet", **settings)
+    assert np.array_equal(bare.scores, reference.scores) and bare.source["backbone"] == "tinynet"
+    onnx_run = run_ijb(ijb_dir, tmp_path / "tiny.onnx", **settings)
+    assert onnx_run.source["backbone"] == "onnx" and np.abs(onnx_run.scores - reference.scores).max() < 1e-4
+    with pytest.raises(FacetoolError, match="tiny.pth: not a facetool checkpoint but a bare state dict"):
+        run_ijb(ijb_dir, tmp_path / "tiny.pth", **settings)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The synthetic IJB-C-sized set and the baseline loop
 

@@ -16,9 +16,13 @@ from facetool.train.models import create_backbone, list_backbones, load_backbone
 from facetool.train.models.facet import DeepNormBlock, FaceT
 
 PARAMS = {
-    # arcface_torch's iresnet (stem conv-BN-PReLU, conv1x1-BN shortcut opening every stage, frozen-weight BN1d).
+    # arcface_torch's iresnet (stem conv-BN-PReLU, conv1x1-BN shortcut opening every stage, frozen-weight BN1d),
+    # as its own modules count them (iresnet18 .. iresnet200 instantiated at deepinsight/insightface 7fadd420).
+    "ir18": 24_025_600,
+    "ir34": 34_139_328,
     "ir50": 43_590_848,
     "ir100": 65_156_160,
+    "ir200": 118_833_920,
     # InsightFace_Pytorch's IR-SE.
     "irse50": 43_797_696,
     "irse100": 65_502_016,
@@ -40,8 +44,11 @@ def count(model: nn.Module) -> int:
 
 def test_registry_lists_every_backbone() -> None:
     assert set(list_backbones()) == {
+        "ir18",
+        "ir34",
         "ir50",
         "ir100",
+        "ir200",
         "irse50",
         "irse100",
         "mobilefacenet",
@@ -68,6 +75,36 @@ def test_register_twice_is_an_error() -> None:
 def test_parameter_count(name: str) -> None:
     torch.manual_seed(0)
     assert count(create_backbone(name)) == PARAMS[name]
+
+
+# Blocks per stage of arcface_torch's iresnet18 .. iresnet200 (recognition/arcface_torch/backbones/iresnet.py).
+IRESNET_BLOCKS = {"ir18": (2, 2, 2, 2), "ir34": (3, 4, 6, 3), "ir50": (3, 4, 14, 3), "ir100": (3, 13, 30, 3),
+                  "ir200": (6, 26, 60, 6)}  # fmt: skip
+
+
+def iresnet_params(blocks: tuple[int, ...], embedding: int = 512) -> int:
+    """Parameters of arcface_torch's IResNet from its structure: a 3x3 stem conv (3 -> 64), BN and PReLU; per block
+    BN(in), conv3x3(in -> out), BN, PReLU, conv3x3(out -> out), BN, and on the first block of each stage (stride 2)
+    a conv1x1 + BN shortcut; then BN2d(512), Linear(512*7*7 -> D) with bias and BN1d(D)."""
+    n = 3 * 64 * 9 + 2 * 64 + 64
+    cin = 64
+    for cout, count in zip((64, 128, 256, 512), blocks, strict=True):
+        for i in range(count):
+            c = cin if i == 0 else cout
+            n += 2 * c + 9 * c * cout + 2 * cout + cout + 9 * cout * cout + 2 * cout
+            n += c * cout + 2 * cout if i == 0 else 0
+        cin = cout
+    return n + 2 * 512 + 512 * 49 * embedding + embedding + 2 * embedding
+
+
+@pytest.mark.parametrize("name", sorted(IRESNET_BLOCKS))
+def test_iresnet_counts_follow_arcface_torch_structure(name: str) -> None:
+    with torch.device("meta"):  # shapes only
+        model = create_backbone(name)
+    assert iresnet_params(IRESNET_BLOCKS[name]) == PARAMS[name] == count(model)
+    stages = [len(getattr(model, f"layer{i}")) for i in range(1, 5)]
+    assert tuple(stages) == IRESNET_BLOCKS[name]
+    assert all(getattr(model, f"layer{i}")[0].downsample is not None for i in range(1, 5))  # stride 2 everywhere
 
 
 def test_facet_prompt_parameters_add_up() -> None:

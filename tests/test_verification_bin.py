@@ -1,17 +1,21 @@
-"""Verification .bin loading: every historical encoding loads, and a pickle that would run code never does."""
+"""Verification .bin files: every historical encoding loads, a pickle that would run code never does, and make-bin
+writes what InsightFace reads."""
 
 from __future__ import annotations
 
+import io
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 from bin_payloads import ENCODINGS, EvalEvil, Evil
 from conftest import random_jpeg
-from helpers import error_line
+from helpers import error_line, run_cli
+from PIL import Image
 
 from facetool.pipeline.errors import FacetoolError
-from facetool.pipeline.verification_bin import UnsafePickleError, load_bin, write_bin
+from facetool.pipeline.verification_bin import UnsafePickleError, load_bin, make_bin, write_bin
 
 rng = np.random.default_rng(0)
 IMAGES = [random_jpeg(rng) for _ in range(6)]
@@ -77,3 +81,83 @@ def test_cli_refuses_malicious_bin_cleanly(tmp_path):
     line = error_line("inspect", str(path))
     assert "refused" in line and "evil.bin" in line
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# make-bin: a .bin from a pairs list
+
+
+def _faces(root: Path) -> dict[str, bytes]:
+    """A JPEG, a PNG, a BMP (re-encoded) and a JPEG in a subfolder, written under ``root``."""
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)
+    files = {"a.jpg": IMAGES[0], "b.jpg": IMAGES[1], "sub/c.jpg": IMAGES[2]}
+    for name, fmt in (("d.png", "PNG"), ("e.bmp", "BMP")):
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format=fmt)
+        files[name] = out.getvalue()
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return files
+
+
+PAIRS = "# name1 name2 same\na.jpg b.jpg 0\n\nd.png e.bmp 1\nsub/c.jpg a.jpg 1\n"
+
+
+def test_make_bin_is_read_by_plain_pickle_and_holds_the_listed_files(tmp_path):
+    files = _faces(tmp_path / "faces")
+    (tmp_path / "pairs.txt").write_text(PAIRS)
+    proc = run_cli("make-bin", str(tmp_path / "pairs.txt"), str(tmp_path / "mine.bin"), "--root",
+                   str(tmp_path / "faces"), "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "3 pairs (2 same) of 5 images" in proc.stdout and "1 re-encoded as PNG" in proc.stdout
+    with open(tmp_path / "mine.bin", "rb") as f:
+        images, issame = pickle.load(f, encoding="bytes")  # as InsightFace's verification.py reads it
+    assert issame == [False, True, True]
+    listed = ["a.jpg", "b.jpg", "d.png", "e.bmp", "sub/c.jpg", "a.jpg"]
+    assert len(images) == 6 and all(isinstance(b, bytes) for b in images)
+    for name, data in zip(listed, images, strict=True):
+        if name.endswith(".bmp"):  # not JPEG/PNG: re-encoded losslessly
+            assert data.startswith(b"\x89PNG") and np.array_equal(
+                np.asarray(Image.open(io.BytesIO(data))), np.asarray(Image.open(io.BytesIO(files[name])))
+            )
+        else:
+            assert data == files[name], name
+    vs = load_bin(tmp_path / "mine.bin")  # and facetool's restricted loader
+    assert vs.images == images and vs.issame.tolist() == issame
+
+
+def test_make_bin_root_defaults_to_the_lists_folder(tmp_path):
+    _faces(tmp_path)
+    (tmp_path / "pairs.txt").write_text(PAIRS)
+    assert make_bin(tmp_path / "pairs.txt", tmp_path / "x.bin") == {"pairs": 3, "same": 2, "images": 5, "reencoded": 1}
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("a.jpg b.jpg 1\na.jpg missing.jpg 0\n", r"pairs.txt line 2: image 'missing.jpg' not found in "),
+        ("a.jpg b.jpg 1\n\nbad.jpg a.jpg 0\n", r"pairs.txt line 3: image 'bad.jpg': cannot decode the image"),
+        ("a.jpg ../outside.jpg 1\n", r"pairs.txt line 1: image '../outside.jpg' lies outside "),
+        ("a.jpg sub 1\n", r"pairs.txt line 1: image 'sub' not found"),
+        ("a.jpg b.jpg yes\n", r"pairs.txt line 1: label and mask flags must be 0 or 1"),
+        ("a.jpg b.jpg\n", r"pairs.txt line 1: expected 'path1 path2 label"),
+        ("# nothing\n", r"pairs.txt: no pairs"),
+    ],
+)
+def test_make_bin_errors_name_the_line(tmp_path, text, match):
+    root = tmp_path / "faces"
+    _faces(root)
+    (root / "bad.jpg").write_bytes(IMAGES[0][:300])  # a truncated JPEG
+    (tmp_path / "outside.jpg").write_bytes(IMAGES[0])
+    (root / "pairs.txt").write_text(text)
+    with pytest.raises(FacetoolError, match=match):
+        make_bin(root / "pairs.txt", tmp_path / "x.bin")
+    assert not (tmp_path / "x.bin").exists()
+
+
+def test_make_bin_command_error_is_one_line(tmp_path):
+    (tmp_path / "pairs.txt").write_bytes(b"a.jpg \xff.jpg 1\n")
+    line = error_line("make-bin", str(tmp_path / "pairs.txt"), str(tmp_path / "x.bin"))
+    assert "pairs.txt: not a UTF-8 text file" in line

@@ -105,7 +105,7 @@ def _embed(meta: IJBMeta, ijb_dir: Path, model_path: Path, options: ProtocolOpti
 
     from .features import embed_images
 
-    model, name, backbone_options = load_model(model_path)
+    model, name, backbone_options = load_model(model_path, settings["arch"])
     device = resolve_device(settings["device"])
     batch_size = settings["batch_size"] or default_batch_size(device)
     feats, flips = embed_images(
@@ -163,6 +163,7 @@ def run_ijb(
     ijb_dir: str | os.PathLike | None = None,
     model: str | os.PathLike | None = None,
     *,
+    arch: str | None = None,
     target: str = "IJBC",
     features: str | os.PathLike | None = None,
     flip_features: str | os.PathLike | None = None,
@@ -177,11 +178,13 @@ def run_ijb(
     reference: bool = False,
     progress: Progress | None = None,
 ) -> IJBReport:
-    """Evaluate on IJB-B / IJB-C (see the module docstring): ``masked`` masks every aligned image (``mask_seed``),
+    """Evaluate on IJB-B / IJB-C (see the module docstring) with the backbone ``model`` (see
+    :func:`facetool.bench.verification.load_model`; ``arch`` for a bare state dict, an ``.onnx`` runs in
+    onnxruntime): ``masked`` masks every aligned image (``mask_seed``),
     ``save_features`` keeps the embeddings in that folder, ``synthetic`` ("full" or a number of images, ``seed``)
     needs no IJB folder, ``reference`` also runs the baseline loop. ``progress(done, total)``: the embedding."""
     clock = {"start": time.perf_counter()}
-    settings = {"target": target, "masked": masked, "mask_seed": mask_seed, "batch_size": batch_size,
+    settings = {"target": target, "arch": arch, "masked": masked, "mask_seed": mask_seed, "batch_size": batch_size,
                 "device": device, "save_features": save_features, "synthetic": synthetic, "seed": seed}  # fmt: skip
     meta, feats, flips, source = _features(ijb_dir, model, features, flip_features, options, settings, progress)
     if flips is None:

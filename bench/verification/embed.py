@@ -31,12 +31,20 @@ IMAGE_SIZE = 112
 DEFAULT_BATCH = {"cpu": 16, "cuda": 256}
 
 
-def load_model(path: str | os.PathLike) -> tuple[Any, str, dict[str, Any]]:
-    """The backbone in ``path`` (an exported backbone or a training checkpoint), through the one backbone-file
-    resolver; returns (model in eval mode, backbone name, options). A bad file is a one-line FacetoolError."""
+def load_model(path: str | os.PathLike, arch: str | None = None) -> tuple[Any, str, dict[str, Any]]:
+    """The backbone in ``path``: a facetool backbone, a training checkpoint or, with ``arch``, a bare state dict,
+    through the one backbone-file resolver; or an ONNX model (``.onnx``, run by onnxruntime). Returns (model in eval
+    mode, backbone name, options). A bad file is a one-line FacetoolError."""
+    if str(path).lower().endswith(".onnx"):
+        if arch is not None:
+            raise FacetoolError(f"{path}: an ONNX model brings its own graph; --arch is for state dicts")
+        from .onnx_model import OnnxBackbone
+
+        model = OnnxBackbone(path)
+        return model, "onnx", model.describe()
     from facetool.train.models.checkpoint import load_backbone
 
-    return load_backbone(path)
+    return load_backbone(path, arch)
 
 
 def retain_freed_memory() -> bool:
@@ -143,10 +151,15 @@ def embed_batch(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Embeddings (float32) of a uint8 NHWC RGB batch, normalised as in training ((x - 127.5) / 127.5), and with
     ``flip`` of its horizontal flips, appended to the same forward; ``(embeddings, flipped or None)``. A backbone
-    that takes the mask flag (FaceT with prompts) gets ``masked`` (one bool for all, or one per image)."""
+    that takes the mask flag (FaceT with prompts) gets ``masked`` (one bool for all, or one per image); one whose
+    weights expect BGR (``model.input_channels``) gets the channels reversed."""
     import torch
 
+    from facetool.train.models.state_dict import BGR, RGB
+
     x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().contiguous().sub_(127.5).div_(127.5)
+    if getattr(model, "input_channels", RGB) == BGR:  # weights trained on BGR images (InsightFace_Pytorch's)
+        x = x.flip(1)
     if flip:
         x = torch.cat([x, torch.flip(x, dims=[3])])
     if getattr(model, "uses_masked", False):

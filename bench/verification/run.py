@@ -22,6 +22,7 @@ PathLike = str | os.PathLike
 def run_verification(
     checkpoint: PathLike | None = None,
     *,
+    arch: str | None = None,
     bins: Sequence[PathLike] = (),
     bin_dirs: Sequence[PathLike] = (),
     pairs: Sequence[PathLike] = (),
@@ -35,8 +36,9 @@ def run_verification(
     progress: Progress | None = None,
     notify: Callable[[str], None] | None = None,
 ) -> Report:
-    """Score the sets (:func:`load_sets`) with the backbone in ``checkpoint``, or with the embeddings in
-    ``features`` (and ``flip_features``) of the one set given.
+    """Score the sets (:func:`load_sets`) with the backbone in ``checkpoint`` (a facetool backbone or training
+    checkpoint, a bare state dict of backbone ``arch``, or an ONNX model), or with the embeddings in ``features``
+    (and ``flip_features``) of the one set given.
 
     The sets are read first, so an untrusted pickle is refused before any model is built. ``progress(done,
     total)`` counts images: those rendered with masks, then those embedded (the total grows once, when the sets are
@@ -58,7 +60,7 @@ def run_verification(
         return _features_report(sets, Path(features), None if flip_features is None else Path(flip_features))
     if checkpoint is None:
         raise FacetoolError("no backbone to embed with: give a checkpoint, or features computed elsewhere")
-    model, name, options = embed.load_model(checkpoint)
+    model, name, options = embed.load_model(checkpoint, arch)
     if retain_memory:
         embed.retain_freed_memory()  # CPU forwards reuse their buffers instead of faulting them in every batch
     dev = embed.resolve_device(device)

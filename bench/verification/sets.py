@@ -17,6 +17,7 @@ import numpy as np
 
 from facetool.pipeline.atomic import Progress
 from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.pairs import parse_pairs_list, read_text
 from facetool.pipeline.verification_bin import load_bin
 
 #: Well-known sets in the order reports list them, with their standard pair counts.
@@ -119,55 +120,6 @@ def bin_dir_paths(folder: str | os.PathLike) -> list[Path]:
     return sorted(paths, key=lambda p: set_order(canonical_set_name(p)))
 
 
-@dataclass
-class _PairsList:
-    """A parsed pairs list: image paths (relative to its folder) with their masked flags, pairs and labels."""
-
-    names: list[str]
-    flags: list[bool]
-    pairs: list[tuple[int, int]]
-    issame: list[bool]
-
-
-def _parse_pairs_list(text: str, pairs_file: Path) -> _PairsList:
-    """The lines ``path1 path2 label [mask1 mask2]`` of ``pairs_file``; each image is checked to exist inside its
-    folder and is listed once, however many pairs use it."""
-    root = pairs_file.parent
-    root_resolved = root.resolve()
-    index: dict[str, int] = {}
-    out = _PairsList([], [], [], [])
-    for lineno, line in enumerate(text.splitlines(), 1):
-        fields = line.split()
-        if not fields or fields[0].startswith("#"):
-            continue
-        where = f"{pairs_file} line {lineno}"
-        if len(fields) not in (3, 5):
-            raise FacetoolError(f"{where}: expected 'path1 path2 label [mask1 mask2]', got {len(fields)} fields")
-        if fields[2] not in ("0", "1") or any(f not in ("0", "1") for f in fields[3:]):
-            raise FacetoolError(f"{where}: label and mask flags must be 0 or 1")
-        ids = []
-        for j, rel in enumerate(fields[:2]):
-            # RMFVD's naming without explicit flags: a path containing "unmasked" is holistic, all others masked
-            flag = fields[3 + j] == "1" if len(fields) == 5 else "unmasked" not in rel.lower()
-            if rel not in index:
-                full = (root / rel).resolve()
-                if not full.is_relative_to(root_resolved):
-                    raise FacetoolError(f"{where}: image {rel!r} lies outside {root}")
-                if not full.is_file():
-                    raise FacetoolError(f"{where}: image {rel!r} not found in {root}")
-                index[rel] = len(out.names)
-                out.names.append(rel)
-                out.flags.append(flag)
-            elif out.flags[index[rel]] != flag:
-                raise FacetoolError(f"{where}: image {rel!r} is marked both masked and holistic")
-            ids.append(index[rel])
-        out.pairs.append((ids[0], ids[1]))
-        out.issame.append(fields[2] == "1")
-    if not out.pairs:
-        raise FacetoolError(f"{pairs_file}: no pairs")
-    return out
-
-
 def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -187,11 +139,7 @@ def read_pairs_dir(path: str | os.PathLike) -> PairSet:
     root = pairs_file.parent
     if not pairs_file.is_file():
         raise FacetoolError(f"{path}: no pairs list {PAIRS_FILE} (lines: path1 path2 label)")
-    try:
-        text = _read(pairs_file).decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise FacetoolError(f"{pairs_file}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
-    parsed = _parse_pairs_list(text, pairs_file)
+    parsed = parse_pairs_list(read_text(pairs_file), pairs_file)
     return PairSet(
         name=canonical_set_name(root),
         source=str(pairs_file),

@@ -75,6 +75,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "checkpoint_every": (int, 0),  # steps between checkpoints (0: only at the end)
         "keep_checkpoints": (int, 2),  # newest complete checkpoints kept (older ones are deleted)
         "init_from": (str, ""),  # a backbone, training or MAE checkpoint whose backbone weights start the run
+        "init_arch": (str, ""),  # init_from is a bare state dict of this backbone (the run's model.name)
         "dist_backend": (str, "auto"),  # auto (nccl on GPUs, gloo on CPUs) | nccl | gloo
         "output": (str, ""),  # default output folder (the command's --output wins)
         "stop_on_nonfinite": (bool, True),  # a NaN or inf loss stops the run naming the step
@@ -347,6 +348,7 @@ def _validate_eval_mae_paths(cfg: Config, need: Callable[[bool, str], None]) -> 
         need((Path(data["shards"]) / MANIFEST).is_file(), f"data.shards: {data['shards']} has no {MANIFEST}")
     if run["init_from"]:
         need(Path(run["init_from"]).is_file(), f"run.init_from: {run['init_from']} does not exist")
+    need(not run["init_arch"] or bool(run["init_from"]), "run.init_arch names the architecture of run.init_from")
 
 
 def loader_config(cfg: Config) -> LoaderConfig:

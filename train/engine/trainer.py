@@ -156,7 +156,9 @@ class Trainer:
         self.backbone, self.name, self.options = build_backbone(cfg)
         self.missing_init: list[str] = []
         if cfg["run"]["init_from"] and init:
-            self.missing_init = load_init(self.backbone, self.name, cfg["run"]["init_from"])
+            self.missing_init = load_init(
+                self.backbone, self.name, cfg["run"]["init_from"], cfg["run"]["init_arch"] or None
+            )
         self.head: nn.Module | None = None
         self.mae: nn.Module | None = None
         if self.task == "mae":

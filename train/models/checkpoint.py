@@ -2,8 +2,10 @@
 
 One resolver reads every file a backbone can come from (:func:`read_backbone_file`): an exported backbone
 (``backbone.pt``, what :func:`save_backbone` writes) or a training / MAE checkpoint holding one. ``bench
-verification``, ``export`` and ``run.init_from`` all go through it, so they accept the same files and fail with the
-same one-line errors.
+verification``, ``bench ijb``, ``export`` and ``run.init_from`` all go through it, so they accept the same files and
+fail with the same one-line errors. A bare state dict (arcface_torch's ``backbone.pth``) is read too when the caller
+names its architecture (``arch``: ``--arch``, ``run.init_arch``); a file may record that its weights expect BGR
+images (``input_channels``, see :mod:`.state_dict`), which every consumer honours.
 """
 
 from __future__ import annotations
@@ -20,22 +22,40 @@ from facetool.pipeline.atomic import atomic_open
 from facetool.pipeline.errors import FacetoolError
 
 from .registry import create_backbone
+from .state_dict import RGB, bare_state_dict, check_channels, no_arch_message, to_rgb
 
 FORMAT = "facetool-backbone"
 VERSION = 1
 
 
-def backbone_payload(model: nn.Module, name: str, options: dict[str, Any]) -> dict[str, Any]:
+def backbone_payload(model: nn.Module, name: str, options: dict[str, Any], input_channels: str = RGB) -> dict[str, Any]:
     """What :func:`save_backbone` writes, as a dict of CPU tensors (also stored inside training checkpoints)."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return {"format": FORMAT, "version": VERSION, "backbone": name, "options": dict(options), "state_dict": state}
+    return state_payload(state, name, options, input_channels)
 
 
-def save_backbone(path: str | os.PathLike, model: nn.Module, name: str, options: dict[str, Any]) -> None:
-    """Write ``model``'s weights with its registry ``name`` and ``options``; atomic (temp file, fsync, rename)."""
-    payload = backbone_payload(model, name, options)
+def state_payload(
+    state: dict[str, torch.Tensor], name: str, options: dict[str, Any], input_channels: str = RGB
+) -> dict[str, Any]:
+    """The payload of the weights ``state`` of backbone ``name``; ``input_channels`` is stored only when not RGB
+    (files without it are RGB)."""
+    payload = {"format": FORMAT, "version": VERSION, "backbone": name, "options": dict(options), "state_dict": state}
+    if check_channels(input_channels, name) != RGB:
+        payload["input_channels"] = input_channels
+    return payload
+
+
+def save_payload(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Write a backbone payload (:func:`state_payload`); atomic (temp file, fsync, rename)."""
     with atomic_open(path) as f:
         torch.save(payload, f)
+
+
+def save_backbone(
+    path: str | os.PathLike, model: nn.Module, name: str, options: dict[str, Any], input_channels: str = RGB
+) -> None:
+    """Write ``model``'s weights with its registry ``name`` and ``options``; atomic (temp file, fsync, rename)."""
+    save_payload(path, backbone_payload(model, name, options, input_channels))
 
 
 def is_backbone_payload(obj: object) -> bool:
@@ -43,10 +63,11 @@ def is_backbone_payload(obj: object) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
-def read_backbone_file(path: str | os.PathLike) -> dict[str, Any]:
+def read_backbone_file(path: str | os.PathLike, arch: str | None = None) -> dict[str, Any]:
     """The backbone payload in ``path``, loaded with ``torch.load(weights_only=True)``: an exported backbone, or a
-    training / MAE checkpoint holding exactly one. Anything else is a one-line :class:`FacetoolError` naming the
-    file; the payload's name, options and tensors are checked for type (not yet against the architecture)."""
+    training / MAE checkpoint holding exactly one, or with ``arch`` a bare state dict (:func:`bare_payload`).
+    Anything else is a one-line :class:`FacetoolError` naming the file; the payload's name, options and tensors are
+    checked for type (not yet against the architecture); ``arch`` must agree with a name the file records."""
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickles before failing on them: we say why
             warnings.simplefilter("ignore")
@@ -61,6 +82,9 @@ def read_backbone_file(path: str | os.PathLike) -> dict[str, Any]:
         if len(nested) > 1:
             raise FacetoolError(f"{path}: checkpoint holds {len(nested)} backbones; expected one")
         obj = nested[0] if nested else obj
+    bare = None if is_backbone_payload(obj) else bare_state_dict(obj)
+    if bare is not None:
+        return bare_payload(path, bare, arch)
     if not is_backbone_payload(obj):
         raise FacetoolError(
             f"{path}: not a facetool checkpoint (neither a backbone saved by facetool nor a training checkpoint "
@@ -76,7 +100,18 @@ def read_backbone_file(path: str | os.PathLike) -> dict[str, Any]:
     bad = next((k for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)), None)
     if bad is not None:
         raise FacetoolError(f"{path}: backbone state_dict entry {bad!r} is not a tensor")
+    if arch is not None and arch != name:
+        raise FacetoolError(f"{path}: holds a {name!r} backbone, not the {arch!r} asked for")
+    check_channels(obj.get("input_channels", RGB), path)
     return obj
+
+
+def bare_payload(path: str | os.PathLike, state: dict[str, torch.Tensor], arch: str | None) -> dict[str, Any]:
+    """A bare state dict read as the payload of backbone ``arch`` with its default options, RGB; without ``arch``
+    a one-line error saying how to name it."""
+    if arch is None:
+        raise FacetoolError(no_arch_message(path, state))
+    return state_payload(state, arch, {})
 
 
 def build_from_payload(payload: dict[str, Any], path: str | os.PathLike, device: str | None = None) -> nn.Module:
@@ -118,23 +153,26 @@ def state_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor])
     return missing, unexpected, wrong
 
 
-def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, str, dict[str, Any]]:
-    """Rebuild the backbone in ``path`` (see :func:`read_backbone_file`); returns (model in eval mode, name,
-    options). Every stored tensor must fit the named architecture, strictly; a mismatch is a one-line error."""
-    payload = read_backbone_file(path)
+def load_backbone(path: str | os.PathLike, arch: str | None = None) -> tuple[nn.Module, str, dict[str, Any]]:
+    """Rebuild the backbone in ``path`` (see :func:`read_backbone_file`; ``arch`` for a bare state dict); returns
+    (model in eval mode, name, options). Every stored tensor must fit the named architecture, strictly; a mismatch
+    is a one-line error. ``model.input_channels`` is the channel order its weights expect (``rgb`` or ``bgr``)."""
+    payload = read_backbone_file(path, arch)
     check_fits(payload, path)
     model = build_from_payload(payload, path)
     model.load_state_dict(payload["state_dict"])
     model.eval()
+    model.input_channels = payload.get("input_channels", RGB)
     return model, payload["backbone"], dict(payload["options"])
 
 
-def load_init(model: nn.Module, name: str, path: str | os.PathLike) -> list[str]:
-    """Start ``model`` (of registry ``name``) from the backbone in ``path`` (``run.init_from``): the architecture
-    must be the same and every stored tensor must fit; parameters the file lacks (FaceT's prompts after MAE) keep
-    their fresh values and are returned."""
+def load_init(model: nn.Module, name: str, path: str | os.PathLike, arch: str | None = None) -> list[str]:
+    """Start ``model`` (of registry ``name``) from the backbone in ``path`` (``run.init_from``; ``arch``:
+    ``run.init_arch``, for a bare state dict): the architecture must be the same and every stored tensor must fit;
+    parameters the file lacks (FaceT's prompts after MAE) keep their fresh values and are returned. Weights for BGR
+    images start the (RGB) run with their first layer's input channels reversed, which is exact."""
     where = f"run.init_from: {path}"
-    payload = read_backbone_file(path)
+    payload = read_backbone_file(path, arch)
     if payload["backbone"] != name:
         raise FacetoolError(f"{where} holds a {payload['backbone']!r} backbone, this run trains {name!r}")
     state, own = payload["state_dict"], model.state_dict()
@@ -143,7 +181,7 @@ def load_init(model: nn.Module, name: str, path: str | os.PathLike) -> list[str]
         k = (unexpected or wrong)[0]
         what = "unexpected tensor" if unexpected else f"shape {tuple(state[k].shape)} vs {tuple(own[k].shape)} for"
         raise FacetoolError(f"{where} does not fit {name} with these options: {what} {k}")
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(to_rgb(state, model, payload.get("input_channels", RGB), where), strict=False)
     return missing
 
 
@@ -151,6 +189,7 @@ __all__ = [
     "FORMAT",
     "VERSION",
     "backbone_payload",
+    "bare_payload",
     "build_from_payload",
     "check_fits",
     "is_backbone_payload",
@@ -158,5 +197,7 @@ __all__ = [
     "load_init",
     "read_backbone_file",
     "save_backbone",
+    "save_payload",
     "state_mismatch",
+    "state_payload",
 ]

@@ -1,19 +1,30 @@
 """ONNX export of a backbone: input ``images`` (N,3,112,112), output ``embeddings`` (N,D), dynamic batch axis.
 
 Backbones whose output depends on the mask flag (FaceT with prompts) take a second input ``masked``: bool (N,).
+The graph always takes RGB (InsightFace's model-zoo convention): weights that expect BGR (``input_channels``, e.g.
+imported from InsightFace_Pytorch) get the channel reversal as the graph's first operation.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from facetool.pipeline.atomic import atomic_open
 
+from .checkpoint import load_backbone
+from .state_dict import BGR, RGB
+
 OPSET = 17
+
+
+def _as_model_expects(model: nn.Module, images: Tensor) -> Tensor:
+    """RGB ``images`` in the channel order ``model``'s weights expect: reversed inside the graph for BGR weights."""
+    return images[:, [2, 1, 0]] if getattr(model, "input_channels", RGB) == BGR else images
 
 
 class _WithFlag(nn.Module):
@@ -24,7 +35,7 @@ class _WithFlag(nn.Module):
         self.model = model
 
     def forward(self, images: Tensor, masked: Tensor) -> Tensor:
-        return self.model(images, masked)
+        return self.model(_as_model_expects(self.model, images), masked)
 
 
 class _ImagesOnly(nn.Module):
@@ -35,7 +46,7 @@ class _ImagesOnly(nn.Module):
         self.model = model
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.model(images)
+        return self.model(_as_model_expects(self.model, images))
 
 
 def onnx_input_names(model: nn.Module) -> list[str]:
@@ -68,3 +79,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, batch_size: int = 2) 
             dynamo=False,
         )
     return names
+
+
+def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, arch: str | None = None) -> dict[str, Any]:
+    """``facetool export``: the backbone in ``checkpoint`` (through the one backbone-file reader; ``arch`` for a
+    bare state dict) written to ``out`` as ONNX. Returns what was written: backbone, options, inputs, channels."""
+    model, name, options = load_backbone(checkpoint, arch)
+    inputs = export_onnx(model, out)
+    return {"backbone": name, "options": options, "inputs": inputs, "input_channels": model.input_channels}

@@ -75,6 +75,8 @@ class FaceT(nn.Module):
     projection and both MLP linears; q and k get gain 1 (N = depth). FaceT's own code scales q and k too.
     """
 
+    stem_weight = "patch_embed.weight"  # sees the colour channels: patch vectors are (row, column, channel)
+
     def __init__(
         self,
         *,

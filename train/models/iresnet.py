@@ -1,4 +1,7 @@
-"""IResNet-50/100 as InsightFace's arcface_torch builds them (same modules, same parameter counts)."""
+"""IResNet-18/34/50/100/200 as InsightFace's arcface_torch builds them: same modules, same state-dict keys and
+shapes, same parameter counts (deepinsight/insightface, recognition/arcface_torch/backbones/iresnet.py at commit
+7fadd420c2351d0ffa8cac403421c1a3ed733365: ``iresnet18`` .. ``iresnet200``), so its released ``backbone.pth``
+files load as they are."""
 
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ class IResNet(nn.Module):
     """
 
     uses_masked = False
+    stem_weight = "conv1.weight"  # the layer that sees the image's colour channels
 
     def __init__(self, layers: tuple[int, int, int, int], embedding_size: int = 512, dropout: float = 0.0) -> None:
         super().__init__()
@@ -75,13 +79,31 @@ class IResNet(nn.Module):
         return self.features(self.fc(self.dropout(x)))
 
 
+@register_backbone("ir18")
+def ir18(embedding_size: int = 512, dropout: float = 0.0) -> IResNet:
+    """IResNet-18, blocks (2, 2, 2, 2): 24,025,600 parameters at 512-d."""
+    return IResNet((2, 2, 2, 2), embedding_size, dropout)
+
+
+@register_backbone("ir34")
+def ir34(embedding_size: int = 512, dropout: float = 0.0) -> IResNet:
+    """IResNet-34, blocks (3, 4, 6, 3): 34,139,328 parameters at 512-d."""
+    return IResNet((3, 4, 6, 3), embedding_size, dropout)
+
+
 @register_backbone("ir50")
 def ir50(embedding_size: int = 512, dropout: float = 0.0) -> IResNet:
-    """IResNet-50, blocks (3, 4, 14, 3): 43,590,976 parameters at 512-d."""
+    """IResNet-50, blocks (3, 4, 14, 3): 43,590,848 parameters at 512-d."""
     return IResNet((3, 4, 14, 3), embedding_size, dropout)
 
 
 @register_backbone("ir100")
 def ir100(embedding_size: int = 512, dropout: float = 0.0) -> IResNet:
-    """IResNet-100, blocks (3, 13, 30, 3): 65,156,288 parameters at 512-d."""
+    """IResNet-100, blocks (3, 13, 30, 3): 65,156,160 parameters at 512-d."""
     return IResNet((3, 13, 30, 3), embedding_size, dropout)
+
+
+@register_backbone("ir200")
+def ir200(embedding_size: int = 512, dropout: float = 0.0) -> IResNet:
+    """IResNet-200, blocks (6, 26, 60, 6): 118,833,920 parameters at 512-d."""
+    return IResNet((6, 26, 60, 6), embedding_size, dropout)

@@ -48,6 +48,7 @@ class IRSE(nn.Module):
     """Input conv-BN-PReLU, four stages whose first unit has stride 2, then BN2d-Dropout-Flatten-Linear-BN1d."""
 
     uses_masked = False
+    stem_weight = "input_layer.0.weight"  # the layer that sees the image's colour channels
 
     def __init__(self, units: tuple[int, int, int, int], embedding_size: int = 512, dropout: float = 0.6) -> None:
         super().__init__()

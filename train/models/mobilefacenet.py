@@ -42,6 +42,7 @@ class MobileFaceNet(nn.Module):
     Linear (no bias) and BatchNorm1d."""
 
     uses_masked = False
+    stem_weight = "conv1.0.weight"  # the layer that sees the image's colour channels
 
     def __init__(self, embedding_size: int = 512) -> None:
         super().__init__()

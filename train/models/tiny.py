@@ -18,6 +18,7 @@ class TinyNet(nn.Module):
     """Stages of (stride-2 conv [+ conv]) at 56/28/14/7 px, flatten, Linear (no bias), BatchNorm1d."""
 
     uses_masked = False
+    stem_weight = "body.0.weight"  # the layer that sees the image's colour channels
 
     def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128), embedding_size: int = 512) -> None:
         super().__init__()
