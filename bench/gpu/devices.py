@@ -59,7 +59,7 @@ def batches_check(shards: str, sizes: Sizes, run_device: str, loader_device: str
     seen: dict[str, set[str]] = {"images": set(), "labels": set()}
     with tempfile.TemporaryDirectory(prefix="facetool-bench-gpu-") as tmp:
         try:
-            trainer = Trainer(cfg, Path(tmp), quiet=True)
+            trainer = Trainer(cfg, Path(tmp))
             model_device = str(next(trainer.backbone.parameters()).device)
             trainer.backbone.register_forward_pre_hook(lambda m, args: seen["images"].update(_devices(args[:1])))
             trainer.head.register_forward_pre_hook(lambda m, args: seen["labels"].update(_devices(args[1:2])))
@@ -93,7 +93,7 @@ def evaluation_check(shards: str, sizes: Sizes, run_device: str) -> dict[str, An
 
     cfg = train_config(sizes, sizes.devices_model, run_device, "synthetic", shards, batch=sizes.devices_batch, steps=1)
     with tempfile.TemporaryDirectory(prefix="facetool-bench-gpu-") as tmp:
-        trainer = Trainer(cfg, Path(tmp), evaluate=evaluate, quiet=True)
+        trainer = Trainer(cfg, Path(tmp), evaluate=evaluate)
         model_device = str(next(trainer.backbone.parameters()).device)
         trainer.run()
         after = _devices(trainer.backbone.parameters())

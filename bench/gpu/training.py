@@ -121,7 +121,7 @@ def time_training(
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(prefix="facetool-bench-gpu-") as tmp:
-        trainer = Trainer(cfg, Path(tmp), quiet=True)
+        trainer = Trainer(cfg, Path(tmp))
         try:
             prepare(trainer, layout, compiled)
             marks = step_clock(trainer, (1, warmup, warmup + steps), stop=True)

@@ -28,6 +28,8 @@ LABEL_DTYPE = "int32-le"
 META_EXT = "json"  # the full label vector, for records that have more than one label
 MASK_EXT = "mask.jpg"  # the masked twin of the image, for the samples chosen by the mask fraction
 MANIFEST = "manifest.json"
+#: What a manifest's ``source.layout`` may say: RecordIO layout A or B, or shards facetool drew itself (benchmarks).
+SOURCE_LAYOUTS = ("A", "B", "synthetic")
 INDEX_VERSION = b"v1.2"  # the DALI index version ``wds2idx`` writes
 _INDEX_HEADER = re.compile(rb"v1\.2 (\d+)\n")
 
@@ -204,7 +206,7 @@ def check_manifest(manifest: object, path: str | os.PathLike) -> None:
     check = _Checker(path)
     source, part = check.table(manifest, "source"), check.table(manifest, "part")
     check.value(source, "source.path", str)
-    check.value(source, "source.layout", ("A", "B"))
+    check.value(source, "source.layout", SOURCE_LAYOUTS)
     records, classes = check.count(source, "source.records"), check.count(source, "source.classes")
     check.table(manifest, "arguments")
     index, count, total = (check.count(part, f"part.{k}", low=int(k == "count")) for k in _PART_KEYS)
