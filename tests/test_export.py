@@ -33,23 +33,29 @@ def run_both(model: nn.Module, path, batch: int) -> tuple[np.ndarray, np.ndarray
     return sess.run(["embeddings"], feed)[0], expected, sess
 
 
-# The large backbones run once with batch 1 (exported at batch 2: the batch axis is dynamic); the small ones with 3.
-BATCH = {"ir100": 1, "ir200": 1, "irse100": 1, "facet_base": 1, "ir18": 2, "ir34": 2, "ir50": 2, "irse50": 2}
-# IResNet-200 sums 200 layers' rounding into embeddings up to ~20 in size: 1e-4 plus 1e-5 of each value there.
-RTOL = {"ir200": 1e-5}
+def one_per_family() -> list[str]:
+    """The smallest registered backbone of each model class: deeper members of a family (ir50...ir200 beside ir18,
+    facet_base beside facet_tiny) repeat the same blocks, so their graphs hold the same operators."""
+    smallest: dict[type, tuple[int, str]] = {}
+    for name in list_backbones():
+        with torch.device("meta"):
+            model = create_backbone(name)
+        size = sum(p.numel() for p in model.parameters())
+        smallest[type(model)] = min(smallest.get(type(model), (size, name)), (size, name))
+    return sorted(name for _, name in smallest.values())
 
 
-@pytest.mark.parametrize("name", list_backbones())
+@pytest.mark.parametrize("name", one_per_family())
 def test_onnx_reproduces_torch(name: str, tmp_path) -> None:
     model = calibrated(name)
     path = tmp_path / f"{name}.onnx"
     inputs = export_onnx(model, path)
     assert inputs == (["images", "masked"] if name.startswith("facet") else ["images"])
-    got, expected, sess = run_both(model, path, BATCH.get(name, 3))
+    got, expected, sess = run_both(model, path, 3)
     assert [o.name for o in sess.get_outputs()] == ["embeddings"]
-    assert got.shape == expected.shape == (BATCH.get(name, 3), 512)
+    assert got.shape == expected.shape == (3, 512)
     assert expected.std() > 0.3  # embeddings of order 1: the tolerance below is not trivially met
-    np.testing.assert_allclose(got, expected, rtol=RTOL.get(name, 0), atol=1e-4)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
 
 def test_onnx_masked_input_picks_the_prompts(tmp_path) -> None:

@@ -216,21 +216,26 @@ def _failure(*args: str) -> str:
     return lines[-1]
 
 
-@pytest.mark.parametrize("encoding", list(ENCODINGS))
-def test_bin_encodings_evaluate_identically(tmp_path, mbf_checkpoint, encoding):
-    """Every historical encoding gives the same set, so the command's report is the same."""
-    path = tmp_path / "LFW.bin"
-    path.write_bytes(ENCODINGS[encoding](IMAGES, ISSAME))
-    s = v.read_bin_set(path)
-    assert s.name == "lfw" and s.images == IMAGES and s.issame.tolist() == ISSAME and not s.masked.any()
-    proc = _bench(str(mbf_checkpoint), "--bin", str(path), "--json", str(tmp_path / "r.json"), "--quiet")
+def test_bin_encodings_evaluate_identically(tmp_path, mbf_checkpoint):
+    """Every historical encoding gives the same set, so the command's report is the same: one command scores a
+    file of each encoding (their sets are named after the files) and every set's metrics equal the reference's."""
+    files, names = [], ["lfw"] + [f"e{i}" for i in range(1, len(ENCODINGS))]  # LFW.bin is the set "lfw"
+    for name, encode in zip(names, ENCODINGS.values(), strict=True):
+        files.append(tmp_path / ("LFW.bin" if name == "lfw" else f"{name}.bin"))
+        files[-1].write_bytes(encode(IMAGES, ISSAME))
+        s = v.read_bin_set(files[-1])
+        assert s.name == name and s.images == IMAGES and s.issame.tolist() == ISSAME and not s.masked.any()
+    bins = [arg for path in files for arg in ("--bin", str(path))]
+    proc = _bench(str(mbf_checkpoint), *bins, "--json", str(tmp_path / "r.json"), "--quiet")
     assert proc.returncode == 0, proc.stderr
-    got = json.loads((tmp_path / "r.json").read_text())["sets"]["lfw"]
+    sets = json.loads((tmp_path / "r.json").read_text())["sets"]
+    assert list(sets) == names
     expected_path = tmp_path / "expected.bin"
     write_bin(expected_path, IMAGES, ISSAME)
-    expected = v.evaluate_set(v.load_model(mbf_checkpoint)[0], v.read_bin_set(expected_path))
-    for key in ("accuracy", "accuracy_std", "threshold", "tar_at_far", "auc", "eer", "fold_thresholds"):
-        assert got[key] == expected.to_json()[key], key
+    expected = v.evaluate_set(v.load_model(mbf_checkpoint)[0], v.read_bin_set(expected_path)).to_json()
+    for name, got in sets.items():
+        for key in ("accuracy", "accuracy_std", "threshold", "tar_at_far", "auc", "eer", "fold_thresholds"):
+            assert got[key] == expected[key], (name, key)
 
 
 def test_malicious_bin_refused_before_any_model(tmp_path, mbf_checkpoint, monkeypatch):
