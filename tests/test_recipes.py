@@ -8,6 +8,7 @@ of width 96, and the run is two steps of 8 images on the fixture shards with the
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,26 @@ def mae_backbone(shards, tmp_path_factory) -> Path:
 
 def test_every_recipe_is_listed() -> None:
     assert "demo.toml" in RECIPES and len(RECIPES) >= 12
+
+
+UPSTREAM = re.compile(r"Upstream: (?P<repo>[\w.-]+/[\w.-]+)\s[^@]*@\s+(?P<commit>[0-9a-f]{7,40})\b")
+
+
+@pytest.mark.parametrize("name", [name for name in RECIPES if name != "demo.toml"])
+def test_every_recipe_cites_its_upstream_source_at_a_commit(name: str) -> None:
+    """Each recipe's header (the comment lines before the first table) names the upstream repository, file and the
+    commit whose code produced the numbers it reproduces, and is listed in the fidelity table."""
+    text = (CONFIGS / name).read_text()
+    header = " ".join(line.lstrip("# ") for line in text.split("\n[", 1)[0].splitlines() if line.startswith("#"))
+    match = UPSTREAM.search(header)
+    assert match, f"{name}: no 'Upstream: owner/repo path @ commit' in its header"
+    table = (CONFIGS / "README.md").read_text().split("## Fidelity", 1)[-1]
+    listed = set()
+    for entry in re.findall(r"^\| `([^`]+\.toml)`", table, flags=re.M):
+        head, _, rest = entry.partition("{")
+        alternatives, _, tail = rest.partition("}")
+        listed |= {head + alt + tail for alt in alternatives.split(",")} if rest else {entry}
+    assert name in listed, f"{name} is not in the fidelity table of configs/README.md"
 
 
 @pytest.mark.parametrize("name", RECIPES)
