@@ -106,8 +106,10 @@ class WdsLoader:
     """Iterate epochs of :class:`Batch` from the webdataset fallback; ``for batch in loader`` is one epoch.
 
     ``workers`` DataLoader processes (``config.workers``, 0: this rank's share of the cores) persist across epochs;
-    ``workers=0`` reads in the calling process. Tensors end on ``device`` (pinned and copied without blocking
-    when that is a GPU).
+    ``workers=0`` reads in the calling process. Batches are built in ``pool`` (:class:`SlotPool`), memory shared
+    with the workers. Tensors end on ``device``: on a GPU, a batch from the pool is copied before its slot can be
+    reused (pageable memory: the copy completes before it returns); one built outside it is pinned and copied
+    without blocking.
     """
 
     def __init__(
@@ -132,8 +134,8 @@ class WdsLoader:
         ctx = mp.get_context(start_method) if workers > 0 else mp.get_context()
         self._epoch = ctx.Value("q", 0, lock=False)
         S, dtype = config.image_size, np.float16 if config.dtype == "float16" else np.float32
-        self._pool = SlotPool(workers, SLOTS, config.batch_size, (3, S, S), dtype, ctx if workers > 0 else None)
-        self.dataset = SampleStream(shards, config, rank, world_size, pick, self._epoch, self._pool)
+        self.pool = SlotPool(workers, SLOTS, config.batch_size, (3, S, S), dtype, ctx if workers > 0 else None)
+        self.dataset = SampleStream(shards, config, rank, world_size, pick, self._epoch, self.pool)
         self._workers, self._ctx = workers, ctx
         self._loader = self._data_loader()
         self.epoch = 0
@@ -164,7 +166,7 @@ class WdsLoader:
             gc.collect()
             self._started = True
         self._epoch.value = self.epoch
-        self._pool.begin_pass()
+        self.pool.begin_pass()
         total, B = len(self), self.config.batch_size
         done, rest = 0, []
         for images, labels, masked in self._items() if total else ():
@@ -194,8 +196,9 @@ class WdsLoader:
     def _items(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The DataLoader's batches as tensors; a worker's error, or a worker that died, as one line."""
         batches = iter(self._loader)
-        self._pool.reclaim()  # the workers have left the previous pass: its batches never handed out are gone
+        self.pool.reclaim()  # the workers have left the previous pass: its batches never handed out are gone
         while True:
+            died = None
             try:
                 item = next(batches)
             except StopIteration:
@@ -203,13 +206,14 @@ class WdsLoader:
             except RuntimeError as err:
                 if not _WORKER_DIED.match(str(err)):
                     raise
+                died = str(err).strip().splitlines()[0]
+            if died is not None:  # raised here, not in the handler, so no traceback keeps the old workers alive
                 del batches
-                self._loader, self._started = self._data_loader(), False  # the old workers are shut down as it goes
-                detail = str(err).strip().splitlines()[0]
-                raise FacetoolError(f"{self.shards.root}: a loader worker ended unexpectedly ({detail})") from None
+                self._loader, self._started = self._data_loader(), False  # the old one shuts its workers down
+                raise FacetoolError(f"{self.shards.root}: a loader worker ended unexpectedly ({died})")
             if isinstance(item, str):  # a worker's error
                 raise FacetoolError(item)
-            yield self._pool.take(item) if isinstance(item, Slot) else item
+            yield self.pool.take(item) if isinstance(item, Slot) else item
 
     def _to_device(self, images: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor) -> Batch:
         nb = self.device.type == "cuda"
