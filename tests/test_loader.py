@@ -23,7 +23,7 @@ from shard_edit import read_samples, rewrite_shard, update_manifest_entry
 from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.recordio import RecordFile
 from facetool.pipeline.shards import ConvertOptions, convert
-from facetool.pipeline.shards.format import JPEG_EXT, LABEL_EXT, MASK_EXT, index_header, read_index
+from facetool.pipeline.shards.format import JPEG_EXT, LABEL_EXT, MASK_EXT, PNG_EXT, index_header, read_index
 from facetool.pipeline.synth import write_synth
 from facetool.train.data import (
     DaliLoader,
@@ -34,6 +34,9 @@ from facetool.train.data import (
     create_loader,
     open_shards,
 )
+from facetool.train.data.fallback import batches as fallback_batches
+from facetool.train.data.fallback import loader as fallback_loader
+from facetool.train.data.fallback import read_samples as fallback_read_samples
 
 # DALI's CPU decoder and Pillow both use libjpeg-turbo with the accurate integer IDCT and fancy upsampling: the
 # pixels agree exactly; the tolerance only absorbs the float round trip of the normalisation.
@@ -477,3 +480,140 @@ def test_an_index_size_beyond_the_tar_is_refused_before_dali_sizes_a_buffer_by_i
     idx.write_bytes(b"\n".join(lines))
     with pytest.raises(FacetoolError, match=r"shard-000002\.idx: lists an offset or size of 999999999999 bytes"):
         open_shards(damaged)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the fallback's whole-batch path, its shared slots and its reader
+def _epochs(shards, config, count: int = 2, **kw) -> list[list[tuple]]:
+    loader = WdsLoader(shards, config, **{"workers": 0, **kw})
+    return [[tuple(t.clone() for t in batch) for batch in loader] for _ in range(count)]
+
+
+def _same(a: list[list[tuple]], b: list[list[tuple]]) -> bool:
+    return [len(e) for e in a] == [len(e) for e in b] and all(
+        u.dtype == v.dtype and u.equal(v) for ea, eb in zip(a, b, strict=True) for x, y in zip(ea, eb, strict=True)
+        for u, v in zip(x, y, strict=True)
+    )  # fmt: skip
+
+
+def _per_sample_reference(monkeypatch, shards, config) -> list[list[tuple]]:
+    """The same epochs built by the per-sample path (Pillow, one draw at a time)."""
+    with monkeypatch.context() as m:
+        m.setattr(fallback_batches, "per_sample", lambda cfg: True)
+        return _epochs(shards, config)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_whole_batches_equal_the_per_sample_path(data, monkeypatch, dtype):
+    shards = open_shards(data["masked"])
+    config = _config(seed=11, masked_prob=0.3, flip_prob=0.5, dtype=dtype)
+    whole_calls = []
+    real = fallback_batches.fill_whole
+    monkeypatch.setattr(fallback_batches, "fill_whole", lambda *a: whole_calls.append(1) or real(*a))
+    whole = _epochs(shards, config)
+    assert len(whole_calls) == 16  # every batch of both epochs took the whole-batch path
+    assert _same(whole, _per_sample_reference(monkeypatch, shards, config))
+
+
+def test_png_grayscale_and_cmyk_images_decode_as_pillow_decodes_them(data, tmp_path, monkeypatch):
+    """torchvision decodes baseline colour and grayscale JPEGs; PNG and CMYK go to Pillow: pixels as before."""
+    out, name = tmp_path / "shards", "shard-000002.tar"
+    shutil.copytree(data["plain"], out)
+    samples = read_samples(out / name)
+    for victim, kind in ((3, "png"), (8, "L"), (13, "CMYK")):
+        key, members = samples[victim]
+        members = dict(members)
+        image, buf = Image.open(io.BytesIO(members.pop(JPEG_EXT))), io.BytesIO()
+        if kind == "png":
+            image.save(buf, format="PNG")
+        else:
+            image.convert(kind).save(buf, format="JPEG")
+        members[PNG_EXT if kind == "png" else JPEG_EXT] = buf.getvalue()
+        samples[victim] = (key, list(members.items()))
+    update_manifest_entry(out, name, *rewrite_shard(out / name, samples), len(samples))
+    shards, config = open_shards(out), _config(seed=2, flip_prob=0.5)
+    assert _same(_epochs(shards, config), _per_sample_reference(monkeypatch, shards, config))
+
+
+def test_workers_reuse_their_slots_and_batches_kept_stay_intact(data):
+    shards, config = open_shards(data["masked"]), _config(seed=4, masked_prob=0.3)
+    runs = {}
+    for keep in (False, True):
+        loader = WdsLoader(shards, config, workers=2, start_method="fork")
+        lo = loader.pool.images.ctypes.data
+        kept, copies, pooled = [], [], 0
+        for _ in range(2):
+            for batch in loader:
+                pooled += lo <= batch.images.untyped_storage().data_ptr() < lo + loader.pool.images.nbytes
+                copies.append(tuple(t.clone() for t in batch))
+                kept += [batch] if keep else []
+        runs[keep] = copies
+        if keep:  # the slots filled up, then workers built batches apart; none was overwritten while kept
+            assert pooled == 2 * 4 and _same([kept], [copies])
+        else:  # 3 full batches per worker per epoch came from the slots, the merged remainders did not
+            assert pooled == 2 * 6
+    assert _same([runs[False]], [runs[True]])
+
+
+def test_an_abandoned_epoch_gives_its_slots_back(data):
+    import gc
+
+    loader = WdsLoader(open_shards(data["plain"]), _config(), workers=2, start_method="fork")
+    next(iter(loader))  # the workers build batches ahead that are never handed out
+    loader.epoch = 0
+    assert len(list(loader)) == 8
+    gc.collect()
+    assert not loader.pool.state[:-1].any(), loader.pool.state
+
+
+def test_a_worker_that_dies_is_one_line_and_leaves_no_process(data, monkeypatch):
+    import signal
+
+    from helpers import descendants, wait_gone
+    from torch.utils.data import get_worker_info
+
+    real = fallback_loader.fill_batch
+
+    def dying(*args):
+        info = get_worker_info()
+        if info is not None and info.id == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args)
+
+    monkeypatch.setattr(fallback_loader, "fill_batch", dying)
+    before = set(descendants(os.getpid()))
+    loader = WdsLoader(open_shards(data["plain"]), _config(), workers=2, start_method="fork")
+    with pytest.raises(FacetoolError) as err:
+        for _ in loader:
+            pass
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{data['plain']}: a loader worker ended unexpectedly"), message
+    started = [pid for pid in descendants(os.getpid()) if pid not in before]
+    assert not wait_gone(started, within=20)
+
+
+def _set_checksum(header: bytearray, field: bytes) -> None:
+    header[148:156] = field
+
+
+@pytest.mark.parametrize(
+    "edit, error",
+    [(lambda h: _set_checksum(h, b"%07o\0" % (sum(h[:148]) + 256 + sum(h[156:]))), None),  # another writer's form
+     (lambda h: h.__setitem__(slice(148, 156), b"0000000\0"), r"cannot read sample 6 of the shard: .*checksum"),
+     (lambda h: (h.__setitem__(0, ord("9")), _set_checksum(h, b"%06o\0 " % (sum(h[:148]) + 256 + sum(h[156:])))),
+      r"sample 6 is 9.* in the tar but 0.* in its index .* do not belong together")],
+)  # fmt: skip
+def test_fallback_reader_checks_every_tar_header(damaged, edit, error):
+    tar, index = damaged / "shard-000001.tar", damaged / "shard-000001.idx"
+    member = read_index(index)[6][1]  # the label's header: sample 6 of the shard
+    data = bytearray(tar.read_bytes())
+    header = data[member.offset - 512 : member.offset]
+    edit(header)
+    data[member.offset - 512 : member.offset] = header
+    tar.write_bytes(bytes(data))
+    read = lambda: [s["__key__"] for s in fallback_read_samples(str(tar), str(index), 0, 50)]  # noqa: E731
+    if error is None:
+        assert read() == [line[0].key for line in read_index(index)]
+    else:
+        with pytest.raises(FacetoolError, match=error):
+            read()

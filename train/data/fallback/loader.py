@@ -1,0 +1,230 @@
+"""The fallback's DataLoader: each worker streams its slice of the epoch and builds batches into the shared
+:class:`~.pool.SlotPool`; the main process merges the workers' remainders, so that every rank yields the DALI
+loader's batch count."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import multiprocessing as mp
+import os
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from facetool.pipeline.errors import FacetoolError
+from facetool.pipeline.processes import worker_init
+from facetool.train.data.batch import Batch
+from facetool.train.data.config import LoaderConfig
+from facetool.train.data.epochs import batches_per_epoch, derive_seed
+from facetool.train.data.fallback.batches import fill_batch
+from facetool.train.data.fallback.pool import Slot, SlotPool
+from facetool.train.data.fallback.reader import epoch_segments, read_samples
+from facetool.train.data.shardset import ShardSet
+
+PREFETCH = 2  # batches each worker builds ahead
+SLOTS = PREFETCH + 2  # pool slots per worker: those ahead, the batch in use and the one before it
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid")  # torch's words for a worker that crashed or was killed
+
+
+class SampleStream(IterableDataset):
+    """Yields, per worker, its batches of ``batch_size`` and one final remainder: each a :class:`Slot` of ``pool``
+    or, when all of the worker's slots are in use, an (images, labels, masked) tuple of tensors."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        config: LoaderConfig,
+        rank: int,
+        world_size: int,
+        pick: float,
+        epoch,
+        pool: SlotPool,
+    ) -> None:
+        self.tars = [str(s.tar) for s in shards.shards]
+        self.indexes = [str(s.index) for s in shards.shards]
+        self.counts = [s.samples for s in shards.shards]
+        self.classes = shards.classes
+        self.config, self.rank, self.world_size, self.pick = config, rank, world_size, pick
+        self.epoch = epoch  # a shared mp.Value: persistent workers read the main process's epoch from it
+        self.pool = pool
+
+    def __iter__(self) -> Iterator[Slot | tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str]:
+        try:
+            yield from self._batches()
+        except FacetoolError as err:
+            if get_worker_info() is None:
+                raise
+            yield str(err)  # from a DataLoader worker: the message alone, raised again by the loader (one line)
+
+    def _batches(self) -> Iterator[Slot | tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        cfg, epoch, pass_ = self.config, int(self.epoch.value), self.pool.current_pass()
+        runs = epoch_segments(self.counts, cfg.seed, epoch, self.rank, self.world_size, worker, workers)
+        samples = itertools.chain.from_iterable(self._read(s, first, count) for s, first, count in runs)
+        bufsize = max(1, cfg.shuffle_buffer // workers)
+        shuffle_seed = derive_seed(cfg.seed, 3, epoch, self.rank, worker)
+        import webdataset as wds
+
+        samples = wds.filters.shuffle(bufsize, initial=bufsize, seed=shuffle_seed)(samples)
+        rng = np.random.default_rng(derive_seed(cfg.seed, 4, epoch, self.rank, worker))
+        B, S = cfg.batch_size, cfg.image_size
+        scratch = torch.empty((B, 3, S, S), dtype=torch.uint8)  # decoded pixels, reused batch after batch
+        while True:
+            chunk = list(itertools.islice(samples, B))
+            if not chunk:
+                return
+            yield self._build(chunk, worker, pass_, rng, scratch)
+            if len(chunk) < B:
+                return
+
+    def _build(self, chunk: list[dict], worker: int, pass_: int, rng: np.random.Generator, scratch: torch.Tensor):
+        """One batch, in a free slot of this worker's (or in fresh memory when none is free)."""
+        n, pool = len(chunk), self.pool
+        index = pool.claim(worker, pass_)
+        if index is None:
+            out = (np.empty((n, *pool.image_shape), pool.dtype), np.empty(n, np.int64), np.empty(n, bool))
+        else:
+            out = pool.arrays(index, n)
+        try:
+            fill_batch(chunk, self.config, self.pick, rng, self.classes, out, scratch)
+        except BaseException:
+            if index is not None:
+                pool.release(index)
+            raise
+        return Slot(index, n) if index is not None else tuple(torch.from_numpy(a) for a in out)
+
+    def _read(self, shard: int, first: int, count: int) -> Iterator[dict]:
+        return read_samples(self.tars[shard], self.indexes[shard], first, count)
+
+
+class WdsLoader:
+    """Iterate epochs of :class:`Batch` from the webdataset fallback; ``for batch in loader`` is one epoch.
+
+    ``workers`` DataLoader processes (``config.workers``, 0: this rank's share of the cores) persist across epochs;
+    ``workers=0`` reads in the calling process. Batches are built in ``pool`` (:class:`SlotPool`), memory shared
+    with the workers. Tensors end on ``device``: on a GPU, a batch from the pool is copied before its slot can be
+    reused (pageable memory: the copy completes before it returns); one built outside it is pinned and copied
+    without blocking.
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        config: LoaderConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        workers: int | None = None,
+        start_method: str | None = None,
+    ) -> None:
+        if not (0 <= rank < world_size):
+            raise FacetoolError(f"rank {rank} outside world size {world_size}")
+        if world_size > shards.samples:
+            raise FacetoolError(f"{shards.root}: {shards.samples} samples cannot be split over {world_size} ranks")
+        pick = shards.mask_pick_probability(config.masked_prob)  # an error before any worker starts
+        self.shards, self.config, self.rank, self.world_size = shards, config, rank, world_size
+        self.device = torch.device(device)
+        if workers is None:
+            workers = config.workers or config.cpu_share()
+        ctx = mp.get_context(start_method) if workers > 0 else mp.get_context()
+        self._epoch = ctx.Value("q", 0, lock=False)
+        S, dtype = config.image_size, np.float16 if config.dtype == "float16" else np.float32
+        self.pool = SlotPool(workers, SLOTS, config.batch_size, (3, S, S), dtype, ctx if workers > 0 else None)
+        self.dataset = SampleStream(shards, config, rank, world_size, pick, self._epoch, self.pool)
+        self._workers, self._ctx = workers, ctx
+        self._loader = self._data_loader()
+        self.epoch = 0
+        self._started = False
+
+    def _data_loader(self) -> DataLoader:
+        workers = self._workers
+        return DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=PREFETCH if workers > 0 else None,
+            multiprocessing_context=self._ctx if workers > 0 else None,
+            worker_init_fn=worker_init(os.getpid()) if workers > 0 else None,  # workers end with this process
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+        return batches_per_epoch(self.shards.samples, self.world_size, self.config.batch_size, self.config.last_batch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._loader.num_workers and not self._started:
+            # Collect garbage before the workers fork: an unreachable DALI pipeline (say, from a DALI loader used
+            # earlier in this process) collected inside a forked child waits forever on threads that do not exist
+            # there. Persistent workers fork once, at the first epoch.
+            gc.collect()
+            self._started = True
+        self._epoch.value = self.epoch
+        self.pool.begin_pass()
+        total, B = len(self), self.config.batch_size
+        done, rest = 0, []
+        for images, labels, masked in self._items() if total else ():
+            if len(labels) == B:
+                yield self._to_device(images, labels, masked)
+                done += 1
+            else:
+                rest.append((images, labels, masked))
+                if sum(len(r[1]) for r in rest) >= B:
+                    merged = [torch.cat(t) for t in zip(*rest, strict=True)]
+                    yield self._to_device(*(t[:B] for t in merged))
+                    done += 1
+                    rest = [tuple(t[B:] for t in merged)]
+            if done == total:
+                break
+        if done < total and self.config.last_batch == "partial":
+            if rest:
+                yield self._to_device(*(torch.cat(t) for t in zip(*rest, strict=True)))
+            else:
+                yield self._empty()
+            done += 1
+            while done < total:  # this rank's part is a sample shorter than the largest: same batch count
+                yield self._empty()
+                done += 1
+        self.epoch += 1
+
+    def _items(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The DataLoader's batches as tensors; a worker's error, or a worker that died, as one line."""
+        batches = iter(self._loader)
+        self.pool.reclaim()  # the workers have left the previous pass: its batches never handed out are gone
+        while True:
+            died = None
+            try:
+                item = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as err:
+                if not _WORKER_DIED.match(str(err)):
+                    raise
+                died = str(err).strip().splitlines()[0]
+            if died is not None:  # raised here, not in the handler, so no traceback keeps the old workers alive
+                del batches
+                self._loader, self._started = self._data_loader(), False  # the old one shuts its workers down
+                raise FacetoolError(f"{self.shards.root}: a loader worker ended unexpectedly ({died})")
+            if isinstance(item, str):  # a worker's error
+                raise FacetoolError(item)
+            yield self.pool.take(item) if isinstance(item, Slot) else item
+
+    def _to_device(self, images: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor) -> Batch:
+        nb = self.device.type == "cuda"
+        return Batch(
+            images.to(self.device, non_blocking=nb),
+            labels.to(self.device, non_blocking=nb),
+            masked.to(self.device, non_blocking=nb),
+        )
+
+    def _empty(self) -> Batch:
+        S, dtype = self.config.image_size, torch.float16 if self.config.dtype == "float16" else torch.float32
+        return self._to_device(
+            torch.empty((0, 3, S, S), dtype=dtype), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.bool)
+        )
