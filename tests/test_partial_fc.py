@@ -385,3 +385,29 @@ def test_swap_over_two_ranks_is_one_step_on_the_sampled_classes(two_ranks, optim
     head_step(whole, optimizer, runs[0]["x"], torch.tensor([remap[int(c)] for c in runs[0]["y"]]))
     got = torch.cat([run["after"]["weight"][run["index"]] for run in runs])
     torch.testing.assert_close(got, whole.weight.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_swap_run_resumes_bitwise(tmp_path):
+    """The trainer binds the swap update to its optimiser; 2 steps + resume to 4 == 4 steps (head and backbone)."""
+    from facetool.train.engine import load_config, to_toml
+    from facetool.train.engine.trainer import train
+
+    cfg = {"run": {"seed": 1, "steps": 4, "threads": 1, "checkpoint_every": 2},
+           "data": {"source": "synthetic", "synthetic_classes": SWAP_C, "synthetic_samples": 64, "batch_size": 4},
+           "model": {"name": "tinynet", "width": 4},
+           "head": {"name": "arcface", "s": 32.0, "sample_rate": 0.1, "update": "swap"},
+           "optim": {"name": "adamw", "lr": 0.01}, "schedule": {"kind": "constant"}}  # fmt: skip
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg))
+    train(load_config(path), tmp_path / "full")
+    train(load_config(path, ["run.steps=2"]), tmp_path / "part")
+    train(load_config(path), tmp_path / "part", resume=True, allow_change=["run.steps"])
+    a, b = (torch.load(tmp_path / run / "checkpoints/step-00000004/rank-00000.pt", weights_only=True)
+            for run in ("full", "part"))  # fmt: skip
+    assert {"weight", "weight_exp_avg", "weight_exp_avg_sq", "swap_steps"} <= set(a["head"])
+    assert int(a["head"]["swap_steps"]) == 4
+    for key, value in a["head"].items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, b["head"][key]), key
+    for key, value in a["backbone"]["state_dict"].items():
+        assert torch.equal(value, b["backbone"]["state_dict"][key]), key
