@@ -366,6 +366,7 @@ def test_magface_fallbacks(fallback):
         ("cosface", {"margin_grad": "straight"}, "margin_grad"),
         ("cosface", {"update": "sparse"}, "update must be one of dense, swap"),
         ("cosface", {"swap_step": "fresh"}, "swap_step must be one of counter, reset"),
+        ("cosface", {"swap_step": "reset"}, "needs update = 'swap'"),
     ],
 )
 def test_bad_fidelity_options_are_one_line_errors(name, options, match):

@@ -29,6 +29,13 @@ def generator_seed(value: int) -> int:
     return value % 2**64
 
 
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else a one-line error naming the option."""
+    if value not in choices:
+        raise FacetoolError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 #: name -> head class; :func:`register_head` adds to it.
 HEADS: dict[str, type[Head]] = {}
 
@@ -122,9 +129,10 @@ class Head(nn.Module):
             raise FacetoolError(f"sample_rate must be in [0, 1], got {sample_rate}")
         if spheres < 1 or embedding_size % spheres:
             raise FacetoolError(f"embedding_size {embedding_size} cannot be cut into {spheres} equal spheres")
-        for option, value, choices in (("update", update, UPDATES), ("swap_step", swap_step, SWAP_STEPS)):
-            if value not in choices:
-                raise FacetoolError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+        check_choice("update", update, UPDATES)
+        check_choice("swap_step", swap_step, SWAP_STEPS)
+        if swap_step != "counter" and update != "swap":
+            raise FacetoolError(f"swap_step = {swap_step!r} needs update = 'swap'")
         self.embedding_size, self.num_classes, self.s = embedding_size, num_classes, float(s)
         self.partial_fc, self.sample_rate, self.seed = bool(partial_fc), float(sample_rate), int(seed)
         rank, world_size = world() if partial_fc else (0, 1)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from facetool.pipeline.errors import FacetoolError
 
-from .base import Batch, Head, register_head
+from .base import Batch, Head, check_choice, register_head
 from .distributed import all_reduce, world
 from .margins import (
     FALLBACKS,
@@ -58,13 +58,6 @@ def _check_angle_margin(m: float) -> float:
     if not 0.0 <= m < math.pi / 2:
         raise FacetoolError(f"an angular margin must be in [0, pi/2), got {m}")
     return float(m)
-
-
-def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``, else a one-line error naming the option."""
-    if value not in choices:
-        raise FacetoolError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
-    return value
 
 
 @register_head("arcface")
