@@ -411,3 +411,16 @@ def test_trainer_swap_run_resumes_bitwise(tmp_path):
             assert torch.equal(value, b["head"][key]), key
     for key, value in a["backbone"]["state_dict"].items():
         assert torch.equal(value, b["backbone"]["state_dict"][key]), key
+
+
+def test_swap_state_of_another_optimiser_starts_fresh():
+    """Resuming with another optimiser (an allowed optim.name change): the rows load, the optimiser state is new."""
+    opts = {"sample_rate": 0.1, "update": "swap"}
+    sgd, opt_sgd = trained_head("arcface", "sgd", opts)
+    head_step(sgd, opt_sgd, *swap_problem(0))
+    adamw, _ = trained_head("arcface", "adamw", opts)
+    adamw.load_state_dict(sgd.state_dict())
+    assert torch.equal(adamw.weight, sgd.weight) and int(adamw.swap_steps) == 0
+    assert not adamw.weight_exp_avg.any() and not hasattr(adamw, "weight_momentum_buffer")
+    with pytest.raises(RuntimeError, match="weight_exp_avg_sq"):  # a state missing its own buffers is damaged
+        adamw.load_state_dict({k: v for k, v in adamw.state_dict().items() if k != "weight_exp_avg_sq"})

@@ -34,6 +34,7 @@ UPDATES = ("dense", "swap")
 #: AdamW's step count in swap mode: the head's count of swap steps, or FaceT's 0 for every fresh parameter.
 SWAP_STEPS = ("counter", "reset")
 ACTIVE = "_active"
+STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # what SGD and AdamW keep per element
 
 
 @dataclass
@@ -83,7 +84,7 @@ class SwapUpdate:
             self.slots.append(Slot(owner, leaf))
         head.register_buffer("swap_steps", torch.zeros((), dtype=torch.int64))
         head.register_state_dict_post_hook(drop_active)
-        head.register_load_state_dict_post_hook(allow_missing_active)
+        head.register_load_state_dict_post_hook(self.after_load)
         self.optimizer: torch.optim.Optimizer | None = None
         self.keys: tuple[str, ...] = ()
         self.adam = False
@@ -105,6 +106,24 @@ class SwapUpdate:
             handle.remove()
         self.handles = [optimizer.register_step_pre_hook(self.before), optimizer.register_step_post_hook(self.after)]
         self.optimizer = optimizer
+
+    def after_load(self, module: nn.Module, incompatible: Any) -> None:
+        """Load post-hook: a state needs no ``*_active`` placeholders (see :func:`drop_active`). A state holding
+        another optimiser's buffers (``optim.name`` changed on resume) drops them, and the bound optimiser's state
+        starts fresh: zero buffers, step count 0, as a fresh optimiser's state would."""
+        missing, unexpected = incompatible.missing_keys, incompatible.unexpected_keys
+        missing[:] = [k for k in missing if not k.endswith(ACTIVE)]
+        others = [f"{s.name}_{key}" for s in self.slots for key in STATE_KEYS if key not in self.keys]
+        dropped = [k for k in unexpected if k.endswith(tuple(others))]
+        if not dropped:
+            return
+        unexpected[:] = [k for k in unexpected if k not in dropped]
+        missing[:] = [k for k in missing if not k.endswith(tuple(f"_{key}" for key in self.keys))]
+        with torch.no_grad():
+            for slot in self.slots:
+                for key in self.keys:
+                    getattr(slot.owner, f"{slot.name}_{key}").zero_()
+            self.head.swap_steps.zero_()
 
     def gather(self, index: int, rows: Tensor | None) -> nn.Parameter:
         """The step's parameter for class weight ``index``: a copy of the sampled ``rows`` (all when None)."""
@@ -154,8 +173,3 @@ def drop_active(module: nn.Module, state: dict[str, Any], prefix: str, metadata:
     """State-dict post-hook: the ``*_active`` placeholders are no state (the full rows are)."""
     for key in [k for k in state if k.startswith(prefix) and k.endswith(ACTIVE)]:
         del state[key]
-
-
-def allow_missing_active(module: nn.Module, incompatible: Any) -> None:
-    """Load post-hook: a state without the ``*_active`` placeholders (see :func:`drop_active`) is complete."""
-    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.endswith(ACTIVE)]
