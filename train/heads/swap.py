@@ -74,7 +74,7 @@ class SwapUpdate:
 
     def __init__(self, head: nn.Module, names: list[str], swap_step: str) -> None:
         self.head, self.swap_step = head, swap_step
-        self.slots = []
+        self.slots: list[Slot] = []
         for name in names:
             prefix, _, leaf = name.rpartition(".")
             owner = head.get_submodule(prefix)
