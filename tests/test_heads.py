@@ -267,3 +267,109 @@ def test_bfloat16_autocast_and_inputs():
     xb = x.bfloat16().requires_grad_()
     head(xb, y).backward()
     assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad.float()).all()
+
+
+# ---- fidelity options ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "options"), [("arcface", {}), ("multiface", {"spheres": 2, "base": "cosface"})])
+def test_logits_and_loss_are_float32_under_bf16_autocast(name, options):
+    """The classifier leaves autocast: bf16 cosines would be off by up to ~0.25 at s = 64."""
+    torch.manual_seed(6)
+    head = create_head(name, 8, 50, **options)
+    x, y = torch.randn(16, 8), torch.randint(0, 50, (16,))
+    want, want_loss = head.logits(x, y), head(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, loss = head.logits(x, y), head(x, y)
+    for g, w in zip(got if isinstance(got, list) else [got], want if isinstance(want, list) else [want], strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=1e-5)
+
+
+def arc_rows(head, n: int = 6):
+    """Embeddings whose first row sits opposite its class centre (theta + m past pi), and their labels."""
+    w = head.class_weights()[0].detach()
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(n, head.embedding_size, generator=gen)
+    y = torch.arange(n) % w.shape[0]
+    x[0, : w.shape[1]] = -w[y[0]] * 50 + 0.01 * torch.randn(w.shape[1], generator=gen)
+    return x, y
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("arcface", {}), ("curricularface", {}), ("multiface", {"spheres": 2, "base": "arcface", "m": 0.3})],
+)
+def test_straight_margin_is_cos_theta_plus_m_with_the_identity_gradient(name, options):
+    """margin_grad = "straight": target value cos(arccos(c) + m) without fallback, gradient of the plain cosine."""
+    torch.manual_seed(7)
+    through = create_head(name, 8, 5, **options)
+    straight = create_head(name, 8, 5, margin_grad="straight", **options)
+    straight.load_state_dict(through.state_dict())
+    x, y = arc_rows(through)
+    rows, m, s = torch.arange(len(y)), straight.m, straight.s
+
+    def grads(head, straight_through):
+        xx = x.clone().requires_grad_()
+        zs = head.logits(xx, y)
+        zs = zs if isinstance(zs, list) else [zs]
+        loss = 0.0
+        for chunk, w, z in zip(F.normalize(xx, dim=1).chunk(len(zs), dim=1), head.class_weights(), zs, strict=True):
+            c = (chunk @ F.normalize(w, dim=1).T)[rows, y]
+            if straight_through is not None:  # the identity form: s * c plus a constant that carries the value
+                value = s * torch.cos(torch.arccos(c.detach()) + m)
+                torch.testing.assert_close(straight_through.pop(0)[rows, y], value, rtol=1e-5, atol=1e-4)
+                z = z.index_put((rows, y), s * c + (value - s * c).detach())
+            loss = loss + F.cross_entropy(z, y)
+        return torch.autograd.grad(loss, [xx, *head.class_weights()])
+
+    with torch.no_grad():
+        values = straight.logits(x, y)
+        values = values if isinstance(values, list) else [values]
+    assert values[0][0, y[0]] > s * (math.cos(math.pi - m) - 0.01)  # no fallback: cos(theta + m) turns back up
+    got = grads(straight, None)
+    want = grads(through, [v.clone() for v in values])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)
+    other = grads(through, None)[0]
+    assert (got[0] - other).abs().max() > 0.05 * other.abs().max()
+
+
+@pytest.mark.parametrize("fallback", ["arcface", "easy", "plain"])
+def test_magface_fallbacks(fallback):
+    head = create_head("magface", 8, 5, fallback=fallback)
+    w = F.normalize(head.weight.detach().double(), dim=1)
+    cy = torch.tensor([0.9, 0.2, -0.3, -0.8, -0.99], dtype=torch.float64)  # last two past theta + m = pi
+    a = torch.tensor([20.0, 50.0, 80.0, 100.0, 110.0], dtype=torch.float64)
+    y = torch.arange(5)
+    # a row with target cosine cy and norm a: cy along its class centre plus an orthogonal part
+    other = torch.randn(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    other = F.normalize(other - (other * w).sum(1, keepdim=True) * w, dim=1)
+    x = (cy[:, None] * w + (1 - cy[:, None] ** 2).sqrt() * other) * a[:, None]
+    m = head.margin_of(a)
+    arc = torch.cos(torch.arccos(cy) + m)
+    want = {
+        "arcface": torch.where(cy > -torch.cos(m), arc, cy - m * torch.sin(math.pi - m)),
+        "easy": torch.where(cy > 0, arc, cy),
+        "plain": torch.where(cy > -torch.cos(m), arc, cy),
+    }[fallback]
+    assert (cy <= -torch.cos(m)).sum() == 2
+    got = head.logits(x.float(), y)[y, y].double() / head.s
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, options, match",
+    [
+        ("arcface", {"margin_grad": "none"}, "margin_grad must be one of through, straight"),
+        ("multiface", {"base": "cosface", "margin_grad": "straight"}, "needs base = 'arcface'"),
+        ("magface", {"fallback": "easy_margin"}, "fallback must be one of arcface, easy, plain"),
+        ("cosface", {"margin_grad": "straight"}, "margin_grad"),
+        ("cosface", {"update": "sparse"}, "update must be one of dense, swap"),
+        ("cosface", {"swap_step": "fresh"}, "swap_step must be one of counter, reset"),
+        ("cosface", {"swap_step": "reset"}, "needs update = 'swap'"),
+    ],
+)
+def test_bad_fidelity_options_are_one_line_errors(name, options, match):
+    with pytest.raises(FacetoolError, match=match) as err:
+        create_head(name, 8, 5, **options)
+    assert "\n" not in str(err.value)

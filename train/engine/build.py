@@ -225,6 +225,8 @@ def build_optimizer(
     peak = optim["lr"] * (global_batch / optim["lr_batch"] if optim["lr_batch"] else 1.0)
     optimizer = create_optimizer(optim["name"], groups, peak, momentum=optim["momentum"],
                                  nesterov=optim["nesterov"], betas=optim["betas"], eps=optim["eps"])  # fmt: skip
+    if head is not None:
+        head.bind_optimizer(optimizer)  # the swap update of Partial FC hooks the steps (before any state loads)
     return optimizer, peak
 
 

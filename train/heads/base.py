@@ -20,12 +20,20 @@ from facetool.pipeline.errors import FacetoolError
 
 from .distributed import Shard, all_gather_rows, class_shard, sharded_cross_entropy, world
 from .margins import softmax_margin
+from .swap import SWAP_STEPS, UPDATES, SwapUpdate
 
 
 def generator_seed(value: int) -> int:
     """A torch generator's seed from any integer: ``value`` modulo 2**64 (torch's own range; the same seed for
     every value torch takes, negative ones included)."""
     return value % 2**64
+
+
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else a one-line error naming the option."""
+    if value not in choices:
+        raise FacetoolError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 #: name -> head class; :func:`register_head` adds to it.
@@ -85,7 +93,15 @@ class Head(nn.Module):
     Options shared by all heads: ``s`` (scale), ``partial_fc`` (shard the classes over the ranks of the default
     process group and all-gather the embeddings; one rank when torch.distributed is not initialised),
     ``sample_rate`` (fraction of each rank's classes used per training step, positives always kept; 1 = exact,
-    0 = positives only) and ``seed`` (of that sampling). Class weights are N(0, 0.01)-initialised rows.
+    0 = positives only), ``seed`` (of that sampling), ``update`` (``"dense"``: the class weight is one parameter in
+    the optimiser, as arcface_torch's Partial FC v2; ``"swap"``: only the sampled rows and their optimiser state
+    are in it each step, as FaceT's Partial FC, see :mod:`.swap`) and ``swap_step`` (AdamW's step count under the
+    swap update: ``"counter"``, the head's swap steps, or ``"reset"``, 0 for each step as FaceT). Class weights
+    are N(0, 0.01)-initialised rows.
+
+    The cosines, margins and cross-entropy run in float32 with autocast off, also when the backbone runs under
+    AMP, as arcface_torch computes its logits (deepinsight/insightface recognition/arcface_torch/partial_fc_v2.py
+    @ 7fadd420c2 L157-166, built with fp16 False in train_v2.py L116-128).
     """
 
     name: ClassVar[str] = ""
@@ -100,6 +116,8 @@ class Head(nn.Module):
         partial_fc: bool = False,
         sample_rate: float = 1.0,
         seed: int = 0,
+        update: str = "dense",
+        swap_step: str = "counter",
         spheres: int = 1,
     ) -> None:
         super().__init__()
@@ -111,6 +129,10 @@ class Head(nn.Module):
             raise FacetoolError(f"sample_rate must be in [0, 1], got {sample_rate}")
         if spheres < 1 or embedding_size % spheres:
             raise FacetoolError(f"embedding_size {embedding_size} cannot be cut into {spheres} equal spheres")
+        check_choice("update", update, UPDATES)
+        check_choice("swap_step", swap_step, SWAP_STEPS)
+        if swap_step != "counter" and update != "swap":
+            raise FacetoolError(f"swap_step = {swap_step!r} needs update = 'swap'")
         self.embedding_size, self.num_classes, self.s = embedding_size, num_classes, float(s)
         self.partial_fc, self.sample_rate, self.seed = bool(partial_fc), float(sample_rate), int(seed)
         rank, world_size = world() if partial_fc else (0, 1)
@@ -120,6 +142,12 @@ class Head(nn.Module):
         self._sampler_state: Tensor | None = None  # a loaded generator state, taken by the next generator made
         self.last_index: Tensor | None = None
         self._make_weights(embedding_size // spheres)
+        self.update, self.swap_step = update, swap_step
+        self.swap: SwapUpdate | None = None
+        if update == "swap":
+            ids = {id(w) for w in self.class_weights()}
+            names = [name for name, p in self.named_parameters() if id(p) in ids]
+            self.swap = SwapUpdate(self, names, swap_step)
 
     @classmethod
     def option_names(cls) -> set[str]:
@@ -139,6 +167,12 @@ class Head(nn.Module):
     def class_weights(self) -> list[nn.Parameter]:
         """This rank's class-weight rows, one ``(num_local_classes, width)`` parameter per sphere."""
         return [self.weight]
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Tell the head which optimiser steps it: the swap update (``update = "swap"``) hooks its steps and
+        makes its optimiser-state buffers; nothing to do for the dense update. Call before loading a state."""
+        if self.swap is not None:
+            self.swap.bind(optimizer)
 
     def extra_repr(self) -> str:
         shard = self.shard
@@ -222,14 +256,18 @@ class Head(nn.Module):
         target = torch.where(owned, local, torch.full_like(local, -1))
         return Batch(embeddings=embeddings, labels=labels, target=target, index=index)
 
-    def _logits(self, embeddings: Tensor, labels: Tensor) -> tuple[list[Tensor], Batch]:
+    def _logits(self, embeddings: Tensor, labels: Tensor, step: bool = False) -> tuple[list[Tensor], Batch]:
         batch = self._batch(embeddings, labels)
         self.last_index = batch.index
         x = F.normalize(batch.embeddings.float(), dim=1)
         chunks = x.chunk(self.num_spheres, dim=1)
+        swap = self.swap if step and self.training and torch.is_grad_enabled() else None
         out = []
-        for chunk, weight in zip(chunks, self.class_weights(), strict=True):
-            w = weight if batch.index is None else weight[batch.index]
+        for i, (chunk, weight) in enumerate(zip(chunks, self.class_weights(), strict=True)):
+            if swap is not None:
+                w = swap.gather(i, batch.index)
+            else:
+                w = weight if batch.index is None else weight[batch.index]
             cos = F.linear(chunk, F.normalize(w, dim=1)).float()
             out.append(self.s * self.margin(cos, batch))
         return out, batch
@@ -239,12 +277,18 @@ class Head(nn.Module):
 
         Side-effect free apart from drawing the step's class sample; a list (one per sphere) for MultiFace.
         """
-        out, _ = self._logits(embeddings, labels)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            out, _ = self._logits(embeddings, labels)
         return out if self.returns_list else out[0]
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Training loss: the cross-entropy of every sphere summed, each a mean over the global batch."""
-        out, batch = self._logits(embeddings, labels)
+        """Training loss: the cross-entropy of every sphere summed, each a mean over the global batch. Under the
+        swap update one forward pass per optimiser step (it gathers the step's rows)."""
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return self._loss(embeddings, labels)
+
+    def _loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        out, batch = self._logits(embeddings, labels, step=True)
         loss = sharded_cross_entropy(out[0], batch.target, self.shard)
         for logits in out[1:]:
             loss = loss + sharded_cross_entropy(logits, batch.target, self.shard)

@@ -7,6 +7,7 @@ weight, the gathering of the global batch, the class sampling and the sharded cr
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -15,9 +16,19 @@ from torch import Tensor, nn
 
 from facetool.pipeline.errors import FacetoolError
 
-from .base import Batch, Head, register_head
+from .base import Batch, Head, check_choice, register_head
 from .distributed import all_reduce, world
-from .margins import MARGINS, arcface_margin, cosface_margin, curricular_margin, target_cos
+from .margins import (
+    FALLBACKS,
+    MARGIN_GRADS,
+    MARGINS,
+    angular_target,
+    arcface_margin,
+    cosface_margin,
+    curricular_margin,
+    replace_target,
+    target_cos,
+)
 
 
 @register_head("softmax")
@@ -51,14 +62,22 @@ def _check_angle_margin(m: float) -> float:
 
 @register_head("arcface")
 class ArcFace(Head):
-    """ArcFace: target logit s * cos(theta + m), falling back to s * (cos - m sin(pi - m)) where theta + m >= pi."""
+    """ArcFace: target logit s * cos(theta + m), falling back to s * (cos - m sin(pi - m)) where theta + m >= pi.
 
-    def __init__(self, embedding_size: int, num_classes: int, *, m: float = 0.5, **options: Any) -> None:
+    ``margin_grad``: ``"through"`` differentiates through cos(theta + m) with that fallback (FaceT, MultiFace,
+    arcface_torch 2022-01 to 2022-12); ``"straight"`` is arcface_torch's current form: the value cos(theta + m)
+    without fallback, the gradient of the plain cosine (:func:`~.margins.straight_target`).
+    """
+
+    def __init__(
+        self, embedding_size: int, num_classes: int, *, m: float = 0.5, margin_grad: str = "through", **options: Any
+    ) -> None:
         super().__init__(embedding_size, num_classes, **options)
         self.m = _check_angle_margin(m)
+        self.margin_grad = check_choice("margin_grad", margin_grad, MARGIN_GRADS)
 
     def margin(self, cos: Tensor, batch: Batch) -> Tensor:
-        return arcface_margin(cos, batch.target, self.m)
+        return arcface_margin(cos, batch.target, self.m, straight=self.margin_grad == "straight")
 
 
 @register_head("curricularface")
@@ -68,13 +87,17 @@ class CurricularFace(Head):
     ``t`` (buffer) is an EMA of the global batch's mean target cosine, momentum 0.01 from 0, updated before it is
     used in each training step and the same on every rank (gathered batch under Partial FC, an all-reduced mean in
     data-parallel training). ``logits`` shows the step's t without storing it; ``forward`` stores it.
+    ``margin_grad`` as ArcFace's (FaceT and CurricularFace's own code differentiate through: "through").
     """
 
     momentum: ClassVar[float] = 0.01
 
-    def __init__(self, embedding_size: int, num_classes: int, *, m: float = 0.5, **options: Any) -> None:
+    def __init__(
+        self, embedding_size: int, num_classes: int, *, m: float = 0.5, margin_grad: str = "through", **options: Any
+    ) -> None:
         super().__init__(embedding_size, num_classes, **options)
         self.m = _check_angle_margin(m)
+        self.margin_grad = check_choice("margin_grad", margin_grad, MARGIN_GRADS)
         self.register_buffer("t", torch.zeros(()))
 
     def _all_target_cos(self, cos: Tensor, batch: Batch) -> Tensor:
@@ -95,7 +118,7 @@ class CurricularFace(Head):
         all_cos = self._all_target_cos(cos, batch)
         t = self._step_t(all_cos)
         batch.state["t"] = t
-        return curricular_margin(cos, batch.target, all_cos, t, self.m)
+        return curricular_margin(cos, batch.target, all_cos, t, self.m, straight=self.margin_grad == "straight")
 
     def commit(self, batch: Batch) -> None:
         self.t.copy_(batch.state["t"])
@@ -106,7 +129,10 @@ class MagFace(Head):
     """MagFace: ArcFace's target with m(a), a = clamp(|x|, l_a, u_a) of the unnormalised embedding.
 
     m(a) rises linearly from l_m at l_a to u_m at u_a; loss = CE + lambda_g * mean(a / u_a^2 + 1 / a). Gradients
-    flow through a into both m(a) and the regulariser.
+    flow through a into both m(a) and the regulariser. ``fallback`` where the margin would not help
+    (:func:`~.margins.angular_target`): ``"arcface"`` (ArcFace's), ``"easy"`` (the original MagFace's easy_margin)
+    or ``"plain"`` (FaceT's: the plain cosine past theta + m = pi). The g-term's mean is over the global batch and
+    its gradient does not depend on the number of ranks; FaceT's grows with its GPUs (configs/README.md).
     """
 
     def __init__(
@@ -119,9 +145,11 @@ class MagFace(Head):
         l_m: float = 0.45,
         u_m: float = 0.8,
         lambda_g: float = 35.0,
+        fallback: str = "arcface",
         **options: Any,
     ) -> None:
         super().__init__(embedding_size, num_classes, **options)
+        self.fallback = check_choice("fallback", fallback, FALLBACKS)
         if not 0 < l_a < u_a:
             raise FacetoolError(f"need 0 < l_a < u_a, got l_a={l_a}, u_a={u_a}")
         _check_angle_margin(l_m)
@@ -143,7 +171,10 @@ class MagFace(Head):
         return (self.u_m - self.l_m) / (self.u_a - self.l_a) * (a - self.l_a) + self.l_m
 
     def margin(self, cos: Tensor, batch: Batch) -> Tensor:
-        return arcface_margin(cos, batch.target, self.margin_of(self.magnitude(batch.embeddings)))
+        m = self.margin_of(self.magnitude(batch.embeddings))
+        if self.fallback == "arcface":
+            return arcface_margin(cos, batch.target, m)
+        return replace_target(cos, batch.target, angular_target(target_cos(cos, batch.target), m, self.fallback))
 
     def extra_loss(self, embeddings: Tensor, batch: Batch) -> Tensor:
         """lambda_g * mean over the global batch of g(a) = a / u_a^2 + 1 / a, each rank differentiating its rows."""
@@ -169,6 +200,8 @@ class MultiFace(Head):
     scale s |x_i| (about s / sqrt(N)); only the class weights are normalised. Each sphere applies the ``base``
     margin (softmax, cosface, arcface; default m 0, 0.35, 0.3) at scale ``s``, and the N cross-entropies are
     summed (not averaged). Weights: ``spheres.{i}.weight``, each (num_classes, embedding_size / N).
+    ``margin_grad`` as ArcFace's, for ``base = "arcface"`` only (MultiFace's ``ArcfaceMultiSphere`` differentiates
+    through: "through").
     """
 
     _fixed_options: ClassVar[frozenset[str]] = frozenset()
@@ -183,8 +216,12 @@ class MultiFace(Head):
         spheres: int = 2,
         base: str = "arcface",
         m: float | None = None,
+        margin_grad: str = "through",
         **options: Any,
     ) -> None:
+        check_choice("margin_grad", margin_grad, MARGIN_GRADS)
+        if margin_grad == "straight" and base != "arcface":
+            raise FacetoolError(f"margin_grad = 'straight' needs base = 'arcface' (an angular margin), not {base!r}")
         if base not in MARGINS:
             raise FacetoolError(f"multiface wraps one of {', '.join(sorted(MARGINS))}, not {base!r}")
         m = self._default_m[base] if m is None else float(m)
@@ -193,8 +230,8 @@ class MultiFace(Head):
         if base == "arcface":
             _check_angle_margin(m)
         super().__init__(embedding_size, num_classes, spheres=spheres, **options)
-        self.base, self.m = base, m
-        self._base_margin = MARGINS[base]
+        self.base, self.m, self.margin_grad = base, m, margin_grad
+        self._base_margin = partial(arcface_margin, straight=True) if margin_grad == "straight" else MARGINS[base]
 
     def _make_weights(self, width: int) -> None:
         self.spheres = nn.ModuleList(_Sphere(self.shard.size, width) for _ in range(self.num_spheres))
