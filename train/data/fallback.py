@@ -33,7 +33,7 @@ from facetool.train.data.batch import Batch
 from facetool.train.data.checks import check_label, decode_rgb
 from facetool.train.data.config import LoaderConfig
 from facetool.train.data.epochs import batches_per_epoch, derive_seed, tar_order
-from facetool.train.data.shardset import ShardSet
+from facetool.train.data.shardset import ShardSet, warn_mask_reuse
 
 _SCALE = np.float32(1.0 / 127.5)
 
@@ -253,6 +253,7 @@ class WdsLoader:
         if world_size > shards.samples:
             raise FacetoolError(f"{shards.root}: {shards.samples} samples cannot be split over {world_size} ranks")
         pick = shards.mask_pick_probability(config.masked_prob)  # an error before any worker starts
+        warn_mask_reuse(shards, config.masked_prob, rank)
         self.shards, self.config, self.rank, self.world_size = shards, config, rank, world_size
         self.device = torch.device(device)
         if workers is None:

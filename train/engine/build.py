@@ -162,10 +162,15 @@ def build_head(cfg: Config, width: int, classes: int, init: bool = True) -> nn.M
 
 
 def init_class_weights(head: nn.Module, seed: int) -> None:
-    """N(0, 0.01) class weights drawn from ``seed`` for all classes in order, in chunks, keeping this rank's rows:
-    the weights do not depend on the number of ranks."""
+    """Class weights drawn from ``seed`` for all classes in order, in chunks, keeping this rank's rows: the weights
+    do not depend on the number of ranks. N(0, 0.01) rows, or those of the head's ``draw_class_rows`` where it has
+    one (MultiFace's unit-norm centres)."""
     from facetool.train.heads.base import generator_seed
 
+    def normal_rows(n: int, width: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.empty(n, width).normal_(0.0, 0.01, generator=generator)
+
+    draw = getattr(head, "draw_class_rows", normal_rows)
     shard = head.shard
     gen = torch.Generator().manual_seed(generator_seed(seed * 7919 + 17))
     end = shard.start + shard.size
@@ -174,7 +179,7 @@ def init_class_weights(head: nn.Module, seed: int) -> None:
             done, chunk = 0, 65536
             while done < end:
                 n = min(chunk, end - done)
-                rows = torch.empty(n, weight.shape[1]).normal_(0.0, 0.01, generator=gen)
+                rows = draw(n, weight.shape[1], gen)
                 lo, hi = max(done, shard.start), min(done + n, end)
                 if lo < hi:
                     weight[lo - shard.start : hi - shard.start].copy_(rows[lo - done : hi - done])
