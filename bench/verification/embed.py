@@ -159,9 +159,8 @@ def embed_batch(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Embeddings (float32) of a uint8 NHWC RGB batch, normalised as (x - 127.5) / ``scale`` (training's 127.5 by
     default), and with ``flip`` of its horizontal flips, appended to the same forward; ``(embeddings, flipped or
-    None)``. A backbone
-    that takes the mask flag (FaceT with prompts) gets ``masked`` (one bool for all, or one per image); one whose
-    weights expect BGR (``model.input_channels``) gets the channels reversed."""
+    None)``. A backbone that takes the mask flag (FaceT with prompts) gets ``masked`` (one bool for all, or one
+    per image); one whose weights expect BGR (``model.input_channels``) gets the channels reversed."""
     import torch
 
     from facetool.train.models.state_dict import BGR, RGB

@@ -48,6 +48,7 @@ from facetool.train.engine.tomlwrite import to_toml
 from facetool.train.models.checkpoint import load_init
 
 Evaluate = Callable[[nn.Module], dict[str, dict[str, Any]]]
+Notify = Callable[[str], None]
 
 
 def torch_seed(seed: int, rank: int, per_rank: bool) -> int:
@@ -56,9 +57,6 @@ def torch_seed(seed: int, rank: int, per_rank: bool) -> int:
     Face-Recognition code/trainer.py L228-232 @ 3126602be561ffe114ca9a8244cfef348db13c6b). The models agree on
     every rank either way: DDP broadcasts rank 0's weights and the class weights are drawn from ``seed`` alone."""
     return seed + rank if per_rank else seed
-
-
-Notify = Callable[[str], None]
 
 
 @dataclass
