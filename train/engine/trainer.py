@@ -107,7 +107,7 @@ class Trainer:
         torch.manual_seed(torch_seed(run["seed"], self.ctx.rank, run["seed_per_rank"]))
 
         # data first: a missing or damaged shard folder fails before any model is built
-        self.loader = build_loader(cfg, self.ctx)
+        self.loader = build_loader(cfg, self.ctx, notify=self.log)  # its warning is one of the run's messages
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch < 1:
             raise FacetoolError(
