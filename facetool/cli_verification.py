@@ -1,6 +1,6 @@
-"""``facetool bench verification``: InsightFace-protocol verification of a checkpoint (or of given embeddings) on
-``.bin`` sets and image-folder pair lists; ``facetool make-bin``: a ``.bin`` from a pairs list. Heavy imports stay
-inside the commands."""
+"""``facetool bench verification``: InsightFace- or FaceT-protocol verification of a checkpoint (or of given
+embeddings) on ``.bin`` sets and image-folder pair lists; ``facetool make-bin``: a ``.bin`` from a pairs list. Heavy
+imports stay inside the commands."""
 
 from __future__ import annotations
 
@@ -84,6 +84,15 @@ _PATH = click.Path(exists=True, dir_okay=False, path_type=Path)
     show_default=True,
     help="Where to embed: auto picks the GPU when torch sees one.",
 )
+@click.option(
+    "--protocol",
+    type=click.Choice(["insightface", "facet"]),
+    default="insightface",
+    show_default=True,
+    help="insightface: 10 folds, each image with its flip. facet: FaceT's evaluation code: 5 folds, no flip, the "
+    "masked sets (--masked, --pairs) normalised (x - 127.5) / 128 with every image flagged masked, the .bin sets "
+    "(x - 127.5) / 127.5 unflagged.",
+)
 @json_option("report")
 @click.option(
     "--plot",
@@ -104,13 +113,14 @@ def bench_verification_command(
     flip_features: Path | None,
     batch_size: int | None,
     device: str,
+    protocol: str,
     json_path: Path | None,
     plot_path: Path | None,
     quiet: bool,
 ) -> None:
     """Verification accuracy of the backbone in CHECKPOINT with InsightFace's protocol (flip fusion, squared L2 on
-    normalised embeddings, 10 folds, thresholds 0..4 step 0.01): accuracy mean +- std and threshold, TAR at FAR
-    1e-1..1e-4 where the impostor pairs suffice, ROC AUC and EER, one row per set.
+    normalised embeddings, 10 folds, thresholds 0..4 step 0.01; or FaceT's with --protocol facet): accuracy mean
+    +- std and threshold, TAR at FAR 1e-1..1e-4 where the impostor pairs suffice, ROC AUC and EER, one row per set.
 
     CHECKPOINT is a backbone saved by facetool (import-model, training) or a training checkpoint holding one, or
     with --arch a bare state dict; it is loaded with torch.load(weights_only=True). A CHECKPOINT ending in .onnx
@@ -125,7 +135,7 @@ def bench_verification_command(
       facetool bench verification w600k_r50.onnx --bin-dir /data/faces_emore
       facetool bench verification --features feats.npy --flip-features flipped.npy --bin lfw.bin
     """
-    from facetool.bench.verification import format_table, plot_roc, run_verification, timing_line
+    from facetool.bench.verification import format_table, plot_roc, protocol_line, run_verification, timing_line
 
     _check_options(checkpoint, arch, bins, bin_dirs, pairs_dirs, masked, features, flip_features)
     show_progress = not quiet and features is None
@@ -134,12 +144,13 @@ def bench_verification_command(
         report = run_verification(
             checkpoint, arch=arch, bins=bins, bin_dirs=bin_dirs, pairs=pairs_dirs, masked=masked, mask_seed=mask_seed,
             features=features, flip_features=flip_features, batch_size=batch_size, device=device,
-            retain_memory=True, progress=update, notify=_notify(show_progress),
+            retain_memory=True, protocol=protocol, progress=update, notify=_notify(show_progress),
         )  # fmt: skip
     finally:
         close()
     for line in format_table(report.results):
         click.echo(line)
+    click.echo(protocol_line(report))
     click.echo(timing_line(report))
     write_json(json_path, report.json)
     if plot_path:

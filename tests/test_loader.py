@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from facetool.pipeline.synth import write_synth
 from facetool.train.data import (
     DaliLoader,
     LoaderConfig,
+    MaskReuseWarning,
     WdsLoader,
     batches_per_epoch,
     build_pipeline,
@@ -376,6 +378,33 @@ def test_masked_prob_above_the_rendered_fraction_fails_before_anything_runs(data
         create_loader(masked, _config(masked_prob=0.9), backend=kind)
     with pytest.raises(FacetoolError, match=r"masked_prob 0\.1 exceeds .* 0\.0000 \(0 of 240\)"):
         create_loader(data["plain"], _config(masked_prob=0.1), backend=kind)
+
+
+@pytest.mark.parametrize("kind", ["dali", "wds"])
+def test_masked_prob_large_against_the_mask_fraction_warns_once_naming_the_numbers(data, kind):
+    """q / f > 0.5 (f from the manifest, about 0.5 here): one MaskReuseWarning on rank 0, even over two epochs
+    (DALI builds a pipeline per epoch), naming q, f and the conversion to use; none at q / f <= 0.5."""
+    shards = open_shards(data["masked"])
+    f = shards.rendered_fraction
+    assert 0.4 < f < 0.6
+    cases = [(0.4, 0, 1), (0.2, 0, 0)] + ([(0.4, 1, 0), (0.5 * f, 0, 0)] if kind == "wds" else [])  # DALI: slower
+    for q, rank, expected in cases:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config = _config(masked_prob=q)
+            if kind == "dali":
+                loader = DaliLoader(shards, config, rank=rank, world_size=2)
+            else:
+                loader = WdsLoader(shards, config, rank=rank, world_size=2, workers=0)
+            for epoch in range(2):
+                loader.epoch = epoch
+                next(iter(loader))
+        found = [w for w in caught if issubclass(w.category, MaskReuseWarning)]
+        assert len(found) == expected, (q, rank, [str(w.message) for w in caught])
+        if expected:
+            text = str(found[0].message)
+            assert f"q = {q}" in text and f"f = {f:.4f}" in text and f"q / f = {q / f:.2f} > 0.5" in text
+            assert "--mask-fraction 0.5" in text and "convert with --mask-fraction 1" in text
 
 
 def test_index_that_disagrees_with_the_manifest_is_an_error(damaged):

@@ -124,6 +124,24 @@ def test_cli_errors_are_one_line_before_any_step(tmp_path, data, model, override
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+def test_mask_reuse_warning_is_a_run_message(tmp_path, data) -> None:
+    """q = 0.25 on shards with a twin for about half the samples: the loader's warning reaches the run's messages
+    (one line), not Python's warnings on stderr; q = 0.1 gives none."""
+    import warnings
+
+    from facetool.train.engine.build import build_loader
+    from facetool.train.engine.context import Context
+
+    for q, expected in ((0.25, 1), (0.1, 0)):
+        cfg = load_config(write_config(tmp_path / "c.toml", data, data={"masked_prob": q}))
+        notes: list[str] = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build_loader(cfg, Context(), notify=notes.append)
+        assert not caught and len(notes) == expected
+        assert all(n.startswith("warning: ") and "q = 0.25" in n and "\n" not in n for n in notes)
+
+
 def test_resume_with_another_backbone_is_refused(tmp_path, data) -> None:
     path = write_config(tmp_path / "c.toml", data, run={"steps": 2})
     out = tmp_path / "out"

@@ -35,6 +35,7 @@ SCENARIOS = {
     "fp16-overflow-clip": ['run.amp="fp16"', "optim.clip_grad=0.05", 'optim.clip_scope="all"'],
     "drift": ["run.check_sync_every=1"],  # rank 1's backbone is nudged after DDP's start-up broadcast
     "batchnorm": ["run.check_sync_every=1", "model.frozen_bn=false"],  # running statistics differ between ranks
+    "seed-per-rank": ["run.seed_per_rank=true"],  # rank r seeds torch's generator with seed + r (FaceT)
 }
 
 
@@ -71,6 +72,7 @@ def worker(rank: int, port: int, folder: str) -> None:
                 "scale": float(trainer.scaler.get_scale()) if trainer.scaler.is_enabled() else None,
                 "step": trainer.step,
                 "error": error,
+                "draw": torch.rand(4),  # the next draw of torch's generator (drop path and MAE masks use it)
             }
         torch.save(results, Path(folder) / f"rank{rank}.pt")
     finally:
@@ -86,7 +88,8 @@ def ranks(tmp_path_factory) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "name", ["plain", "clip-all", "clip-backbone", "fp16", "fp16-overflow", "fp16-overflow-clip", "batchnorm"]
+    "name",
+    ["plain", "clip-all", "clip-backbone", "fp16", "fp16-overflow", "fp16-overflow-clip", "batchnorm", "seed-per-rank"],
 )
 def test_ranks_hold_bitwise_the_same_backbone(ranks, name) -> None:
     a, b = ranks[0][name], ranks[1][name]
@@ -119,3 +122,11 @@ def test_check_sync_finds_drifted_replicas(ranks) -> None:
         error = rank["drift"]["error"]
         assert error is not None and "\n" not in error
         assert error.startswith("step 1: the ranks hold different backbones (run.check_sync_every)")
+
+
+def test_seed_per_rank_gives_each_rank_its_own_draws(ranks) -> None:
+    """run.seed_per_rank: the ranks draw different random numbers (each its own drop-path and MAE masks) while
+    holding the same backbone (above); rank 0 draws as without the option (seed + 0). By default all draw alike."""
+    assert torch.equal(ranks[0]["plain"]["draw"], ranks[1]["plain"]["draw"])
+    assert not torch.equal(ranks[0]["seed-per-rank"]["draw"], ranks[1]["seed-per-rank"]["draw"])
+    assert torch.equal(ranks[0]["seed-per-rank"]["draw"], ranks[0]["plain"]["draw"])

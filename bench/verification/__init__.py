@@ -1,4 +1,5 @@
-"""Face verification with InsightFace's protocol, so the numbers compare with published ones.
+"""Face verification with InsightFace's protocol (or FaceT's, :mod:`.protocol`), so the numbers compare with
+published ones.
 
 Every image and its horizontal flip are embedded, the two embeddings summed and L2-normalised; pair k is images
 (2k, 2k+1) of a ``.bin`` set. The distance is the squared L2 distance of the normalised embeddings. Accuracy:
@@ -9,6 +10,7 @@ area and the equal error rate.
 - :mod:`.metrics`: the metrics, in numpy alone;
 - :mod:`.sets`: ``.bin`` sets, their masked versions, pair folders, and :func:`load_sets`;
 - :mod:`.embed`: loading a backbone, embedding a set, the metrics of a model or of given embeddings;
+- :mod:`.protocol`: the protocols (``insightface``, ``facet``): folds, flip, normalisation and masked flags;
 - :mod:`.report`: the JSON report, the table and the ROC plot;
 - :mod:`.run`: :func:`run_verification`, what ``facetool bench verification`` does, as a library call.
 """
@@ -45,7 +47,8 @@ from .metrics import (
     roc_curve,
     tar_at_far,
 )
-from .report import Report, format_table, plot_roc, report_json, timing_line
+from .protocol import FACET, INSIGHTFACE, PROTOCOLS, TRAINING_SCALE, Protocol, get_protocol
+from .report import Report, format_table, plot_roc, protocol_line, report_json, timing_line
 from .run import run_verification, training_evaluation
 from .sets import (
     KNOWN_SETS,
@@ -64,13 +67,18 @@ from .sets import (
 
 __all__ = [
     "DEFAULT_BATCH",
+    "FACET",
     "FAR_EXPONENTS",
     "FOLDS",
     "IMAGE_SIZE",
+    "INSIGHTFACE",
     "KNOWN_SETS",
     "PAIRS_FILE",
+    "PROTOCOLS",
     "THRESHOLDS",
+    "TRAINING_SCALE",
     "PairSet",
+    "Protocol",
     "Report",
     "SetMetrics",
     "bin_dir_paths",
@@ -89,6 +97,7 @@ __all__ = [
     "fold_sizes",
     "format_table",
     "fuse_flip",
+    "get_protocol",
     "kfold_accuracy",
     "known_set_warnings",
     "l2_normalize",
@@ -98,6 +107,7 @@ __all__ = [
     "masked_bin_set",
     "pair_metrics",
     "plot_roc",
+    "protocol_line",
     "read_bin_set",
     "read_pairs_dir",
     "report_json",

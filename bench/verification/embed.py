@@ -1,8 +1,8 @@
 """Embedding verification sets with a backbone: model loading, device, decoding, batches, image + flip embeddings,
 and the metrics of a set from a model or from embeddings computed elsewhere.
 
-Images are normalised as in training ((x - 127.5) / 127.5, RGB, NCHW), each with its horizontal flip; torch is
-imported inside the functions that need it.
+Images are normalised as in training ((x - 127.5) / 127.5, RGB, NCHW), each with its horizontal flip, unless the
+:class:`~.protocol.Protocol` says otherwise (FaceT's); torch is imported inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from facetool.pipeline.atomic import Progress
 from facetool.pipeline.errors import FacetoolError
 
 from .metrics import FOLDS, SetMetrics, embedding_metrics
+from .protocol import INSIGHTFACE, TRAINING_SCALE, Protocol
 from .sets import PairSet
 
 IMAGE_SIZE = 112
@@ -120,13 +121,15 @@ def _check_image(pair_set: PairSet, i: int) -> None:
     decode_face(pair_set.images[i], f"{pair_set.where()}, {pair_set.describe_image(i)}")
 
 
-def check_sets(sets: Sequence[PairSet], decode: bool = True, progress: Progress | None = None) -> None:
-    """Find what would stop an evaluation before it starts: a set with fewer pairs than the folds, and with
+def check_sets(
+    sets: Sequence[PairSet], decode: bool = True, progress: Progress | None = None, folds: int = FOLDS
+) -> None:
+    """Find what would stop an evaluation before it starts: a set with fewer pairs than the ``folds``, and with
     ``decode`` an image that does not decode (each decoded once, on a few threads: seconds for a few thousand
     JPEGs), as one-line errors naming the set's file (and the image). ``progress(images_done, images)``."""
     for s in sets:
-        if s.num_pairs < FOLDS:
-            raise FacetoolError(f"{s.where()}: {FOLDS}-fold accuracy needs at least {FOLDS} pairs, got {s.num_pairs}")
+        if s.num_pairs < folds:
+            raise FacetoolError(f"{s.where()}: {folds}-fold accuracy needs at least {folds} pairs, got {s.num_pairs}")
     if not decode:
         return
     total, done = sum(len(s.images) for s in sets), 0
@@ -147,17 +150,22 @@ def default_batch_size(device: str) -> int:
 
 
 def embed_batch(
-    model: Any, batch: np.ndarray, device: str, masked: np.ndarray | bool = False, flip: bool = True
+    model: Any,
+    batch: np.ndarray,
+    device: str,
+    masked: np.ndarray | bool = False,
+    flip: bool = True,
+    scale: float = TRAINING_SCALE,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Embeddings (float32) of a uint8 NHWC RGB batch, normalised as in training ((x - 127.5) / 127.5), and with
-    ``flip`` of its horizontal flips, appended to the same forward; ``(embeddings, flipped or None)``. A backbone
-    that takes the mask flag (FaceT with prompts) gets ``masked`` (one bool for all, or one per image); one whose
-    weights expect BGR (``model.input_channels``) gets the channels reversed."""
+    """Embeddings (float32) of a uint8 NHWC RGB batch, normalised as (x - 127.5) / ``scale`` (training's 127.5 by
+    default), and with ``flip`` of its horizontal flips, appended to the same forward; ``(embeddings, flipped or
+    None)``. A backbone that takes the mask flag (FaceT with prompts) gets ``masked`` (one bool for all, or one
+    per image); one whose weights expect BGR (``model.input_channels``) gets the channels reversed."""
     import torch
 
     from facetool.train.models.state_dict import BGR, RGB
 
-    x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().contiguous().sub_(127.5).div_(127.5)
+    x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().contiguous().sub_(127.5).div_(scale)
     if getattr(model, "input_channels", RGB) == BGR:  # weights trained on BGR images (InsightFace_Pytorch's)
         x = x.flip(1)
     if flip:
@@ -177,13 +185,16 @@ def embed_set(
     batch_size: int | None = None,
     device: str | None = None,
     progress: Progress | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Raw embeddings of every image of ``pair_set`` and of its horizontal flip, (images, D) float32 each.
+    protocol: Protocol = INSIGHTFACE,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Raw embeddings of every image of ``pair_set`` and of its horizontal flip, (images, D) float32 each (no flip
+    embeddings, None, when the ``protocol`` has no flip).
 
-    Images are normalised as in training ((x - 127.5) / 127.5, RGB, NCHW); each batch goes through the model
-    once with its flips appended. Backbones that take the mask flag (FaceT with prompts) get ``pair_set.masked``.
-    ``progress(images_done, images)`` is called after each batch. The model is put in eval mode. ``batch_size``
-    None: see :func:`default_batch_size`.
+    Images are normalised as in training ((x - 127.5) / 127.5, RGB, NCHW; FaceT's protocol: / 128 for masked sets);
+    each batch goes through the model once with its flips appended. Backbones that take the mask flag (FaceT with
+    prompts) get ``pair_set.masked`` (FaceT's protocol: every image of a masked set masked). ``progress(images_done,
+    images)`` is called after each batch. The model is put in eval mode. ``batch_size`` None: see
+    :func:`default_batch_size`.
     """
     import torch
 
@@ -191,6 +202,7 @@ def embed_set(
     batch_size = batch_size or default_batch_size(device)
     model = model.eval().to(device)
     takes_flag = bool(getattr(model, "uses_masked", False))
+    masked, scale = protocol.flags(pair_set), protocol.scale(pair_set)
     n = len(pair_set.images)
     if n == 0:
         raise FacetoolError(f"{pair_set.where()} has no images")
@@ -199,13 +211,14 @@ def embed_set(
     out = out_flip = None
     with torch.inference_mode():
         for start, batch in _batches(pair_set, batch_size):
-            flags = pair_set.masked[start : start + len(batch)] if takes_flag else False
-            emb, emb_flip = embed_batch(model, batch, device, flags, flip=True)
+            flags = masked[start : start + len(batch)] if takes_flag else False
+            emb, emb_flip = embed_batch(model, batch, device, flags, flip=protocol.flip, scale=scale)
             if out is None:
                 out = np.empty((n, emb.shape[1]), dtype=np.float32)
-                out_flip = np.empty_like(out)
+                out_flip = np.empty_like(out) if protocol.flip else None
             out[start : start + len(batch)] = emb
-            out_flip[start : start + len(batch)] = emb_flip
+            if out_flip is not None:
+                out_flip[start : start + len(batch)] = emb_flip
             del emb, emb_flip
             if progress is not None:
                 progress(start + len(batch), n)
@@ -220,13 +233,14 @@ def evaluate_set(
     progress: Progress | None = None,
     *,
     model_name: str | None = None,
+    protocol: Protocol = INSIGHTFACE,
 ) -> SetMetrics:
-    """Embed ``pair_set`` with ``model`` (image + flip) and compute its metrics; timings go into ``extra``.
-    ``model_name`` (its file, say) names the model in error messages."""
+    """Embed ``pair_set`` with ``model`` (image + flip, or as ``protocol`` says) and compute its metrics; timings
+    go into ``extra``. ``model_name`` (its file, say) names the model in error messages."""
     t0 = time.perf_counter()
-    emb, flip = embed_set(model, pair_set, batch_size, device, progress)
+    emb, flip = embed_set(model, pair_set, batch_size, device, progress, protocol)
     t1 = time.perf_counter()
-    metrics = _set_metrics(pair_set, emb, flip, model_name)
+    metrics = _set_metrics(pair_set, emb, flip, model_name, protocol.folds)
     t2 = time.perf_counter()
     metrics.extra.update(_set_extra(pair_set, embed_seconds=t1 - t0, metric_seconds=t2 - t1))
     return metrics
@@ -237,9 +251,12 @@ def evaluate_features(
     features: np.ndarray,
     flip_features: np.ndarray | None = None,
     labels: tuple[str, str] = ("features", "flip features"),
+    protocol: Protocol = INSIGHTFACE,
 ) -> SetMetrics:
-    """Metrics of embeddings computed elsewhere: row i is image i of the set (and of its flip, when given).
-    ``labels`` name the two arrays in error messages (their files, say)."""
+    """Metrics of embeddings computed elsewhere: row i is image i of the set (and of its flip, when given), scored
+    with the ``protocol``'s folds. ``labels`` name the two arrays in error messages (their files, say)."""
+    if flip_features is not None and not protocol.flip:
+        raise FacetoolError(f"{labels[1]}: the {protocol.name} protocol embeds no flips; leave them out")
     for label, arr in zip(labels, (features, flip_features), strict=True):
         if arr is None:
             continue
@@ -253,18 +270,22 @@ def evaluate_features(
     if flip_features is not None and flip_features.shape != features.shape:
         raise FacetoolError(f"{labels[1]}: shape {flip_features.shape} differs from {labels[0]} {features.shape}")
     t0 = time.perf_counter()
-    metrics = _set_metrics(pair_set, features, flip_features, labels[0])
+    metrics = _set_metrics(pair_set, features, flip_features, labels[0], protocol.folds)
     metrics.extra.update(_set_extra(pair_set, embed_seconds=None, metric_seconds=time.perf_counter() - t0))
     return metrics
 
 
 def _set_metrics(
-    pair_set: PairSet, embeddings: np.ndarray, flipped: np.ndarray | None, source: str | None = None
+    pair_set: PairSet,
+    embeddings: np.ndarray,
+    flipped: np.ndarray | None,
+    source: str | None = None,
+    folds: int = FOLDS,
 ) -> SetMetrics:
-    """:func:`embedding_metrics` of the set's pairs; an error names the set and ``source`` (the model, or the
-    embeddings' file)."""
+    """:func:`embedding_metrics` of the set's pairs over ``folds``; an error names the set and ``source`` (the
+    model, or the embeddings' file)."""
     try:
-        return embedding_metrics(embeddings, pair_set.pairs, pair_set.issame, flipped)
+        return embedding_metrics(embeddings, pair_set.pairs, pair_set.issame, flipped, folds)
     except FacetoolError as err:
         raise FacetoolError(f"{pair_set.where()}: {source + ': ' if source else ''}{err}") from None
 

@@ -13,6 +13,7 @@ from facetool.pipeline.atomic import atomic_path
 from facetool.pipeline.errors import FacetoolError
 
 from .metrics import FAR_EXPONENTS, SetMetrics, far_key
+from .protocol import INSIGHTFACE, get_protocol
 
 
 def report_json(results: dict[str, SetMetrics], **meta: Any) -> dict[str, Any]:
@@ -63,6 +64,11 @@ def timing_line(report: Report) -> str:
         f"embedding: {images:,} images (+ flips) in {embed_s:.2f} s ({images / max(embed_s, 1e-9):,.1f} images/s);"
         f" metrics: {metric_s:.4f} s"
     )
+
+
+def protocol_line(report: Report) -> str:
+    """``protocol: NAME (folds, flip, ...)``: which protocol the numbers of ``report`` follow."""
+    return get_protocol(report.meta.get("protocol", INSIGHTFACE.name)).describe()
 
 
 def _pct(x: float | None, digits: int = 2) -> str:

@@ -38,6 +38,8 @@ class PairSet:
     """A verification set: encoded images, pair k = images ``pairs[k]``, ``issame[k]``, and ``masked[i]`` per image.
 
     ``source`` names where it came from and ``image_names[i]`` (optional) an image, for error messages.
+    ``masked_set``: a masked benchmark (a rendered masked version of a ``.bin`` set, or a pair folder), which
+    FaceT's protocol normalises and flags as its own masked sets.
     """
 
     name: str
@@ -47,6 +49,7 @@ class PairSet:
     issame: np.ndarray
     masked: np.ndarray
     image_names: list[str] | None = None
+    masked_set: bool = False
 
     @property
     def num_pairs(self) -> int:
@@ -108,6 +111,7 @@ def masked_bin_set(pair_set: PairSet, mode: str, seed: int = 0, progress: Progre
         source=f"{pair_set.source} (masked: mode {mode}, seed {seed})",
         images=images,
         masked=masked,
+        masked_set=True,
     )
 
 
@@ -148,6 +152,7 @@ def read_pairs_dir(path: str | os.PathLike) -> PairSet:
         issame=np.asarray(parsed.issame, dtype=bool),
         masked=np.asarray(parsed.flags, dtype=bool),
         image_names=parsed.names,
+        masked_set=True,
     )
 
 

@@ -20,7 +20,7 @@ from facetool.train.data.config import LoaderConfig
 from facetool.train.data.dali import DaliLoader, build_pipeline, dali_available
 from facetool.train.data.epochs import batches_per_epoch
 from facetool.train.data.fallback import WdsLoader
-from facetool.train.data.shardset import ShardSet, open_shards
+from facetool.train.data.shardset import MASK_REUSE_LIMIT, MaskReuseWarning, ShardSet, open_shards
 
 BACKENDS = ("auto", "dali", "wds")
 DEVICES = ("auto", "cpu", "gpu")
@@ -65,6 +65,8 @@ __all__ = [
     "Batch",
     "DaliLoader",
     "LoaderConfig",
+    "MASK_REUSE_LIMIT",
+    "MaskReuseWarning",
     "ShardSet",
     "WdsLoader",
     "batches_per_epoch",

@@ -36,7 +36,7 @@ from facetool.train.data.batch import Batch
 from facetool.train.data.checks import check_label, decode_rgb
 from facetool.train.data.config import LoaderConfig
 from facetool.train.data.epochs import batches_per_epoch, derive_seed, tar_order
-from facetool.train.data.shardset import ShardSet
+from facetool.train.data.shardset import ShardSet, warn_mask_reuse
 
 READER_NAME = "Reader"
 T = TypeVar("T")
@@ -278,6 +278,7 @@ class DaliLoader:
         self.device = torch.device("cuda", device_id or 0) if device == "gpu" else torch.device("cpu")
         self._with_masks = config.masked_prob > 0
         self.epoch = 0
+        warn_mask_reuse(shards, config.masked_prob, rank)
         self._ready: tuple[int, object] | None = None  # (epoch, iterator not yet drawn from)
         self._guarded(0, 0, lambda: self._prepare(0))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,16 @@ from facetool.pipeline.shards.format import (
     parse_index_line,
     read_manifest,
 )
+
+#: Above this q / f most of the samples that have a rendered twin are shown masked in most epochs (the same faces
+#: masked every epoch), where FaceT picks each image's masked version afresh every epoch from masks rendered for
+#: the whole set (zyainfal/Joint-Holistic-and-Masked-Face-Recognition code/data/data_pipe.py L23-38 @
+#: 3126602be561ffe114ca9a8244cfef348db13c6b): convert with --mask-fraction 1 for that.
+MASK_REUSE_LIMIT = 0.5
+
+
+class MaskReuseWarning(UserWarning):
+    """``masked_prob`` is large against the shards' rendered-mask fraction: the same faces are masked every epoch."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,30 @@ class ShardSet:
                 f"--mask-fraction >= {masked_prob}"
             )
         return min(1.0, masked_prob / f)
+
+    def mask_reuse_note(self, masked_prob: float) -> str | None:
+        """The warning for ``masked_prob`` (q) when q / f exceeds :data:`MASK_REUSE_LIMIT` (f: the share of samples
+        with a rendered twin, from the manifest), naming the numbers; None otherwise (and for q > f, which
+        :meth:`mask_pick_probability` refuses)."""
+        f = self.rendered_fraction
+        if masked_prob <= 0.0 or masked_prob > f + 1e-12 or masked_prob / f <= MASK_REUSE_LIMIT:
+            return None
+        arg = self.manifest.get("arguments", {}).get("mask_fraction")
+        converted = f", converted with --mask-fraction {arg}" if arg is not None else ""
+        return (
+            f"{self.root}: masked_prob q = {masked_prob} with a rendered mask for f = {f:.4f} of the samples "
+            f"({self.masked} of {self.samples}{converted}): q / f = {masked_prob / f:.2f} > {MASK_REUSE_LIMIT}, so "
+            "mostly the same faces are shown masked every epoch; for a masked version picked per image and epoch "
+            "(FaceT) convert with --mask-fraction 1"
+        )
+
+
+def warn_mask_reuse(shards: ShardSet, masked_prob: float, rank: int) -> None:
+    """Issue :meth:`ShardSet.mask_reuse_note` as a :class:`MaskReuseWarning`, on rank 0 only (once per run: every
+    rank reads the same shards); the loaders call it once, when they are built."""
+    note = shards.mask_reuse_note(masked_prob) if rank == 0 else None
+    if note is not None:
+        warnings.warn(note, MaskReuseWarning, stacklevel=3)
 
 
 def open_shards(path: str | os.PathLike, check: bool = True) -> ShardSet:

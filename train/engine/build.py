@@ -5,6 +5,8 @@ one-line error naming the config file."""
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,15 +14,33 @@ from torch import nn
 
 from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.shards.format import MANIFEST
-from facetool.train.data import DaliLoader, WdsLoader, create_loader, open_shards
+from facetool.train.data import DaliLoader, MaskReuseWarning, WdsLoader, create_loader, open_shards
 from facetool.train.engine.config import SCHEDULE_KEYS, Config, backbone_options, head_options, loader_config
 from facetool.train.engine.context import Context
 from facetool.train.engine.data import SyntheticLoader
 from facetool.train.engine.optim import Schedule, create_optimizer, parameter_groups
 
 
-def build_loader(cfg: Config, ctx: Context) -> DaliLoader | WdsLoader | SyntheticLoader:
-    """This rank's loader: the shard loader ``[data]`` describes, or the synthetic source (model-only rate)."""
+def build_loader(
+    cfg: Config, ctx: Context, notify: Callable[[str], None] | None = None
+) -> DaliLoader | WdsLoader | SyntheticLoader:
+    """This rank's loader: the shard loader ``[data]`` describes, or the synthetic source (model-only rate). The
+    loader's :class:`MaskReuseWarning` (q large against the shards' mask fraction) goes to ``notify`` (the run's
+    messages) instead of Python's warnings, where there is one."""
+    if notify is None:
+        return _build_loader(cfg, ctx)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MaskReuseWarning)
+        loader = _build_loader(cfg, ctx)
+    for w in caught:
+        if issubclass(w.category, MaskReuseWarning):
+            notify(f"warning: {w.message}")
+        else:  # any other warning as it would have been shown
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    return loader
+
+
+def _build_loader(cfg: Config, ctx: Context) -> DaliLoader | WdsLoader | SyntheticLoader:
     data = cfg["data"]
     if data["source"] == "synthetic":
         return SyntheticLoader(data["synthetic_samples"], data["synthetic_classes"], data["batch_size"], ctx.rank,
@@ -162,10 +182,15 @@ def build_head(cfg: Config, width: int, classes: int, init: bool = True) -> nn.M
 
 
 def init_class_weights(head: nn.Module, seed: int) -> None:
-    """N(0, 0.01) class weights drawn from ``seed`` for all classes in order, in chunks, keeping this rank's rows:
-    the weights do not depend on the number of ranks."""
+    """Class weights drawn from ``seed`` for all classes in order, in chunks, keeping this rank's rows: the weights
+    do not depend on the number of ranks. N(0, 0.01) rows, or those of the head's ``draw_class_rows`` where it has
+    one (MultiFace's unit-norm centres)."""
     from facetool.train.heads.base import generator_seed
 
+    def normal_rows(n: int, width: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.empty(n, width).normal_(0.0, 0.01, generator=generator)
+
+    draw = getattr(head, "draw_class_rows", normal_rows)
     shard = head.shard
     gen = torch.Generator().manual_seed(generator_seed(seed * 7919 + 17))
     end = shard.start + shard.size
@@ -174,7 +199,7 @@ def init_class_weights(head: nn.Module, seed: int) -> None:
             done, chunk = 0, 65536
             while done < end:
                 n = min(chunk, end - done)
-                rows = torch.empty(n, weight.shape[1]).normal_(0.0, 0.01, generator=gen)
+                rows = draw(n, weight.shape[1], gen)
                 lo, hi = max(done, shard.start), min(done + n, end)
                 if lo < hi:
                     weight[lo - shard.start : hi - shard.start].copy_(rows[lo - done : hi - done])

@@ -66,6 +66,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     "run": {
         "task": (str, "classify"),  # "classify" (margin head) or "mae" (FaceT masked-autoencoder pre-training)
         "seed": (int, 0),
+        "seed_per_rank": (bool, False),  # true: rank r seeds torch with seed + r (drop path, MAE masks), as FaceT
         "epochs": (float, 1.0),  # training length in epochs of the shards (may be fractional) ...
         "steps": (int, 0),  # ... or in optimiser steps (> 0 wins over epochs)
         "device": (str, "auto"),  # auto | cpu | cuda
@@ -107,7 +108,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "eps": (float, 1e-8),
         "weight_decay": (float, 5e-4),
         "head_weight_decay": (float, -1.0),  # the class weights' decay; < 0: weight_decay
-        "no_decay": ("list[str]", ["norm", "bias", "model"]),  # groups without decay: norm, bias, 1d, model, prelu
+        "no_decay": ("list[str]", ["norm", "bias", "model"]),  # groups without decay: optim.NO_DECAY_KINDS
         "weight_decay_by_name": ("table", {}),  # {"linear.weight" = 4e-4}: decay of backbone parameters by name
         "layer_decay": (float, 1.0),  # FaceT layer-wise lr decay: scale decay^(depth + 1 - layer id)
         "clip_grad": (float, 0.0),  # max gradient norm (0: no clipping) ...

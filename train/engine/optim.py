@@ -14,13 +14,19 @@ from torch import nn
 from facetool.pipeline.errors import FacetoolError
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-NO_DECAY_KINDS = ("norm", "bias", "1d", "model", "prelu")  # what ``no_decay`` may name
+# What ``no_decay`` may name. Upstream rules: FaceT exempts 1-D parameters, biases and ``pos_embed`` only, so its
+# prompts and pooling queries are decayed (zyainfal/Joint-Holistic-and-Masked-Face-Recognition code/optim_factory.py
+# L66-107 @ 3126602be561ffe114ca9a8244cfef348db13c6b): no_decay = ["1d", "bias", "pos_embed"]; arcface_torch decays
+# every parameter (deepinsight/insightface recognition/arcface_torch/train_v2.py L121-132 @
+# 7fadd420c2351d0ffa8cac403421c1a3ed733365): no_decay = [].
+NO_DECAY_KINDS = ("norm", "bias", "1d", "model", "prelu", "pos_embed")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULE_KINDS = ("cosine", "poly", "step", "constant")
 
 
 def _param_kinds(model: nn.Module) -> dict[str, set[str]]:
-    """For each parameter name of ``model``, the no-decay kinds it belongs to (norm, bias, 1d, prelu, model)."""
+    """For each parameter name of ``model``, the no-decay kinds it belongs to (norm, bias, 1d, prelu, model,
+    pos_embed: a parameter named ``pos_embed``, FaceT's learned position embedding)."""
     kinds: dict[str, set[str]] = {}
     model_skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     for mod_name, module in model.named_modules():
@@ -33,6 +39,8 @@ def _param_kinds(model: nn.Module) -> dict[str, set[str]]:
                 k.add("prelu")
             if p_name == "bias":
                 k.add("bias")
+            if p_name == "pos_embed":
+                k.add("pos_embed")
             if p.ndim <= 1:
                 k.add("1d")
             if full in model_skip:

@@ -51,6 +51,14 @@ Evaluate = Callable[[nn.Module], dict[str, dict[str, Any]]]
 Notify = Callable[[str], None]
 
 
+def torch_seed(seed: int, rank: int, per_rank: bool) -> int:
+    """The seed of torch's global generator on ``rank``: ``seed`` on every rank (the same drop-path and MAE-mask
+    draws everywhere), or with ``per_rank`` ``seed + rank`` as FaceT seeds (zyainfal/Joint-Holistic-and-Masked-
+    Face-Recognition code/trainer.py L228-232 @ 3126602be561ffe114ca9a8244cfef348db13c6b). The models agree on
+    every rank either way: DDP broadcasts rank 0's weights and the class weights are drawn from ``seed`` alone."""
+    return seed + rank if per_rank else seed
+
+
 @dataclass
 class Session:
     """This process's part of the run (a resumed run starts a new one): its clock, images and pending losses."""
@@ -96,10 +104,10 @@ class Trainer:
         self.note_changes(changes)
         if resume and resume_from is None:
             self.log(f"--resume: no complete checkpoint in {self.ckpt_root}; starting from the beginning")
-        torch.manual_seed(run["seed"])
+        torch.manual_seed(torch_seed(run["seed"], self.ctx.rank, run["seed_per_rank"]))
 
         # data first: a missing or damaged shard folder fails before any model is built
-        self.loader = build_loader(cfg, self.ctx)
+        self.loader = build_loader(cfg, self.ctx, notify=self.log)  # its warning is one of the run's messages
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch < 1:
             raise FacetoolError(

@@ -202,11 +202,17 @@ class MultiFace(Head):
     summed (not averaged). Weights: ``spheres.{i}.weight``, each (num_classes, embedding_size / N).
     ``margin_grad`` as ArcFace's, for ``base = "arcface"`` only (MultiFace's ``ArcfaceMultiSphere`` differentiates
     through: "through").
+
+    ``init``: "normal" draws the class centres N(0, 0.01) as every head does; "unit" as MultiFace does,
+    ``uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)`` on its (d x C) kernels, i.e. each class centre uniform in
+    [-1, 1]^d and scaled to unit L2 norm (KikimorMay/MultiFace model.py L444-448 @
+    4df7206ec7dbbbf095fd6dcd6f98e91ab0547c72).
     """
 
     _fixed_options: ClassVar[frozenset[str]] = frozenset()
     returns_list: ClassVar[bool] = True
     _default_m: ClassVar[dict[str, float]] = {"softmax": 0.0, "cosface": 0.35, "arcface": 0.3}
+    inits: ClassVar[tuple[str, ...]] = ("normal", "unit")
 
     def __init__(
         self,
@@ -217,11 +223,14 @@ class MultiFace(Head):
         base: str = "arcface",
         m: float | None = None,
         margin_grad: str = "through",
+        init: str = "normal",
         **options: Any,
     ) -> None:
         check_choice("margin_grad", margin_grad, MARGIN_GRADS)
         if margin_grad == "straight" and base != "arcface":
             raise FacetoolError(f"margin_grad = 'straight' needs base = 'arcface' (an angular margin), not {base!r}")
+        if init not in self.inits:
+            raise FacetoolError(f"multiface init must be one of {', '.join(self.inits)}, not {init!r}")
         if base not in MARGINS:
             raise FacetoolError(f"multiface wraps one of {', '.join(sorted(MARGINS))}, not {base!r}")
         m = self._default_m[base] if m is None else float(m)
@@ -230,8 +239,20 @@ class MultiFace(Head):
         if base == "arcface":
             _check_angle_margin(m)
         super().__init__(embedding_size, num_classes, spheres=spheres, **options)
-        self.base, self.m, self.margin_grad = base, m, margin_grad
+        self.base, self.m, self.margin_grad, self.init = base, m, margin_grad, init
         self._base_margin = partial(arcface_margin, straight=True) if margin_grad == "straight" else MARGINS[base]
+        if init == "unit":
+            with torch.no_grad():
+                for weight in self.class_weights():
+                    weight.copy_(self.draw_class_rows(weight.shape[0], weight.shape[1]))
+
+    def draw_class_rows(self, rows: int, width: int, generator: torch.Generator | None = None) -> Tensor:
+        """``rows`` fresh class centres of ``width`` as ``init`` says (the engine draws every head's rows through
+        this method when the head has it); each row is drawn on its own, so chunks of rows draw the same."""
+        if self.init == "normal":
+            return torch.empty(rows, width).normal_(0.0, 0.01, generator=generator)
+        centres = torch.empty(rows, width).uniform_(-1.0, 1.0, generator=generator)
+        return centres / centres.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def _make_weights(self, width: int) -> None:
         self.spheres = nn.ModuleList(_Sphere(self.shard.size, width) for _ in range(self.num_spheres))

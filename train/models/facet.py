@@ -17,6 +17,7 @@ from facetool.pipeline.errors import FacetoolError
 from .registry import register_backbone
 
 NORMS = ("prenorm", "deepnorm")
+INITS = ("facetool", "facet")  # the weight initialisation: facetool's own, or FaceT's (see FaceT.init_facet)
 
 
 class DeepNormBlock(nn.Module):
@@ -72,7 +73,8 @@ class FaceT(nn.Module):
 
     ``norm="deepnorm"`` uses post-norm blocks with alpha = (2N)^(1/4) and, following the DeepNet paper, Xavier-normal
     init with gain beta = (8N)^(-1/4) on the value projection (the v third of the fused qkv), the attention output
-    projection and both MLP linears; q and k get gain 1 (N = depth). FaceT's own code scales q and k too.
+    projection and both MLP linears; q and k get gain 1 (N = depth). FaceT's own code scales q and k too:
+    ``init="facet"`` reproduces its initialisation (:meth:`init_facet`).
     """
 
     stem_weight = "patch_embed.weight"  # sees the colour channels: patch vectors are (row, column, channel)
@@ -91,10 +93,13 @@ class FaceT(nn.Module):
         norm: str = "deepnorm",
         prompt_layers: int | None = None,
         prompt_tokens: int = 32,
+        init: str = "facetool",
     ) -> None:
         super().__init__()
         if norm not in NORMS:
             raise FacetoolError(f"norm must be one of {', '.join(NORMS)}, not {norm!r}")
+        if init not in INITS:
+            raise FacetoolError(f"init must be one of {', '.join(INITS)}, not {init!r}")
         prompt_layers = depth if prompt_layers is None else prompt_layers
         if not 0 <= prompt_layers <= depth:
             raise FacetoolError(f"prompt_layers must be in 0..{depth}, not {prompt_layers}")
@@ -124,7 +129,10 @@ class FaceT(nn.Module):
             self.register_parameter("prompts", None)
             self.pool = None
         self.head = nn.Sequential(nn.Linear(embed_dim, embedding_size), nn.BatchNorm1d(embedding_size, affine=False))
-        self._init_weights()
+        if init == "facet":
+            self.init_facet()
+        else:
+            self._init_weights()
 
     @property
     def uses_masked(self) -> bool:
@@ -151,6 +159,29 @@ class FaceT(nn.Module):
                     nn.init.xavier_normal_(qkv[2 * d :], gain=beta)
                     for lin in (blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2):
                         nn.init.xavier_normal_(lin.weight, gain=beta)
+
+    def init_facet(self) -> None:
+        """FaceT's initialisation, as ``VisionTransformer._init_vit_weights`` and its constructor do it
+        (zyainfal/Joint-Holistic-and-Masked-Face-Recognition code/VIT/mim_pytorch.py L128-198 @
+        3126602be561ffe114ca9a8244cfef348db13c6b): a zero position embedding (``pos_embed="learn"``, L132); every
+        Linear Xavier-uniform with gain beta = (8N)^(-1/4) under DeepNorm, 1 under pre-norm (L136-141, L180-184) --
+        the whole fused qkv, the attention and MLP projections, the patch embedding (FaceT's ``to_token`` Linear)
+        and the prompt pooling's key Linear alike -- and zero biases; the embedding head's Linear plain Xavier-
+        uniform (gain 1, L176-179: FaceT picks it as the Linear with out_features == 512, which in FaceT-B is only
+        the head); LayerNorms weight 1, bias 0 (L196-198); prompts and pooling queries N(0, 1) (L53, L162), as
+        drawn in the constructor. No separate std for the patch embedding, pooling or head."""
+        beta = (8 * self.depth) ** -0.25 if self.norm == "deepnorm" else 1.0
+        head = self.head[0]
+        with torch.no_grad():
+            nn.init.zeros_(self.pos_embed)
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight, gain=1.0 if m is head else beta)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.LayerNorm):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
 
     def patchify(self, images: Tensor) -> Tensor:
         """(N,3,H,W) -> (N, patches, p*p*3), each patch flattened in (row, column, channel) order."""
@@ -207,8 +238,10 @@ def facet_base(
     norm: str = "deepnorm",
     prompt_layers: int | None = None,
     prompt_tokens: int = 32,
+    init: str = "facetool",
 ) -> FaceT:
-    """FaceT-B: width 768, 12 blocks, 12 heads, 32 prompt tokens in every layer by default (86,976,512 params)."""
+    """FaceT-B: width 768, 12 blocks, 12 heads, 32 prompt tokens in every layer by default (86,976,512 params);
+    ``init="facet"``: FaceT's own initialisation instead of facetool's."""
     return FaceT(
         embed_dim=768,
         depth=12,
@@ -218,6 +251,7 @@ def facet_base(
         norm=norm,
         prompt_layers=prompt_layers,
         prompt_tokens=prompt_tokens,
+        init=init,
     )
 
 
@@ -228,6 +262,7 @@ def facet_small(
     norm: str = "deepnorm",
     prompt_layers: int | None = None,
     prompt_tokens: int = 16,
+    init: str = "facetool",
 ) -> FaceT:
     """FaceT sized down for CPU work: width 384, 6 blocks, 6 heads, 16 prompt tokens."""
     return FaceT(
@@ -239,6 +274,7 @@ def facet_small(
         norm=norm,
         prompt_layers=prompt_layers,
         prompt_tokens=prompt_tokens,
+        init=init,
     )
 
 
@@ -249,6 +285,7 @@ def facet_tiny(
     norm: str = "deepnorm",
     prompt_layers: int | None = None,
     prompt_tokens: int = 8,
+    init: str = "facetool",
 ) -> FaceT:
     """FaceT for tests and CPU demos: width 192, 4 blocks, 3 heads, 8 prompt tokens."""
     return FaceT(
@@ -260,4 +297,5 @@ def facet_tiny(
         norm=norm,
         prompt_layers=prompt_layers,
         prompt_tokens=prompt_tokens,
+        init=init,
     )

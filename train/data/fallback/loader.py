@@ -23,7 +23,7 @@ from facetool.train.data.epochs import batches_per_epoch, derive_seed
 from facetool.train.data.fallback.batches import fill_batch
 from facetool.train.data.fallback.pool import Slot, SlotPool
 from facetool.train.data.fallback.reader import epoch_segments, read_samples
-from facetool.train.data.shardset import ShardSet
+from facetool.train.data.shardset import ShardSet, warn_mask_reuse
 
 PREFETCH = 2  # batches each worker builds ahead
 SLOTS = PREFETCH + 2  # pool slots per worker: those ahead, the batch in use and the one before it
@@ -127,6 +127,7 @@ class WdsLoader:
         if world_size > shards.samples:
             raise FacetoolError(f"{shards.root}: {shards.samples} samples cannot be split over {world_size} ranks")
         pick = shards.mask_pick_probability(config.masked_prob)  # an error before any worker starts
+        warn_mask_reuse(shards, config.masked_prob, rank)
         self.shards, self.config, self.rank, self.world_size = shards, config, rank, world_size
         self.device = torch.device(device)
         if workers is None:
