@@ -33,6 +33,7 @@ from facetool.train.data.batch import Batch
 from facetool.train.data.checks import check_label, decode_rgb
 from facetool.train.data.config import LoaderConfig
 from facetool.train.data.epochs import batches_per_epoch, derive_seed, tar_order
+from facetool.train.data.remainder import assemble, remaining_ids, runs_of, shuffle_seed, slice_ids
 from facetool.train.data.shardset import ShardSet
 
 _SCALE = np.float32(1.0 / 127.5)
@@ -66,6 +67,7 @@ class _SampleStream(IterableDataset):
         self.classes = shards.classes
         self.config, self.rank, self.world_size, self.pick = config, rank, world_size, pick
         self.epoch = epoch  # a shared mp.Value: persistent workers read the main process's epoch from it
+        self.remainder: tuple[int, np.ndarray, dict] | None = None  # a resumed epoch: (epoch, ids left, cut)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray] | str]:
         try:
@@ -79,13 +81,16 @@ class _SampleStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         cfg, epoch = self.config, int(self.epoch.value)
-        runs = epoch_segments(self.counts, cfg.seed, epoch, self.rank, self.world_size, worker, workers)
+        if self.remainder is not None and self.remainder[0] == epoch:
+            runs = runs_of(slice_ids(self.remainder[1], self.rank, self.world_size, worker, workers), self.counts)
+        else:
+            runs = epoch_segments(self.counts, cfg.seed, epoch, self.rank, self.world_size, worker, workers)
         samples = itertools.chain.from_iterable(self._read(s, first, count) for s, first, count in runs)
         bufsize = max(1, cfg.shuffle_buffer // workers)
-        shuffle_seed = derive_seed(cfg.seed, 3, epoch, self.rank, worker)
         import webdataset as wds
 
-        samples = wds.filters.shuffle(bufsize, initial=bufsize, seed=shuffle_seed)(samples)
+        seed = shuffle_seed(cfg.seed, epoch, self.rank, worker)
+        samples = wds.filters.shuffle(bufsize, initial=bufsize, seed=seed)(samples)
         rng = np.random.default_rng(derive_seed(cfg.seed, 4, epoch, self.rank, worker))
         B, S = cfg.batch_size, cfg.image_size
         while True:
@@ -260,6 +265,7 @@ class WdsLoader:
         ctx = mp.get_context(start_method) if workers > 0 else mp.get_context()
         self._epoch = ctx.Value("q", 0, lock=False)
         self.dataset = _SampleStream(shards, config, rank, world_size, pick, self._epoch)
+        self.workers = workers
         self._loader = DataLoader(
             self.dataset,
             batch_size=None,
@@ -285,34 +291,43 @@ class WdsLoader:
             gc.collect()
             self._started = True
         self._epoch.value = self.epoch
-        total, B = len(self), self.config.batch_size
-        done, rest = 0, []
-        for item in self._loader if total else ():
-            if isinstance(item, str):  # a worker's error
-                raise FacetoolError(item)
-            images, labels, masked = item
-            if len(labels) == B:
-                yield self._to_device(images, labels, masked)
-                done += 1
-            else:
-                rest.append((images, labels, masked))
-                if sum(len(r[1]) for r in rest) >= B:
-                    merged = [torch.cat(t) for t in zip(*rest, strict=True)]
-                    yield self._to_device(*(t[:B] for t in merged))
-                    done += 1
-                    rest = [tuple(t[B:] for t in merged)]
-            if done == total:
-                break
-        if done < total and self.config.last_batch == "partial":
-            if rest:
-                yield self._to_device(*(torch.cat(t) for t in zip(*rest, strict=True)))
-            else:
-                yield self._empty()
-            done += 1
-            while done < total:  # this rank's part is a sample shorter than the largest: same batch count
-                yield self._empty()
-                done += 1
+        items = (self._checked(item) for item in self._loader)
+        for batch in assemble(items, self.batches(self.epoch), self.config.batch_size, self.config.last_batch == "partial"):
+            yield self._empty() if batch is None else self._to_device(*batch)
         self.epoch += 1
+
+    @staticmethod
+    def _checked(item: tuple[torch.Tensor, ...] | str) -> tuple[torch.Tensor, ...]:
+        if isinstance(item, str):  # a worker's error
+            raise FacetoolError(item)
+        return item
+
+    def batches(self, epoch: int) -> int:
+        """Batches of ``epoch`` on this rank: ``len(self)``, or fewer for the rest of a resumed epoch."""
+        remainder = self.dataset.remainder
+        samples = len(remainder[1]) if remainder is not None and remainder[0] == epoch else self.shards.samples
+        return batches_per_epoch(samples, self.world_size, self.config.batch_size, self.config.last_batch)
+
+    def cut(self, epoch: int, batch: int) -> dict:
+        """Where this rank's stream stands after ``batch`` batches of ``epoch`` (the checkpoint's loader state)."""
+        remainder = self.dataset.remainder
+        before = remainder[2] if remainder is not None and remainder[0] == epoch else None
+        return {"backend": "wds", "epoch": epoch, "world_size": self.world_size, "workers": self.workers,
+                "batch": batch, "before": before}  # fmt: skip
+
+    def resume_epoch(self, cut: dict) -> tuple[int, int]:
+        """Continue from a checkpoint's loader state ``cut``: (its epoch, the batches of it to skip). Written by
+        this layout (ranks and workers), the stream goes on where it stood; by another, this epoch reads only the
+        samples the other had not yet handed out."""
+        epoch, before = int(cut["epoch"]), cut["before"]
+        same = (int(cut["world_size"]), int(cut["workers"])) == (self.world_size, self.workers)
+        skip = int(cut["batch"]) if same else 0
+        if not same and int(cut["batch"]) > 0:
+            before = {k: cut[k] for k in ("world_size", "workers", "batch", "before")}
+        if before is not None:
+            ids = remaining_ids([s.samples for s in self.shards.shards], self.config, epoch, before)
+            self.dataset.remainder = (epoch, ids, before)
+        return epoch, skip
 
     def _to_device(self, images: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor) -> Batch:
         nb = self.device.type == "cuda"

@@ -1,0 +1,149 @@
+"""Resuming on another number of ranks: the class shards of a head and their optimiser state, cut for 2 ranks (two
+gloo processes) or 1, are cut again for the other layout with every class row and its optimiser state unchanged.
+The heads cover one weight (ArcFace), one weight per sphere (MultiFace) and a per-class buffer beside the weight
+(the layout of a head that keeps per-class rows as buffers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import free_port
+from torch import nn
+
+from facetool.train.engine.optim import create_optimizer, parameter_groups
+from facetool.train.engine.reshard import per_class_keys, recut_head, recut_rows
+from facetool.train.engine.state import module_state
+from facetool.train.heads import Head, create_head
+
+E, C, B, WORLD = 8, 7, 6, 2  # 7 classes: ranks 0 and 1 of 2 hold 4 and 3
+CASES = [("arcface", {}, "sgd"), ("multiface", {"spheres": 2}, "adamw"), ("rowbuffer", {}, "adamw")]
+
+
+class RowBuffer(Head):
+    """ArcFace's weight and a per-class buffer (first dimension: the local class count), filled with class ids."""
+
+    def __init__(self, embedding_size: int, num_classes: int, **options) -> None:
+        super().__init__(embedding_size, num_classes, **options)
+        ids = torch.arange(self.shard.start, self.shard.start + self.shard.size, dtype=torch.float32)
+        self.register_buffer("rows", ids[:, None].repeat(1, 3))
+
+
+def build(name: str, opts: dict, optim: str) -> tuple[Head, torch.optim.Optimizer]:
+    """A head with partial_fc over the current process group, and an optimiser over it and a tiny backbone."""
+    if name == "rowbuffer":
+        head = RowBuffer(E, C, partial_fc=True, sample_rate=0.5, seed=3)
+    else:
+        head = create_head(name, E, C, partial_fc=True, sample_rate=0.5, seed=3, **opts)
+    groups = parameter_groups(nn.Linear(2, 2), head, weight_decay=5e-4)
+    return head, create_optimizer(optim, groups, lr=0.1)
+
+
+def trained(name: str, opts: dict, optim: str, rank: int, world: int) -> dict:
+    """Two optimiser steps on the head (this rank's rows of a fixed global batch): its state and the optimiser's."""
+    head, optimizer = build(name, opts, optim)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(2):
+        x, y = torch.randn(B, E, generator=gen), torch.randint(0, C, (B,), generator=gen)
+        rows = slice(rank * B // world, (rank + 1) * B // world)
+        optimizer.zero_grad()
+        head(x[rows], y[rows]).backward()
+        optimizer.step()
+    return {"head": module_state(head), "optimizer": optimizer.state_dict()}
+
+
+def loaded(name: str, opts: dict, optim: str, state: dict) -> dict:
+    """A fresh head and optimiser after loading ``state``: what they hold."""
+    head, optimizer = build(name, opts, optim)
+    head.load_state_dict(state["head"])
+    optimizer.load_state_dict(state["optimizer"])
+    return {"head": module_state(head), "optimizer": optimizer.state_dict()}
+
+
+def recut(states: list[dict], rank: int, world: int) -> dict:
+    head, optim = recut_head([s["head"] for s in states], [s["optimizer"] for s in states], C, rank, world)
+    return {"head": head, "optimizer": optim}
+
+
+def worker(rank: int, port: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        one = torch.load(f"{folder}/one.pt", weights_only=False)
+        out = {}
+        for i, (name, opts, optim) in enumerate(CASES):
+            out[i] = {"trained": trained(name, opts, optim, rank, WORLD),
+                      "from_one": loaded(name, opts, optim, recut([one[i]], rank, WORLD))}  # fmt: skip
+        torch.save(out, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """One process's states (1 rank), two gloo ranks' states, and each cut for the other layout and loaded."""
+    folder = tmp_path_factory.mktemp("reshard")
+    one = {i: trained(name, opts, optim, 0, 1) for i, (name, opts, optim) in enumerate(CASES)}
+    torch.save(one, folder / "one.pt")
+    mp.spawn(worker, args=(free_port(), str(folder)), nprocs=WORLD, join=True)
+    two = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return {"one": one, "two": two}
+
+
+def per_class(state: dict, name: str, optim: str) -> dict[str, torch.Tensor]:
+    """Every per-class tensor of a head state and of its optimiser state, by a readable name."""
+    head = state["head"]
+    local = next(v.shape[0] for k, v in head.items() if k.endswith("weight"))  # this state's local class count
+    out = {k: head[k] for k in per_class_keys([head], local)}
+    groups = state["optimizer"]["param_groups"]
+    names = {i: n for g in groups for n, i in zip(g["names"], g["params"], strict=True)}
+    for index, entry in state["optimizer"]["state"].items():
+        if names[index].startswith("head."):
+            for field in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                if field in entry:
+                    out[f"{names[index]}/{field}"] = entry[field]
+    return out
+
+
+def joined(states: list[dict], name: str, optim: str) -> dict[str, torch.Tensor]:
+    """The per-class tensors of the ranks' states, rows joined in rank order."""
+    parts = [per_class(s, name, optim) for s in states]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[c[0] for c in CASES])
+def test_two_ranks_to_one_keeps_every_class_row(runs, case) -> None:
+    name, opts, optim = CASES[case]
+    states = [runs["two"][r][case]["trained"] for r in range(WORLD)]
+    after = loaded(name, opts, optim, recut(states, 0, 1))
+    before = joined(states, name, optim)
+    got = per_class(after, name, optim)
+    assert set(got) == set(before) and len(before) >= 2  # the weight(s) and their optimiser state at least
+    for key, rows in before.items():
+        assert rows.shape[0] == C
+        assert torch.equal(got[key], rows), key
+    if name == "rowbuffer":
+        assert torch.equal(got["rows"][:, 0], torch.arange(C, dtype=torch.float32))
+    step = [e["step"] for e in after["optimizer"]["state"].values() if "step" in e]
+    assert all(float(s) == 2 for s in step)
+    assert after["head"]["_extra_state"] == {}  # the class sampler starts again from the seed and the rank
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[c[0] for c in CASES])
+def test_one_rank_to_two_keeps_every_class_row(runs, case) -> None:
+    name, opts, optim = CASES[case]
+    before = per_class(runs["one"][case], name, optim)
+    after = joined([runs["two"][r][case]["from_one"] for r in range(WORLD)], name, optim)
+    assert set(after) == set(before)
+    for key, rows in before.items():
+        assert torch.equal(after[key], rows), key
+    sizes = [per_class(runs["two"][r][case]["from_one"], name, optim) for r in range(WORLD)]
+    assert [next(iter(s.values())).shape[0] for s in sizes] == [4, 3]
+
+
+def test_recut_rows_over_uneven_layouts() -> None:
+    rows = torch.arange(11)[:, None].float()
+    parts = [rows[:4], rows[4:8], rows[8:]]  # 11 classes over 3 ranks: 4, 4, 3
+    for world in (1, 2, 4, 5, 11):
+        assert torch.equal(torch.cat([recut_rows(parts, 11, r, world) for r in range(world)]), rows)
