@@ -5,13 +5,22 @@ The heads cover one weight (ArcFace), one weight per sphere (MultiFace) and a pe
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import free_port
+from helpers import free_port, run_cli
 from torch import nn
+from train_setup import ENV, make_data, write_config
 
+from facetool.train.data import LoaderConfig, WdsLoader, batches_per_epoch, open_shards
 from facetool.train.engine.optim import create_optimizer, parameter_groups
 from facetool.train.engine.reshard import per_class_keys, recut_head, recut_rows
 from facetool.train.engine.state import module_state
@@ -147,3 +156,85 @@ def test_recut_rows_over_uneven_layouts() -> None:
     parts = [rows[:4], rows[4:8], rows[8:]]  # 11 classes over 3 ranks: 4, 4, 3
     for world in (1, 2, 4, 5, 11):
         assert torch.equal(torch.cat([recut_rows(parts, 11, r, world) for r in range(world)]), rows)
+
+
+# -- the loader: the rest of an interrupted epoch, on another layout ---------------------------------------------
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """128 synthetic faces (16 identities) as 4 shards; every decoded image is distinct."""
+    return make_data(tmp_path_factory.mktemp("reshard_data")) / "shards"
+
+
+def seen(loaders: list[WdsLoader], epoch: int, batches: int | None) -> list[bytes]:
+    """The images (as bytes) of the first ``batches`` batches (all: None) of ``epoch`` on each loader."""
+    out = []
+    for loader in loaders:
+        loader.epoch = epoch
+        for batch in itertools.islice(loader, batches):
+            out += [image.numpy().tobytes() for image in batch.images]
+    return out
+
+
+@pytest.mark.parametrize("last_batch", ["partial", "drop"])
+def test_the_rest_of_an_epoch_on_other_layouts_reads_each_sample_once(shards, last_batch) -> None:
+    """2 ranks x 2 workers read 2 batches, then 1 rank (in-process) 3 batches, then 2 ranks x 1 worker the rest."""
+    set_ = open_shards(shards)
+    cfg = LoaderConfig(batch_size=8, flip_prob=0.0, shuffle_buffer=16, last_batch=last_batch, seed=3)
+    whole = seen([WdsLoader(set_, cfg, workers=0)], 1, None)
+    assert len(set(whole)) == len(whole) == 128
+
+    first = [WdsLoader(set_, cfg, r, 2, workers=2) for r in range(2)]
+    got = seen(first, 1, 2)
+    second = WdsLoader(set_, cfg, workers=0)
+    assert second.resume_epoch(first[0].cut(1, 2)) == (1, 0)
+    assert second.batches(1) == (128 - 32) // 8
+    got += seen([second], 1, 3)
+    third = [WdsLoader(set_, cfg, r, 2, workers=1) for r in range(2)]
+    for loader in third:
+        assert loader.resume_epoch(second.cut(1, 3)) == (1, 0)
+    got += seen(third, 1, None)
+    assert len(set(got)) == len(got)  # no sample twice
+    if last_batch == "partial":
+        assert sorted(got) == sorted(whole)  # and every sample of the epoch once
+    else:
+        assert len(got) == 32 + 24 + 2 * 8 * ((128 - 56) // 16)
+    assert third[0].batches(1) == batches_per_epoch(128 - 56, 2, 8, last_batch)
+    assert seen(third[:1], 2, 1) == seen([WdsLoader(set_, cfg, 0, 2, workers=0)], 2, 1)  # the next epoch is whole
+
+
+# -- end to end: `facetool train` on 2 ranks, resumed on 1, then on 2 again --------------------------------------
+def torchrun(config: Path, output: Path, *args: str) -> subprocess.CompletedProcess:
+    """``facetool train`` under torchrun on 2 CPU processes (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "facetool",
+           "train", str(config), "--output", str(output), *args]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_train_resumes_2_to_1_to_2_ranks_through_the_rest_of_the_epoch(tmp_path, shards) -> None:
+    """128 samples, batch 8 per rank: 2 steps on 2 ranks (32 samples), 4 on 1 rank (32), then the 64 left of the
+    epoch on 2 ranks: 4 steps, so that step 10 ends epoch 0 exactly (each rank's workers: its share of the cores)."""
+    config = write_config(tmp_path / "c.toml", shards.parent, run={"steps": 2, "seed": 1, "threads": 1})
+    out = tmp_path / "run"
+    torchrun(config, out, "--quiet")
+    one = run_cli("train", str(config), "--output", str(out), "--resume", "--set", "run.steps=6", env=ENV, timeout=300)
+    assert one.returncode == 0, one.stderr
+    note = "resuming a 2-rank checkpoint on 1 rank: the class shards and their optimiser state re-cut"
+    assert note in one.stdout
+    assert "epoch 0 continues with 12 batch(es) of 8 images over what it had not yet seen" in one.stdout
+    two = torchrun(config, out, "--resume", "--set", "run.steps=10")
+    assert "resuming a 1-rank checkpoint on 2 ranks" in two.stdout
+    assert "epoch 0 continues with 4 batch(es) of 16 images" in two.stdout
+
+    def state(step: int, rank: int = 0) -> dict:
+        return torch.load(out / "checkpoints" / f"step-{step:08d}" / f"rank-{rank:05d}.pt", weights_only=True)
+
+    cut = state(6)["loader"]
+    assert (cut["epoch"], cut["batch"], cut["world_size"]) == (0, 4, 1)
+    assert (cut["before"]["batch"], cut["before"]["world_size"], cut["before"]["before"]) == (2, 2, None)
+    last = [state(10, r) for r in range(2)]
+    assert [(s["loader"]["epoch"], s["loader"]["batch"], s["loader"]["before"]) for s in last] == [(1, 0, None)] * 2
+    assert [s["head"]["weight"].shape[0] for s in last] == [8, 8]
+    logged = [json.loads(x) for x in (out / "logs" / "scalars.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logged if "train/loss" in x] == list(range(1, 11))
