@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,10 +21,11 @@ from helpers import free_port, run_cli
 from torch import nn
 from train_setup import ENV, make_data, write_config
 
+from facetool.pipeline.errors import FacetoolError
 from facetool.train.data import LoaderConfig, WdsLoader, batches_per_epoch, open_shards
 from facetool.train.engine.optim import create_optimizer, parameter_groups
 from facetool.train.engine.reshard import per_class_keys, recut_head, recut_rows
-from facetool.train.engine.state import module_state
+from facetool.train.engine.state import module_state, restore_loader
 from facetool.train.heads import Head, create_head
 
 E, C, B, WORLD = 8, 7, 6, 2  # 7 classes: ranks 0 and 1 of 2 hold 4 and 3
@@ -238,3 +240,21 @@ def test_train_resumes_2_to_1_to_2_ranks_through_the_rest_of_the_epoch(tmp_path,
     assert [s["head"]["weight"].shape[0] for s in last] == [8, 8]
     logged = [json.loads(x) for x in (out / "logs" / "scalars.jsonl").read_text().splitlines()]
     assert [x["step"] for x in logged if "train/loss" in x] == list(range(1, 11))
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"loader": {"backend": "DaliLoader", "epoch": 1, "batch": 3, "world_size": 2}},
+        {"epoch": 1, "batch_in_epoch": 3},  # written before checkpoints held the loader state
+    ],
+    ids=["dali", "no-loader-state"],
+)
+def test_other_loaders_refuse_the_middle_of_an_epoch_on_other_ranks(tmp_path, state) -> None:
+    cfg = {"data": {"source": "shards"}, "run": {"steps": 0, "epochs": 2.0}}
+    trainer = SimpleNamespace(steps_per_epoch=8, loader=object(), ctx=SimpleNamespace(world_size=1), cfg=cfg, total=16)
+    with pytest.raises(FacetoolError, match=r"written in the middle of epoch 1 by 2 ranks; only the webdataset loader"):
+        restore_loader(trainer, {**state, "step": 11, "world_size": 2}, tmp_path)
+    at_start = {"loader": {"backend": "DaliLoader", "epoch": 1, "batch": 0, "world_size": 2}, "epoch": 1}
+    restore_loader(trainer, {**at_start, "step": 8, "world_size": 2}, tmp_path)
+    assert trainer.clock.at(8) == (1, 0) and trainer.total == 16

@@ -292,7 +292,9 @@ class WdsLoader:
             self._started = True
         self._epoch.value = self.epoch
         items = (self._checked(item) for item in self._loader)
-        for batch in assemble(items, self.batches(self.epoch), self.config.batch_size, self.config.last_batch == "partial"):
+        for batch in assemble(
+            items, self.batches(self.epoch), self.config.batch_size, self.config.last_batch == "partial"
+        ):
             yield self._empty() if batch is None else self._to_device(*batch)
         self.epoch += 1
 

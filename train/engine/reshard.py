@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from facetool.pipeline.errors import FacetoolError
 from facetool.train.heads.distributed import class_shard
 
 HEAD_PREFIX = "head."  # the optimiser group name of a head parameter (``parameter_groups``)
@@ -32,7 +31,10 @@ def per_class_keys(heads: list[dict[str, Any]], num_classes: int) -> list[str]:
     world = len(heads)
     sizes = [class_shard(num_classes, r, world).size for r in range(world)]
     keys = [k for k, v in heads[0].items() if torch.is_tensor(v) and v.dim() >= 1]
-    return [k for k in keys if all(torch.is_tensor(h.get(k)) and h[k].shape[:1] == (n,) for h, n in zip(heads, sizes))]
+    fits = [
+        [torch.is_tensor(h.get(k)) and h[k].shape[:1] == (n,) for h, n in zip(heads, sizes, strict=True)] for k in keys
+    ]
+    return [k for k, fit in zip(keys, fits, strict=True) if all(fit)]
 
 
 def recut_rows(parts: list[Tensor], num_classes: int, rank: int, world_size: int) -> Tensor:
@@ -74,7 +76,7 @@ def recut_head(
         if name not in keys or index not in optim["state"]:
             continue
         entry = dict(optim["state"][index])
-        for field, value in entry.items():
+        for field in entry:
             parts = [o["state"][index][field] for o in optims]
             if all(torch.is_tensor(p) and p.dim() >= 1 and p.shape[0] == sizes[r] for r, p in enumerate(parts)):
                 entry[field] = recut_rows(parts, num_classes, rank, world_size)
@@ -87,23 +89,20 @@ def recut_states(
 ) -> dict[str, Any]:
     """The training state new rank ``rank`` of ``world_size`` would have written, from a checkpoint of
     ``old_world`` ranks (``load(r)`` reads old rank r's state). ``num_classes`` is None for a run without a head
-    (MAE pre-training: every rank holds the same state)."""
+    (MAE pre-training: every rank holds the same state). States that do not fit raise KeyError, TypeError or
+    ValueError."""
     states = [load(r) for r in range(old_world)]
     base = states[0]
     rng = states[rank]["rng"] if rank < old_world else base["rng"]
-    state = {**base, "world_size": world_size, "rank": rank, "rng": rng}
+    state = {**base, "rank": rank, "rng": rng}  # world_size: still the writers' (the loader state is theirs)
     if rank == 0:
         state.pop("backbone_state", None)
     else:
         state.pop("backbone", None)
         state["backbone_state"] = base["backbone"]["state_dict"]
     if num_classes is not None:
-        try:
-            state["head"], state["optimizer"] = recut_head(
-                [s["head"] for s in states], [s["optimizer"] for s in states], num_classes, rank, world_size
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise FacetoolError(f"the class shards of {old_world} ranks cannot be cut for {world_size}: {err}") from None
+        heads, optims = [s["head"] for s in states], [s["optimizer"] for s in states]
+        state["head"], state["optimizer"] = recut_head(heads, optims, num_classes, rank, world_size)
     return state
 
 

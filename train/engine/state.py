@@ -150,7 +150,11 @@ def read_state(trainer: Trainer, folder: Path) -> tuple[dict[str, Any], int]:
     if written == ctx.world_size:
         return load(ctx.rank), written
     classes = trainer.head.num_classes if trainer.head is not None else None
-    return recut_states(load, written, classes, ctx.rank, ctx.world_size), written
+    try:
+        return recut_states(load, written, classes, ctx.rank, ctx.world_size), written
+    except (KeyError, TypeError, ValueError) as err:
+        raise FacetoolError(f"{folder}: the class shards of {written} ranks cannot be cut for {ctx.world_size} "
+                            f"({type(err).__name__}: {str(err)[:200]})") from None  # fmt: skip
 
 
 def restore(trainer: Trainer, folder: Path) -> None:
@@ -185,22 +189,26 @@ def reshard_note(trainer: Trainer, written: int) -> str:
 
 def restore_loader(trainer: Trainer, state: dict[str, Any], folder: Path) -> None:
     """Where the loader goes on: the checkpoint's loader state, given to a loader that can continue it (the
-    webdataset one, on any layout); another loader continues on the same number of ranks, or at an epoch's start."""
-    cut, step = state.get("loader"), int(state["step"])
+    webdataset one, on any layout); another loader continues on the same number of ranks, or at an epoch's start
+    (the synthetic source: from the step)."""
+    cut, step, written = state.get("loader"), int(state["step"]), int(state["world_size"])
     clock = EpochClock(trainer.steps_per_epoch)
-    if isinstance(cut, dict) and hasattr(trainer.loader, "resume_epoch"):
+    if isinstance(cut, dict) and cut.get("backend") == "wds" and hasattr(trainer.loader, "resume_epoch"):
         epoch, skip = trainer.loader.resume_epoch(cut)
         clock = EpochClock(trainer.steps_per_epoch, epoch, step - skip, trainer.loader.batches(epoch))
-    elif isinstance(cut, dict) and int(cut["world_size"]) != trainer.ctx.world_size:
-        if (cut["batch"] or cut.get("before")) and cut["backend"] != "SyntheticLoader":
+    elif written != trainer.ctx.world_size and trainer.cfg["data"]["source"] != "synthetic":
+        epoch, batch = (cut["epoch"], cut["batch"] or cut.get("before")) if isinstance(cut, dict) else (
+            state.get("epoch"), state.get("batch_in_epoch"))  # fmt: skip
+        if batch:
             raise FacetoolError(
-                f"{folder}: written in the middle of epoch {cut['epoch']} by {cut['world_size']} ranks; only the "
-                "webdataset loader (data.backend = \"wds\") continues an epoch on another number of ranks: resume on "
-                f"{cut['world_size']} ranks, or with the wds backend"
+                f"{folder}: written in the middle of epoch {epoch} by {written} ranks; only the webdataset loader "
+                f'(data.backend = "wds") continues an epoch on another number of ranks: resume on {written} ranks, '
+                "or with the wds backend"
             )
     trainer.clock = clock
     if not trainer.cfg["run"]["steps"]:
         trainer.total = clock.total(trainer.cfg["run"]["epochs"])
+
 
 def restore_state(trainer: Trainer, state: dict[str, Any], folder: Path) -> None:
     """Put a checkpoint's ``state`` (this rank's) into ``trainer``, after checking its backbone and config."""
