@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from train_setup import ENV, make_data, write_config
 
 from facetool.pipeline.errors import FacetoolError
 from facetool.train.data import LoaderConfig, WdsLoader, batches_per_epoch, open_shards
+from facetool.train.engine.clock import EpochClock
 from facetool.train.engine.optim import create_optimizer, parameter_groups
 from facetool.train.engine.reshard import per_class_keys, recut_head, recut_rows
 from facetool.train.engine.state import module_state, restore_loader
@@ -258,3 +260,13 @@ def test_other_loaders_refuse_the_middle_of_an_epoch_on_other_ranks(tmp_path, st
     at_start = {"loader": {"backend": "DaliLoader", "epoch": 1, "batch": 0, "world_size": 2}, "epoch": 1}
     restore_loader(trainer, {**at_start, "step": 8, "world_size": 2}, tmp_path)
     assert trainer.clock.at(8) == (1, 0) and trainer.total == 16
+
+
+def test_epoch_clock() -> None:
+    whole = EpochClock(10)
+    assert [whole.at(s) for s in (0, 9, 10, 23)] == [(0, 0), (0, 9), (1, 0), (2, 3)]
+    for epochs in (0.05, 1.0, 2.3, 3.7):  # as before any resume on other ranks, at any epoch it resumes in
+        assert whole.total(epochs) == EpochClock(10, 2, 20).total(epochs) == max(1, math.ceil(epochs * 10))
+    short = EpochClock(10, 1, 13, 4)  # epoch 1 resumed at step 13 with 4 batches left, on another layout
+    assert [short.at(s) for s in (13, 16, 17, 27)] == [(1, 0), (1, 3), (2, 0), (3, 0)]
+    assert (short.total(1.5), short.total(2.0), short.total(3.5)) == (17, 17, 32)

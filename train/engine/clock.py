@@ -30,9 +30,13 @@ class EpochClock:
         return self.epoch + 1 + epoch, batch
 
     def total(self, epochs: float) -> int:
-        """The steps of a run of ``epochs`` epochs (a fraction of an epoch rounds up to a step; a run whose end
-        falls in the first, shortened epoch finishes it)."""
-        if self.length is None and self.epoch == 0 and self.start == 0:
-            return max(1, math.ceil(epochs * self.steps_per_epoch))
-        end = self.start + (self.steps_per_epoch if self.length is None else self.length)
-        return end + max(0, math.ceil((epochs - self.epoch - 1) * self.steps_per_epoch))
+        """The steps of a run of ``epochs`` epochs: ``ceil(epochs x steps_per_epoch)`` while the epochs fall on
+        multiples of it; after a shortened epoch, its end plus the whole epochs left (a fraction rounds up to a
+        step; an end that falls in the shortened epoch finishes it)."""
+        spe = self.steps_per_epoch
+        if self.start == self.epoch * spe and self.length in (None, spe):
+            return max(1, math.ceil(epochs * spe))
+        if epochs <= self.epoch:
+            return self.start
+        end = self.start + (spe if self.length is None else self.length)
+        return end + max(0, math.ceil((epochs - self.epoch - 1) * spe))
