@@ -291,18 +291,17 @@ class WdsLoader:
             gc.collect()
             self._started = True
         self._epoch.value = self.epoch
-        items = (self._checked(item) for item in self._loader)
-        for batch in assemble(
-            items, self.batches(self.epoch), self.config.batch_size, self.config.last_batch == "partial"
-        ):
+        total, partial = self.batches(self.epoch), self.config.last_batch == "partial"
+        for batch in assemble(self._items(), total, self.config.batch_size, partial):
             yield self._empty() if batch is None else self._to_device(*batch)
         self.epoch += 1
 
-    @staticmethod
-    def _checked(item: tuple[torch.Tensor, ...] | str) -> tuple[torch.Tensor, ...]:
-        if isinstance(item, str):  # a worker's error
-            raise FacetoolError(item)
-        return item
+    def _items(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The workers' items (full batches and remainders); a worker's error raised again."""
+        for item in self._loader:
+            if isinstance(item, str):  # a worker's error
+                raise FacetoolError(item)
+            yield item
 
     def batches(self, epoch: int) -> int:
         """Batches of ``epoch`` on this rank: ``len(self)``, or fewer for the rest of a resumed epoch."""
@@ -320,7 +319,7 @@ class WdsLoader:
     def resume_epoch(self, cut: dict) -> tuple[int, int]:
         """Continue from a checkpoint's loader state ``cut``: (its epoch, the batches of it to skip). Written by
         this layout (ranks and workers), the stream goes on where it stood; by another, this epoch reads only the
-        samples the other had not yet handed out."""
+        samples the other had not yet handed out. Called before the first epoch is read (workers persist)."""
         epoch, before = int(cut["epoch"]), cut["before"]
         same = (int(cut["world_size"]), int(cut["workers"])) == (self.world_size, self.workers)
         skip = int(cut["batch"]) if same else 0
