@@ -32,6 +32,12 @@ from facetool.train.heads import Head, create_head
 
 E, C, B, WORLD = 8, 7, 6, 2  # 7 classes: ranks 0 and 1 of 2 hold 4 and 3
 CASES = [("arcface", {}, "sgd"), ("multiface", {"spheres": 2}, "adamw"), ("rowbuffer", {}, "adamw")]
+ADAM = ("exp_avg", "exp_avg_sq")
+PER_CLASS = [  # every per-class tensor of each case's head and optimiser state
+    {"weight", "head.weight/momentum_buffer"},
+    {f"spheres.{i}.weight" for i in range(2)} | {f"head.spheres.{i}.weight/{f}" for i in range(2) for f in ADAM},
+    {"weight", "rows"} | {f"head.weight/{f}" for f in ADAM},
+]
 
 
 class RowBuffer(Head):
@@ -132,7 +138,7 @@ def test_two_ranks_to_one_keeps_every_class_row(runs, case) -> None:
     after = loaded(name, opts, optim, recut(states, 0, 1))
     before = joined(states, name, optim)
     got = per_class(after, name, optim)
-    assert set(got) == set(before) and len(before) >= 2  # the weight(s) and their optimiser state at least
+    assert set(got) == set(before) == PER_CLASS[case]
     for key, rows in before.items():
         assert rows.shape[0] == C
         assert torch.equal(got[key], rows), key
@@ -148,7 +154,7 @@ def test_one_rank_to_two_keeps_every_class_row(runs, case) -> None:
     name, opts, optim = CASES[case]
     before = per_class(runs["one"][case], name, optim)
     after = joined([runs["two"][r][case]["from_one"] for r in range(WORLD)], name, optim)
-    assert set(after) == set(before)
+    assert set(after) == set(before) == PER_CLASS[case]
     for key, rows in before.items():
         assert torch.equal(after[key], rows), key
     sizes = [per_class(runs["two"][r][case]["from_one"], name, optim) for r in range(WORLD)]
