@@ -7,7 +7,8 @@ resume, evaluation hook, logging) and MAE pre-training for FaceT.
 Modules: ``config`` (schema, loading, checks), ``tomlwrite`` (the resolved config as TOML), ``context`` (ranks and
 device), ``build`` (loader, backbone, head, MAE, optimiser, schedule; sizes checked on the meta device),
 ``trainer`` (the loop), ``sync`` (what keeps DDP ranks in lockstep: clipping, fp16's scaler, the replica check),
-``state`` (what a checkpoint holds, exact resume), ``resume`` (reusing an output folder: fresh-run refusal, the
+``state`` (what a checkpoint holds, exact resume), ``reshard`` (a checkpoint of N ranks resumed on M),
+``clock`` (the epoch and batch of each step), ``resume`` (reusing an output folder: fresh-run refusal, the
 config check of ``--resume``), ``checkpoint`` (the checkpoint files), ``scalars`` (the scalar log), ``optim``,
 ``mae`` and ``data`` (synthetic batches).
 """

@@ -82,8 +82,8 @@ def latest(root: Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
-def read_rank(folder: Path, rank: int, world_size: int) -> dict[str, Any]:
-    """This rank's state from a complete checkpoint folder written by a run of ``world_size`` ranks."""
+def written_ranks(folder: Path) -> int:
+    """How many ranks wrote the complete checkpoint ``folder`` (its ``COMPLETE`` marker says)."""
     marker = folder / COMPLETE
     try:
         text = marker.read_text().strip()
@@ -92,10 +92,13 @@ def read_rank(folder: Path, rank: int, world_size: int) -> dict[str, Any]:
         raise FacetoolError(f"{marker}: cannot read ({err.strerror or err})") from None
     except ValueError:
         raise FacetoolError(f"{marker}: damaged (expected the number of ranks, got {text[:40]!r})") from None
-    if written != world_size:
-        raise FacetoolError(
-            f"{folder}: written by {written} ranks, this run has {world_size}; resume with the same number of ranks"
-        )
+    if written < 1:
+        raise FacetoolError(f"{marker}: damaged (expected the number of ranks, got {written})")
+    return written
+
+
+def read_rank(folder: Path, rank: int) -> dict[str, Any]:
+    """Rank ``rank``'s state from a complete checkpoint folder."""
     path = rank_file(folder, rank)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -15,6 +15,8 @@ from torch import nn
 
 from facetool.pipeline.errors import FacetoolError
 from facetool.train.engine import checkpoint as ckpt
+from facetool.train.engine.clock import EpochClock
+from facetool.train.engine.reshard import describe_ranks, recut_states
 from facetool.train.engine.resume import check_resume_config
 from facetool.train.engine.tomlwrite import to_toml
 from facetool.train.models.checkpoint import backbone_payload
@@ -59,7 +61,7 @@ def training_state(trainer: Trainer) -> dict[str, Any]:
     """What this rank writes into a checkpoint: everything an exact resume needs (rank 0's file also holds the
     backbone as ``save_backbone`` writes it; the other ranks keep only its state, the same on every rank)."""
     ctx = trainer.ctx
-    epoch, batch = divmod(trainer.step, trainer.steps_per_epoch)
+    epoch, batch = trainer.clock.at(trainer.step)
     state: dict[str, Any] = {
         "format": TRAIN_FORMAT,
         "version": 1,
@@ -75,6 +77,7 @@ def training_state(trainer: Trainer) -> dict[str, Any]:
         "rng": rng_states(ctx.device),
         "history": json.dumps(trainer.history),
         "config": to_toml(trainer.cfg),
+        "loader": loader_cut(trainer.loader, epoch, batch, ctx.world_size),
     }
     if trainer.head is not None:
         state["head"] = module_state(trainer.head)  # its extra state holds the class sampler's generator
@@ -125,18 +128,86 @@ def check_state(state: Any, path: Path, task: str, main: bool) -> None:
                                 f"{str(value)[:40]!r}, expected {kind.__name__})")  # fmt: skip
 
 
+def loader_cut(loader: Any, epoch: int, batch: int, world_size: int) -> dict[str, Any]:
+    """Where the loader stands after ``batch`` batches of ``epoch``: what it says (the webdataset loader, which can
+    continue on another layout), else the epoch, batch and number of ranks."""
+    if hasattr(loader, "cut"):
+        return loader.cut(epoch, batch)
+    return {"backend": type(loader).__name__, "epoch": epoch, "batch": batch, "world_size": world_size}
+
+
+def read_state(trainer: Trainer, folder: Path) -> tuple[dict[str, Any], int]:
+    """This rank's state in the checkpoint ``folder`` (each file checked), and how many ranks wrote it: from
+    another number of ranks, the state this rank would have written (:func:`.reshard.recut_states`)."""
+    ctx = trainer.ctx
+
+    def load(rank: int) -> dict[str, Any]:
+        state = ckpt.read_rank(folder, rank)
+        check_state(state, ckpt.rank_file(folder, rank), trainer.task, rank == 0)
+        return state
+
+    written = ckpt.written_ranks(folder)
+    if written == ctx.world_size:
+        return load(ctx.rank), written
+    classes = trainer.head.num_classes if trainer.head is not None else None
+    try:
+        return recut_states(load, written, classes, ctx.rank, ctx.world_size), written
+    except (KeyError, TypeError, ValueError) as err:
+        raise FacetoolError(f"{folder}: the class shards of {written} ranks cannot be cut for {ctx.world_size} "
+                            f"({type(err).__name__}: {str(err)[:200]})") from None  # fmt: skip
+
+
 def restore(trainer: Trainer, folder: Path) -> None:
     """Load this rank's file of the checkpoint ``folder`` into ``trainer``: the run continues bitwise as if it
-    had not stopped. A damaged file is a one-line error naming it."""
+    had not stopped (on the same number of ranks; on another, the class shards are cut again and the loader
+    reads the rest of the interrupted epoch). A damaged file is a one-line error naming it."""
     ctx = trainer.ctx
-    state = ckpt.read_rank(folder, ctx.rank, ctx.world_size)
-    path = ckpt.rank_file(folder, ctx.rank)
-    check_state(state, path, trainer.task, ctx.main)
+    state, written = read_state(trainer, folder)
+    path = ckpt.rank_file(folder, ctx.rank if written == ctx.world_size else 0)
     try:
         restore_state(trainer, state, folder)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise FacetoolError(f"{path}: damaged training checkpoint ({type(err).__name__}: {reason})") from None
+    if written != ctx.world_size:
+        trainer.log(reshard_note(trainer, written))
+
+
+def reshard_note(trainer: Trainer, written: int) -> str:
+    """The log line of a resume on another number of ranks: what changed."""
+    epoch, batch = trainer.clock.at(trainer.step)
+    clock = trainer.clock
+    left = (clock.length if clock.epoch == epoch and clock.length is not None else trainer.steps_per_epoch) - batch
+    head = ""
+    if trainer.head is not None:
+        head = ("the class shards and their optimiser state re-cut to the new ranges, each rank's class sampler "
+                "seeded again from the seed and its rank; ")  # fmt: skip
+    return (f"resuming a {written}-rank checkpoint on "
+            f"{describe_ranks(trainer.ctx.world_size)}: {head}epoch {epoch} continues with {left} batch(es) of "
+            f"{trainer.global_batch} images over what it had not yet seen")  # fmt: skip
+
+
+def restore_loader(trainer: Trainer, state: dict[str, Any], folder: Path) -> None:
+    """Where the loader goes on: the checkpoint's loader state, given to a loader that can continue it (the
+    webdataset one, on any layout); another loader continues on the same number of ranks, or at an epoch's start
+    (the synthetic source: from the step)."""
+    cut, step, written = state.get("loader"), int(state["step"]), int(state["world_size"])
+    clock = EpochClock(trainer.steps_per_epoch)
+    if isinstance(cut, dict) and cut.get("backend") == "wds" and hasattr(trainer.loader, "resume_epoch"):
+        epoch, skip = trainer.loader.resume_epoch(cut)
+        clock = EpochClock(trainer.steps_per_epoch, epoch, step - skip, trainer.loader.batches(epoch))
+    elif written != trainer.ctx.world_size and trainer.cfg["data"]["source"] != "synthetic":
+        epoch, batch = (cut["epoch"], cut["batch"] or cut.get("before")) if isinstance(cut, dict) else (
+            state.get("epoch"), state.get("batch_in_epoch"))  # fmt: skip
+        if batch:
+            raise FacetoolError(
+                f"{folder}: written in the middle of epoch {epoch} by {written} ranks; only the webdataset loader "
+                f'(data.backend = "wds") continues an epoch on another number of ranks: resume on {written} ranks, '
+                "or with the wds backend"
+            )
+    trainer.clock = clock
+    if not trainer.cfg["run"]["steps"]:
+        trainer.total = clock.total(trainer.cfg["run"]["epochs"])
 
 
 def restore_state(trainer: Trainer, state: dict[str, Any], folder: Path) -> None:
@@ -153,6 +224,7 @@ def restore_state(trainer: Trainer, state: dict[str, Any], folder: Path) -> None
         trainer.scaler.load_state_dict(state["scaler"])
     set_rng_states(state["rng"], ctx.device)
     trainer.step = int(state["step"])
+    restore_loader(trainer, state, folder)
     trainer.history = json.loads(state["history"])
     if trainer.history and "sets" in trainer.history[-1]:
         trainer.verification = trainer.history[-1]["sets"]

@@ -37,6 +37,7 @@ from facetool.train.engine.build import (
     embedding_size,
     head_classes,
 )
+from facetool.train.engine.clock import EpochClock
 from facetool.train.engine.config import Config
 from facetool.train.engine.context import Context, setup_distributed
 from facetool.train.engine.optim import apply_lr
@@ -126,11 +127,13 @@ class Trainer:
         self.model = distributed(self.replicated, self.ctx, find_unused=self.mae is not None)
 
         self.step = 0
+        self.clock = EpochClock(self.steps_per_epoch)
         self.eval_seconds = 0.0  # left out of the training image rate
         self.history: list[dict[str, Any]] = []
         self.verification: dict[str, Any] = {}
         if resume_from is not None:
             restore(self, resume_from[1])
+            self.schedule = build_schedule(cfg, self.peak_lr, self.total, self.steps_per_epoch)
             if self.step > self.total:
                 raise FacetoolError(
                     f"{resume_from[1]}: checkpoint of step {self.step}, past this run's {self.total} steps "
@@ -230,7 +233,7 @@ class Trainer:
         """The loader's batches from the current step on: the loader starts the step's epoch directly (every
         loader derives an epoch from the seed and its number alone), and the batches before the position in that
         epoch are drawn and dropped (the loader draws the same ones again, so the position is exact)."""
-        epoch, skip = divmod(self.step, self.steps_per_epoch)
+        epoch, skip = self.clock.at(self.step)
         self.loader.epoch = epoch
         while True:
             for i, batch in enumerate(self.loader):

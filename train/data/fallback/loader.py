@@ -23,6 +23,7 @@ from facetool.train.data.epochs import batches_per_epoch, derive_seed
 from facetool.train.data.fallback.batches import fill_batch
 from facetool.train.data.fallback.pool import Slot, SlotPool
 from facetool.train.data.fallback.reader import epoch_segments, read_samples
+from facetool.train.data.remainder import assemble, remaining_ids, runs_of, shuffle_seed, slice_ids
 from facetool.train.data.shardset import ShardSet, warn_mask_reuse
 
 PREFETCH = 2  # batches each worker builds ahead
@@ -51,6 +52,7 @@ class SampleStream(IterableDataset):
         self.config, self.rank, self.world_size, self.pick = config, rank, world_size, pick
         self.epoch = epoch  # a shared mp.Value: persistent workers read the main process's epoch from it
         self.pool = pool
+        self.remainder: tuple[int, np.ndarray, dict] | None = None  # a resumed epoch: (epoch, ids left, cut)
 
     def __iter__(self) -> Iterator[Slot | tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str]:
         try:
@@ -64,13 +66,16 @@ class SampleStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         cfg, epoch, pass_ = self.config, int(self.epoch.value), self.pool.current_pass()
-        runs = epoch_segments(self.counts, cfg.seed, epoch, self.rank, self.world_size, worker, workers)
+        if self.remainder is not None and self.remainder[0] == epoch:
+            runs = runs_of(slice_ids(self.remainder[1], self.rank, self.world_size, worker, workers), self.counts)
+        else:
+            runs = epoch_segments(self.counts, cfg.seed, epoch, self.rank, self.world_size, worker, workers)
         samples = itertools.chain.from_iterable(self._read(s, first, count) for s, first, count in runs)
         bufsize = max(1, cfg.shuffle_buffer // workers)
-        shuffle_seed = derive_seed(cfg.seed, 3, epoch, self.rank, worker)
         import webdataset as wds
 
-        samples = wds.filters.shuffle(bufsize, initial=bufsize, seed=shuffle_seed)(samples)
+        seed = shuffle_seed(cfg.seed, epoch, self.rank, worker)
+        samples = wds.filters.shuffle(bufsize, initial=bufsize, seed=seed)(samples)
         rng = np.random.default_rng(derive_seed(cfg.seed, 4, epoch, self.rank, worker))
         B, S = cfg.batch_size, cfg.image_size
         scratch = torch.empty((B, 3, S, S), dtype=torch.uint8)  # decoded pixels, reused batch after batch
@@ -138,6 +143,7 @@ class WdsLoader:
         self.pool = SlotPool(workers, SLOTS, config.batch_size, (3, S, S), dtype, ctx if workers > 0 else None)
         self.dataset = SampleStream(shards, config, rank, world_size, pick, self._epoch, self.pool)
         self._workers, self._ctx = workers, ctx
+        self.workers = workers
         self._loader = self._data_loader()
         self.epoch = 0
         self._started = False
@@ -168,31 +174,37 @@ class WdsLoader:
             self._started = True
         self._epoch.value = self.epoch
         self.pool.begin_pass()
-        total, B = len(self), self.config.batch_size
-        done, rest = 0, []
-        for images, labels, masked in self._items() if total else ():
-            if len(labels) == B:
-                yield self._to_device(images, labels, masked)
-                done += 1
-            else:
-                rest.append((images, labels, masked))
-                if sum(len(r[1]) for r in rest) >= B:
-                    merged = [torch.cat(t) for t in zip(*rest, strict=True)]
-                    yield self._to_device(*(t[:B] for t in merged))
-                    done += 1
-                    rest = [tuple(t[B:] for t in merged)]
-            if done == total:
-                break
-        if done < total and self.config.last_batch == "partial":
-            if rest:
-                yield self._to_device(*(torch.cat(t) for t in zip(*rest, strict=True)))
-            else:
-                yield self._empty()
-            done += 1
-            while done < total:  # this rank's part is a sample shorter than the largest: same batch count
-                yield self._empty()
-                done += 1
+        total, partial = self.batches(self.epoch), self.config.last_batch == "partial"
+        for batch in assemble(self._items() if total else iter(()), total, self.config.batch_size, partial):
+            yield self._empty() if batch is None else self._to_device(*batch)
         self.epoch += 1
+
+    def batches(self, epoch: int) -> int:
+        """Batches of ``epoch`` on this rank: ``len(self)``, or fewer for the rest of a resumed epoch."""
+        remainder = self.dataset.remainder
+        samples = len(remainder[1]) if remainder is not None and remainder[0] == epoch else self.shards.samples
+        return batches_per_epoch(samples, self.world_size, self.config.batch_size, self.config.last_batch)
+
+    def cut(self, epoch: int, batch: int) -> dict:
+        """Where this rank's stream stands after ``batch`` batches of ``epoch`` (the checkpoint's loader state)."""
+        remainder = self.dataset.remainder
+        before = remainder[2] if remainder is not None and remainder[0] == epoch else None
+        return {"backend": "wds", "epoch": epoch, "world_size": self.world_size, "workers": self.workers,
+                "batch": batch, "before": before}  # fmt: skip
+
+    def resume_epoch(self, cut: dict) -> tuple[int, int]:
+        """Continue from a checkpoint's loader state ``cut``: (its epoch, the batches of it to skip). Written by
+        this layout (ranks and workers), the stream goes on where it stood; by another, this epoch reads only the
+        samples the other had not yet handed out. Called before the first epoch is read (workers persist)."""
+        epoch, before = int(cut["epoch"]), cut["before"]
+        same = (int(cut["world_size"]), int(cut["workers"])) == (self.world_size, self.workers)
+        skip = int(cut["batch"]) if same else 0
+        if not same and int(cut["batch"]) > 0:
+            before = {k: cut[k] for k in ("world_size", "workers", "batch", "before")}
+        if before is not None:
+            ids = remaining_ids([s.samples for s in self.shards.shards], self.config, epoch, before)
+            self.dataset.remainder = (epoch, ids, before)
+        return epoch, skip
 
     def _items(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The DataLoader's batches as tensors; a worker's error, or a worker that died, as one line."""

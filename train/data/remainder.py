@@ -1,0 +1,133 @@
+"""The rest of an interrupted epoch, for a loader of another layout (number of ranks, or of workers per rank).
+
+The webdataset loader's epoch is a pure function of (seed, epoch, ranks, workers): the samples in the tar order of
+the epoch, cut into contiguous parts per rank and slices per worker, each slice shuffled in a buffer, batched, and
+the workers' batches taken in turn. So which samples the first ``b`` batches of every rank held can be computed
+again from the sample ids alone, without reading a tar (:func:`consumed_mask`). A resumed run on another layout
+reads the epoch's other samples, in the same order minus the consumed ones, cut over its own ranks and workers:
+no sample of the epoch is seen twice, none is left out (except what ``last_batch = "drop"`` drops).
+
+A *cut* is where an epoch's stream stopped: ``{"world_size", "workers", "batch", "before"}`` (``before``: the cut
+of the stream this one continued, or None for a whole epoch); the checkpoint stores it as the loader state.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from facetool.train.data.config import LoaderConfig
+from facetool.train.data.epochs import batches_per_epoch, derive_seed, tar_order
+
+
+def epoch_ids(counts: list[int], seed: int, epoch: int) -> np.ndarray:
+    """The ids of all samples (their rank in manifest order) in the order an epoch reads them."""
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    order = tar_order(len(counts), seed, epoch)
+    return np.concatenate([np.arange(offsets[s], offsets[s + 1], dtype=np.int64) for s in order])
+
+
+def slice_ids(ids: np.ndarray, rank: int, world_size: int, worker: int, workers: int) -> np.ndarray:
+    """A worker's slice of a rank's contiguous part of ``ids`` (the loaders' cut)."""
+    n = len(ids)
+    part_lo, part_hi = rank * n // world_size, (rank + 1) * n // world_size
+    size = part_hi - part_lo
+    return ids[part_lo + worker * size // workers : part_lo + (worker + 1) * size // workers]
+
+
+def runs_of(ids: np.ndarray, counts: list[int]) -> list[tuple[int, int, int]]:
+    """``ids`` as (shard, first sample in the shard, count) runs of consecutive samples, in order."""
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    runs: list[tuple[int, int, int]] = []
+    for i in ids.tolist():
+        shard = int(np.searchsorted(offsets, i, side="right")) - 1
+        first = i - int(offsets[shard])
+        if runs and runs[-1][0] == shard and runs[-1][1] + runs[-1][2] == first:
+            runs[-1] = (shard, runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((shard, first, 1))
+    return runs
+
+
+def shuffle_seed(seed: int, epoch: int, rank: int, worker: int) -> int:
+    """The seed of a worker's shuffle buffer in an epoch."""
+    return derive_seed(seed, 3, epoch, rank, worker)
+
+
+def interleave(streams: list[Iterator[Any]]) -> Iterator[Any]:
+    """The items of ``streams`` in turn, skipping those that ended: the order in which torch's DataLoader hands
+    out its workers' items."""
+    live = list(streams)
+    while live:
+        for stream in list(live):
+            try:
+                yield next(stream)
+            except StopIteration:
+                live.remove(stream)
+
+
+def assemble(items: Iterable[tuple[torch.Tensor, ...]], total: int, batch_size: int, partial: bool):
+    """A rank's ``total`` batches from its workers' items (full batches and one remainder each): full batches as
+    they come, remainders merged into full ones, then (under ``partial``) what is left, and None (an empty batch)
+    until every rank has yielded the same number."""
+    done, rest = 0, []
+    for item in items if total else ():
+        if len(item[0]) == batch_size:
+            yield item
+            done += 1
+        else:
+            rest.append(item)
+            if sum(len(r[0]) for r in rest) >= batch_size:
+                merged = [torch.cat(t) for t in zip(*rest, strict=True)]
+                yield tuple(t[:batch_size] for t in merged)
+                done += 1
+                rest = [tuple(t[batch_size:] for t in merged)]
+        if done == total:
+            return
+    if done < total and partial:
+        yield tuple(torch.cat(t) for t in zip(*rest, strict=True)) if rest else None
+        done += 1
+        for _ in range(total - done):  # this rank's part is a sample shorter than the largest: same batch count
+            yield None
+
+
+def remaining_ids(counts: list[int], cfg: LoaderConfig, epoch: int, before: dict[str, Any] | None) -> np.ndarray:
+    """The ids an epoch reads after the cut ``before`` (all of them when None), in the epoch's order."""
+    ids = epoch_ids(counts, cfg.seed, epoch)
+    return ids if before is None else ids[~consumed_mask(counts, cfg, epoch, before)[ids]]
+
+
+def consumed_mask(counts: list[int], cfg: LoaderConfig, epoch: int, cut: dict[str, Any]) -> np.ndarray:
+    """Which samples (a bool per id) an epoch's streams up to ``cut`` had handed out."""
+    ids = epoch_ids(counts, cfg.seed, epoch)
+    if cut["before"] is None:
+        mask = np.zeros(sum(counts), dtype=bool)
+    else:
+        mask = consumed_mask(counts, cfg, epoch, cut["before"])
+        ids = ids[~mask[ids]]
+    world, workers, B = int(cut["world_size"]), max(1, int(cut["workers"])), cfg.batch_size
+    total = batches_per_epoch(len(ids), world, B, cfg.last_batch)
+    for rank in range(world):
+        streams = [iter(worker_chunks(ids, cfg, epoch, rank, world, worker, workers)) for worker in range(workers)]
+        batches = assemble(interleave(streams), total, B, cfg.last_batch == "partial")
+        for batch in itertools.islice(batches, int(cut["batch"])):
+            if batch is not None:
+                mask[batch[0].numpy()] = True
+    return mask
+
+
+def worker_chunks(
+    ids: np.ndarray, cfg: LoaderConfig, epoch: int, rank: int, world_size: int, worker: int, workers: int
+) -> list[tuple[torch.Tensor]]:
+    """The ids of the items a worker yields (its slice through its shuffle buffer, in batches), as the worker does
+    with the samples themselves."""
+    import webdataset as wds
+
+    buf = max(1, cfg.shuffle_buffer // workers)
+    shuffle = wds.filters.shuffle(buf, initial=buf, seed=shuffle_seed(cfg.seed, epoch, rank, worker))
+    order = list(shuffle(iter(slice_ids(ids, rank, world_size, worker, workers).tolist())))
+    return [(chunk,) for chunk in torch.tensor(order, dtype=torch.int64).split(cfg.batch_size)] if order else []
