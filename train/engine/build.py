@@ -5,6 +5,7 @@ one-line error naming the config file."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,16 +13,21 @@ from torch import nn
 
 from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.shards.format import MANIFEST
-from facetool.train.data import DaliLoader, WdsLoader, create_loader, open_shards
+from facetool.train.data import DaliLoader, WdsLoader, create_loader, open_shards, require_dali
 from facetool.train.engine.config import SCHEDULE_KEYS, Config, backbone_options, head_options, loader_config
 from facetool.train.engine.context import Context
 from facetool.train.engine.data import SyntheticLoader
 from facetool.train.engine.optim import Schedule, create_optimizer, parameter_groups
 
 
-def build_loader(cfg: Config, ctx: Context) -> DaliLoader | WdsLoader | SyntheticLoader:
-    """This rank's loader: the shard loader ``[data]`` describes, or the synthetic source (model-only rate)."""
+def build_loader(
+    cfg: Config, ctx: Context, notify: Callable[[str], None] | None = None
+) -> DaliLoader | WdsLoader | SyntheticLoader:
+    """This rank's loader: the shard loader ``[data]`` describes, or the synthetic source (model-only rate).
+    ``notify`` hears that ``data.backend = "auto"`` fell back to the portable loader for want of DALI."""
     data = cfg["data"]
+    if data["backend"] == "dali" and data["source"] != "synthetic":
+        require_dali(f"{cfg.source}: data.backend = 'dali' (or set it to 'auto')")
     if data["source"] == "synthetic":
         return SyntheticLoader(data["synthetic_samples"], data["synthetic_classes"], data["batch_size"], ctx.rank,
                                ctx.world_size, cfg["run"]["seed"], ctx.device)  # fmt: skip
@@ -43,6 +49,7 @@ def build_loader(cfg: Config, ctx: Context) -> DaliLoader | WdsLoader | Syntheti
         device=device,
         backend=data["backend"],
         device_id=ctx.device.index if ctx.device.type == "cuda" else None,
+        notify=notify,
     )
 
 
