@@ -134,3 +134,19 @@ def test_asking_for_dali_without_it_is_one_line_saying_how_to_install_it(tmp_pat
     with pytest.raises(FacetoolError) as err:
         build_loader(cfg, Context())
     assert one_line(err).startswith(f"{tmp_path / 'c.toml'}: data.backend = 'dali'") and INSTALL in str(err.value)
+
+
+def test_bench_loader_without_dali_measures_the_others_and_says_so(data, without_dali, monkeypatch) -> None:
+    from facetool.bench import loader as bench_loader
+
+    shards = str(data / "shards")
+    with pytest.raises(FacetoolError) as err:
+        bench_loader.run_loader_benchmark(shards, loaders=("dali",))
+    assert one_line(err).startswith("bench loader --loader dali needs NVIDIA DALI") and INSTALL in str(err.value)
+    ran: list[str] = []
+    monkeypatch.setattr(
+        bench_loader, "run_isolated", lambda name, fn, *a: ran.append(name) or {"images": 8, "seconds": 1.0}
+    )
+    got = bench_loader.run_loader_benchmark(shards, loaders=("dali", "wds"), batch_size=8, batches=2, warmup=1)
+    assert got["skipped"] == {"dali": "NVIDIA DALI is not installed"} and ran == ["bench loader, wds"]
+    assert [r["loader"] for r in got["results"]] == ["wds"]
