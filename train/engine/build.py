@@ -27,7 +27,7 @@ def build_loader(
     ``notify`` hears that ``data.backend = "auto"`` fell back to the portable loader for want of DALI."""
     data = cfg["data"]
     if data["backend"] == "dali" and data["source"] != "synthetic":
-        require_dali(f"{cfg.source}: data.backend = 'dali' (or set it to 'auto')")
+        require_dali(f"{cfg.source}: data.backend = 'dali'")  # 'auto' takes the portable loader
     if data["source"] == "synthetic":
         return SyntheticLoader(data["synthetic_samples"], data["synthetic_classes"], data["batch_size"], ctx.rank,
                                ctx.world_size, cfg["run"]["seed"], ctx.device)  # fmt: skip
