@@ -318,15 +318,21 @@ def run_loader_benchmark(
 
     ``devices`` says where DALI runs ("gpu", "cpu" or both) and where the other loaders deliver their batches
     (the first of them). ``threads``: DALI threads (default: the loader's own), DataLoader workers and decode
-    processes (default: all cores).
+    processes (default: all cores). Where DALI is not installed the others are measured and ``skipped`` says so
+    (DALI alone is an error saying how to install it).
     """
-    from facetool.train.data import open_shards
+    from facetool.train.data import dali_available, open_shards, require_dali
 
     shards_dir = str(shards_dir)
     shards = open_shards(shards_dir)  # errors (and the check) before any contender starts
     unknown = set(loaders) - set(LOADERS)
     if unknown:
         raise FacetoolError(f"unknown loader(s) {', '.join(sorted(unknown))}; choose from {', '.join(LOADERS)}")
+    skipped = {}
+    if "dali" in loaders and not dali_available():
+        if tuple(loaders) == ("dali",):
+            require_dali("bench loader --loader dali")
+        loaders, skipped = tuple(k for k in loaders if k != "dali"), {"dali": "NVIDIA DALI is not installed"}
     cores = threads or cpu_count()
     rec_paths = locate_rec(shards_dir, rec) if "rec" in loaders else None
     plan = _contenders(shards_dir, loaders, devices, batch_size, warmup, batches, threads, cores, rec_paths,
@@ -354,6 +360,7 @@ def run_loader_benchmark(
         "samples": shards.samples,
         "shards": str(Path(shards_dir).resolve()),
         "results": results,
+        **({"skipped": skipped} if skipped else {}),
         **_ratios(results),
     }
 

@@ -128,4 +128,6 @@ def bench_loader_command(
             f"{_fmt_ratio(row['ratio_to_rec']):>16}{_fmt_ratio(row['ratio_to_decode_limit']):>16}"
         )
     click.echo(f"({result['samples']:,} samples, {result['cores']} cores, best of {repeats})")
+    for name, why in result.get("skipped", {}).items():
+        click.echo(f"not measured: {name} ({why})")
     write_json(json_path, result)

@@ -74,6 +74,18 @@ def leftover_processes() -> dict[int, str]:
     return found
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``dali`` skip, saying why, where NVIDIA DALI (the optional ``dali`` extra) is not installed."""
+    from facetool.train.data import DALI_INSTALL, dali_available
+
+    if dali_available():
+        return
+    skip = pytest.mark.skip(reason=f"NVIDIA DALI is not installed here ({DALI_INSTALL})")
+    for item in items:
+        if item.get_closest_marker("dali"):
+            item.add_marker(skip)
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     """Fail the run when a process it started still runs at its end (after a grace period for pools to close);
     kill those processes so that nothing is left behind."""

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pytest
+
 FACETOOL = [sys.executable, "-m", "facetool"]
 
 
@@ -122,3 +124,10 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def loader_params(*kinds: str, portable: bool = False) -> list:
+    """Loader kinds (backends) as test parameters: "dali" marked ``dali`` (skipped, saying why, where NVIDIA DALI is
+    not installed), the others marked ``portable`` when ``portable`` (run again in the venv without DALI)."""
+    marks = {"dali": pytest.mark.dali}
+    return [pytest.param(k, marks=marks.get(k, pytest.mark.portable if portable else ())) for k in kinds]

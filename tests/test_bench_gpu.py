@@ -224,13 +224,10 @@ def test_collective_path_through_gloo():
 
 def test_device_checks_pass_on_the_cpu(shards, tmp_path):
     from facetool.bench.gpu import devices
-    from facetool.train.data import dali_available
 
-    if not dali_available():
-        pytest.skip("the batches check feeds the run from DALI")
-
-    moved = devices.batches_check(shards, SMOKE, "cpu", "cpu")
-    assert moved == {"outcome": "moved", "model_device": "cpu", "batch_devices": ["cpu"]}
+    backend = devices.loader_backend()  # DALI, or the portable loader where DALI is not installed
+    moved = devices.batches_check(shards, SMOKE, "cpu", "cpu", backend)
+    assert moved == {"outcome": "moved", "model_device": "cpu", "batch_devices": ["cpu"], "backend": backend}
     assert devices.evaluation_check(shards, SMOKE, "cpu") == {"model_device": "cpu", "evaluated_on": ["cpu"]}
     exported = devices.onnx_check(SMOKE, str(tmp_path), "cpu")
     assert exported["inputs"] == ["images"] and exported.get("min_cosine_to_torch", 1.0) > 0.999

@@ -92,6 +92,7 @@ def test_webdataset_library_reads_every_sample_once(converted):
     assert len(keys) == len(set(keys)) == 240
 
 
+@pytest.mark.dali
 def test_dali_webdataset_reader_reads_every_sample_once(converted):
     from nvidia.dali import fn, pipeline_def, types
 
@@ -520,6 +521,7 @@ def test_masked_conversion_deterministic_across_workers_and_fast_path_kept(small
     assert not any(MASK_EXT.encode() in v for k, v in plain.items() if k.endswith(".idx"))
 
 
+@pytest.mark.dali
 def test_dali_reads_masked_shards(tmp_path, small_dataset):
     from nvidia.dali import fn, pipeline_def, types
 

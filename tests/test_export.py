@@ -79,6 +79,16 @@ def test_facet_without_prompts_exports_images_only(tmp_path) -> None:
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
 
+def test_a_model_off_the_cpu_or_in_half_precision_exports_a_cpu_float_copy_and_stays(tmp_path) -> None:
+    """The exporter traces with CPU float32 inputs: a bf16 model (like a GPU model, not where the inputs are) is
+    exported from a float32 CPU copy and is itself left as it was (in eval mode, as export always leaves it)."""
+    model = calibrated("mobilefacenet").to(torch.bfloat16).train()
+    export_onnx(model, tmp_path / "m.onnx")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and not model.training
+    got, expected, _ = run_both(model.float(), tmp_path / "m.onnx", 2)  # the bf16 weights, in float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
 def test_export_command(tmp_path) -> None:
     options = {"prompt_layers": 3, "norm": "deepnorm"}
     model = calibrated("facet_tiny", **options)

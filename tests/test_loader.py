@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import loader_params
 from PIL import Image
 from shard_edit import read_samples, rewrite_shard, update_manifest_entry
 
@@ -34,6 +35,7 @@ from facetool.train.data import (
     batches_per_epoch,
     build_pipeline,
     create_loader,
+    dali_available,
     open_shards,
 )
 from facetool.train.data.fallback import batches as fallback_batches
@@ -129,7 +131,7 @@ def _two_ranks(kind, shards, config):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["dali", "wds"])
+@pytest.mark.parametrize("kind", loader_params("dali", "wds", portable=True))
 def test_two_ranks_see_every_sample_once_per_epoch_with_source_labels_and_exact_pixels(data, ref, kind):
     shards = open_shards(data["plain"])
     loaders = _two_ranks(kind, shards, _config(flip_prob=0.0))
@@ -147,7 +149,7 @@ def test_two_ranks_see_every_sample_once_per_epoch_with_source_labels_and_exact_
     assert [len(ld) for ld in loaders] == [4, 4]
 
 
-@pytest.mark.parametrize("kind", ["dali", "wds"])
+@pytest.mark.parametrize("kind", loader_params("dali", "wds", portable=True))
 def test_same_seed_same_batches_other_seed_other_batches(data, kind):
     shards = open_shards(data["masked"])
 
@@ -172,7 +174,7 @@ def test_same_seed_same_batches_other_seed_other_batches(data, kind):
     assert [x[1].tolist() for x in a[0]] != [x[1].tolist() for x in c[0]]  # seeds differ
 
 
-@pytest.mark.parametrize("kind", ["dali", "wds"])
+@pytest.mark.parametrize("kind", loader_params("dali", "wds", portable=True))
 def test_masked_and_flip_shares_match_their_probabilities(data, ref_masked, kind):
     shards = open_shards(data["masked"])
     q, flip, epochs = 0.3, 0.5, 6
@@ -193,7 +195,7 @@ def test_masked_and_flip_shares_match_their_probabilities(data, ref_masked, kind
     assert abs(flipped - flip * n) <= 3 * math.sqrt(n * flip * (1 - flip)), (flipped, flip * n)
 
 
-@pytest.mark.parametrize("kind", ["dali", "wds"])
+@pytest.mark.parametrize("kind", loader_params("dali", "wds", portable=True))
 def test_an_epoch_can_be_started_directly_and_gives_the_same_batches(data, kind):
     shards = open_shards(data["masked"])
     config = _config(seed=9, masked_prob=0.3, flip_prob=0.5)
@@ -215,6 +217,7 @@ def test_an_epoch_can_be_started_directly_and_gives_the_same_batches(data, kind)
     assert all(u.equal(v) for x, y in zip(expected, again, strict=True) for u, v in zip(x, y, strict=True))
 
 
+@pytest.mark.dali
 def test_dali_and_fallback_ranks_read_the_same_samples_each_epoch(data, ref):
     shards = open_shards(data["plain"])
     config = _config(flip_prob=0.0)
@@ -225,6 +228,7 @@ def test_dali_and_fallback_ranks_read_the_same_samples_each_epoch(data, ref):
         assert a == b and set(a[0]).isdisjoint(a[1])
 
 
+@pytest.mark.dali
 def test_fallback_and_dali_give_the_same_label_masked_multiset(data):
     shards = open_shards(data["masked"])
     q = shards.rendered_fraction  # every twin is shown: the masked flag is then a property of the sample
@@ -237,6 +241,7 @@ def test_fallback_and_dali_give_the_same_label_masked_multiset(data):
         assert sum(n for (_, m), n in a.items() if m) == shards.masked
 
 
+@pytest.mark.portable
 def test_fallback_workers_split_a_rank_without_overlap(data, ref):
     shards = open_shards(data["plain"])
     loaders = [WdsLoader(shards, _config(flip_prob=0.0), rank=r, world_size=2, workers=2) for r in range(2)]
@@ -247,7 +252,7 @@ def test_fallback_workers_split_a_rank_without_overlap(data, ref):
         assert set(keys) == ref.keys and set(keys.values()) == {1}
 
 
-@pytest.mark.parametrize("kind", ["dali", "wds"])
+@pytest.mark.parametrize("kind", loader_params("dali", "wds", portable=True))
 def test_drop_keeps_full_batches_and_equal_counts(data, kind):
     shards = open_shards(data["plain"])
     config = _config(batch_size=50, last_batch="drop")
@@ -258,6 +263,7 @@ def test_drop_keeps_full_batches_and_equal_counts(data, kind):
     assert batches_per_epoch(240, 2, config.batch_size, config.last_batch) == 2
 
 
+@pytest.mark.dali
 def test_partial_gives_every_rank_the_same_batch_count(data):
     shards = open_shards(data["plain"])
     config = _config(batch_size=40)
@@ -274,6 +280,7 @@ def test_partial_gives_every_rank_the_same_batch_count(data):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.dali
 def test_gpu_pipeline_is_the_same_graph_with_mixed_decoding(data):
     """Without a GPU only the construction can be checked: the graph the GPU loader would build."""
     shards = open_shards(data["masked"])
@@ -290,18 +297,18 @@ def test_gpu_pipeline_is_the_same_graph_with_mixed_decoding(data):
     assert devices["gpu"]["Webdataset"] == "cpu"  # the masked/holistic choice is made on encoded bytes, on CPU
 
 
-def test_loader_runs_every_augmentation(data):
+@pytest.mark.parametrize("kind", loader_params("dali", "wds", portable=True))
+def test_loader_runs_every_augmentation(data, kind):
     shards = open_shards(data["masked"])
     config = _config(
         masked_prob=0.4, crop_prob=0.5, color_prob=0.5, hue=10.0, gray_prob=0.3, blur_prob=0.3, downup_prob=0.3
     )
-    for kind in ("dali", "wds"):
-        for dtype in ("float32", "float16"):
-            loader = create_loader(shards, config.replace(dtype=dtype), backend=kind)
-            batch = next(iter(loader))
-            assert batch.images.shape == (BATCH, 3, 112, 112) and str(batch.images.dtype) == f"torch.{dtype}"
-            assert batch.images.min() >= -1 and batch.images.max() <= 1
-            assert str(batch.labels.dtype) == "torch.int64" and str(batch.masked.dtype) == "torch.bool"
+    for dtype in ("float32", "float16"):
+        loader = create_loader(shards, config.replace(dtype=dtype), backend=kind)
+        batch = next(iter(loader))
+        assert batch.images.shape == (BATCH, 3, 112, 112) and str(batch.images.dtype) == f"torch.{dtype}"
+        assert batch.images.min() >= -1 and batch.images.max() <= 1
+        assert str(batch.labels.dtype) == "torch.int64" and str(batch.masked.dtype) == "torch.bool"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,14 +319,14 @@ def damaged(data, tmp_path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("kind", ["dali", "wds"])
+@pytest.mark.parametrize("kind", loader_params("dali", "wds", portable=True))
 def test_missing_index_is_an_error_naming_the_shard(damaged, kind):
     (damaged / "shard-000002.idx").unlink()
     with pytest.raises(FacetoolError, match=r"shard-000002\.idx.*missing"):
         create_loader(damaged, _config(), backend=kind)
 
 
-@pytest.mark.parametrize("kind", ["dali", "wds"])
+@pytest.mark.parametrize("kind", loader_params("dali", "wds", portable=True))
 def test_truncated_shard_is_an_error_naming_the_shard(damaged, kind):
     tar = damaged / "shard-000001.tar"
     image = read_index(damaged / "shard-000001.idx")[29][0]
@@ -330,6 +337,7 @@ def test_truncated_shard_is_an_error_naming_the_shard(damaged, kind):
         create_loader(damaged, _config(), backend=kind)
 
 
+@pytest.mark.portable
 def test_fallback_without_the_precheck_still_names_a_truncated_shard(damaged):
     tar = damaged / "shard-000001.tar"
     with open(tar, "r+b") as f:
@@ -350,13 +358,14 @@ def _drop_label(shards: Path, name: str, victim: int) -> str:
     return key
 
 
-@pytest.mark.parametrize("kind", ["dali", "wds"])
+@pytest.mark.parametrize("kind", loader_params("dali", "wds", portable=True))
 def test_sample_without_label_is_an_error_naming_shard_and_sample(damaged, kind):
     key = _drop_label(damaged, "shard-000003.tar", 17)
     with pytest.raises(FacetoolError, match=rf"shard-000003\.tar: sample {key} .*has no label"):
         create_loader(damaged, _config(), backend=kind)
 
 
+@pytest.mark.portable
 def test_fallback_without_the_precheck_still_names_a_sample_without_label(damaged):
     key = _drop_label(damaged, "shard-000003.tar", 17)
     shards = open_shards(damaged, check=False)
@@ -365,14 +374,15 @@ def test_fallback_without_the_precheck_still_names_a_sample_without_label(damage
             list(WdsLoader(shards, _config(), rank=r, world_size=2, workers=0))
 
 
-@pytest.mark.parametrize("kind", ["dali", "wds"])
+@pytest.mark.parametrize("kind", loader_params("dali", "wds", portable=True))
 def test_masked_prob_above_the_rendered_fraction_fails_before_anything_runs(data, kind, monkeypatch):
-    import nvidia.dali.pipeline
+    if dali_available():  # where DALI is installed, no pipeline of it may be created either
+        import nvidia.dali.pipeline
 
-    def no_pipeline(*args, **kwargs):
-        raise AssertionError("a DALI pipeline was created despite an invalid masked_prob")
+        def no_pipeline(*args, **kwargs):
+            raise AssertionError("a DALI pipeline was created despite an invalid masked_prob")
 
-    monkeypatch.setattr(nvidia.dali.pipeline.Pipeline, "__init__", no_pipeline)
+        monkeypatch.setattr(nvidia.dali.pipeline.Pipeline, "__init__", no_pipeline)
     masked = open_shards(data["masked"])
     with pytest.raises(FacetoolError, match=r"masked_prob 0\.9 exceeds .* rendered mask"):
         create_loader(masked, _config(masked_prob=0.9), backend=kind)
@@ -438,6 +448,7 @@ def test_dali_threads_default_to_the_rank_share_plus_one_on_the_cpu(monkeypatch)
     assert config.replace(threads=3).dali_threads("cpu") == 3
 
 
+@pytest.mark.dali
 def test_decode_only_pipeline_gives_the_decoded_pixels(data, ref):
     import torch
 
@@ -453,6 +464,7 @@ def test_decode_only_pipeline_gives_the_decoded_pixels(data, ref):
         assert not masked and not flipped and diff <= PIXEL_TOLERANCE
 
 
+@pytest.mark.dali
 def test_bench_contenders_measure_what_they_claim(data):
     from facetool.bench.loader import ArcfaceRecDataset, decode_loop, locate_rec, read_jpegs, run_dali, run_rec
 

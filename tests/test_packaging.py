@@ -40,3 +40,35 @@ def test_tqdm_only_in_the_command_line():
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
                 names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 assert not any(n.split(".")[0] == "tqdm" for n in names), f"{path} imports tqdm"
+
+
+def _imports_run_at_import(tree):
+    """The modules a file imports when it is imported: every import outside a function body."""
+    import ast
+
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            continue
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            yield node.module or ""
+        todo.extend(ast.iter_child_nodes(node))
+
+
+def test_dali_is_an_optional_extra_imported_only_where_it_is_used():
+    """NVIDIA DALI has wheels for Linux x86_64 only: it is the `dali` extra, and no module imports it at import
+    time, so that everything but the DALI loader works without it."""
+    import ast
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    assert "nvidia-dali" not in cfg["options"]["install_requires"]
+    assert "nvidia-dali-cuda130" in cfg["options.extras_require"]["dali"]
+    assert "nvidia-dali" not in cfg["options.extras_require"]["test"]  # the venv without DALI installs [test]
+    for folder in TOP:
+        for path in (ROOT / folder).rglob("*.py"):
+            eager = [m for m in _imports_run_at_import(ast.parse(path.read_text())) if m.startswith("nvidia")]
+            assert not eager, f"{path} imports {eager[0]} when it is imported"

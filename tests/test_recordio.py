@@ -70,6 +70,7 @@ def test_vector_labels_kept_whole():
 
 
 @pytest.mark.parametrize("layout", ["layout_a", "layout_b"])
+@pytest.mark.dali
 def test_dali_mxnet_reader_agrees(layout, tmp_path):
     """DALI's own fn.readers.mxnet over an image-only index yields the same (sha256, label) pairs as ours."""
     from nvidia.dali import fn, pipeline_def

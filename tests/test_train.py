@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import error_line, kill_when
+from helpers import error_line, kill_when, loader_params
 from train_setup import ENV, make_data, train, weights, write_config
 
 from facetool.cli import main
@@ -207,7 +207,7 @@ def test_mae_masks_three_quarters_and_learns() -> None:
 
 
 # -- runs ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["wds", "dali"])
+@pytest.mark.parametrize("backend", loader_params("wds", "dali"))
 def test_sigkill_and_resume_give_bitwise_the_same_weights(tmp_path, data, backend) -> None:
     """30 steps over 2 epochs (16 steps each) with masks, flips, class sampling: killed after the checkpoint of step
     20 (and a step or two logged after it: epoch 1, batch 4) and resumed == uninterrupted, weights and logged
@@ -298,6 +298,7 @@ def test_tensorboard_events_beside_the_jsonl_and_purged_on_resume(tmp_path) -> N
     assert [(x["step"], round(x["train/loss"], 6)) for x in jsonl] == expected
 
 
+@pytest.mark.portable
 def test_eval_summary_and_exported_backbone(tmp_path, data) -> None:
     path = write_config(tmp_path / "c.toml", data, run={"steps": 4}, eval={"bins": [str(data / "src/synth.bin")],
                         "every": 2})  # fmt: skip

@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from helpers import error_line
+from helpers import error_line, loader_params
 from shard_edit import read_samples, rewrite_shard, update_manifest_entry
 from test_train import ENV, write_config
 
@@ -68,7 +68,7 @@ def damage(data: Path, tmp_path: Path, kind: str) -> tuple[Path, str]:
     return out, key
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", loader_params(*BACKENDS))
 @pytest.mark.parametrize("kind", DAMAGES)
 def test_loader_names_shard_and_sample(data, tmp_path, kind, backend):
     shards, key = damage(data, tmp_path, kind)
@@ -85,8 +85,10 @@ def test_loader_names_shard_and_sample(data, tmp_path, kind, backend):
 
 @pytest.mark.parametrize(
     "kind, backend",
-    [("negative-label", "wds-workers"), ("negative-label", "dali"), ("label-beyond-classes", "wds"),
-     ("label-beyond-classes", "dali"), ("undecodable", "wds-workers"), ("undecodable", "dali")],
+    [(kind, backend) if backend != "dali" else pytest.param(kind, backend, marks=pytest.mark.dali)
+     for kind, backend in [("negative-label", "wds-workers"), ("negative-label", "dali"),
+                           ("label-beyond-classes", "wds"), ("label-beyond-classes", "dali"),
+                           ("undecodable", "wds-workers"), ("undecodable", "dali")]],
 )  # fmt: skip
 def test_facetool_train_stops_with_one_line_naming_shard_and_sample(data, tmp_path, kind, backend):
     shards, key = damage(data, tmp_path, kind)
@@ -114,6 +116,7 @@ print(sum(len(labels) for _, labels, _ in wds))
 """
 
 
+@pytest.mark.dali
 def test_fallback_workers_fork_after_a_dali_loader_without_hanging(data, tmp_path) -> None:
     """A DALI pipeline left as garbage in the parent, collected in a forked worker, waited forever for threads the
     child does not have: the loader collects garbage before its workers fork."""

@@ -535,6 +535,7 @@ def test_masked_sets_are_the_masks_bin_sets(tmp_path, synth_bin, mbf_checkpoint,
     assert _bench("--features", str(tmp_path / "x.npy"), "--bin", str(synth_bin), "--masked", mode).returncode != 0
 
 
+@pytest.mark.portable
 def test_run_verification_reports_progress_and_json(tmp_path, synth_bin):
     """The library call behind the command: one (done, total) over masking then embedding, its Report's JSON the
     command's object, and the same metrics as evaluating each set on its own."""

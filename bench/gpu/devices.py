@@ -1,10 +1,12 @@
 """The device part: pass/fail checks of how the CUDA paths handle devices, each a run of its own.
 
 - batches reach the model on its device when the loader delivers elsewhere (DALI on the CPU for a GPU run, and
-  DALI on the GPU for a CPU run), or the combination is refused with a clear error;
+  DALI on the GPU for a CPU run; the portable loader's batches where DALI is not installed), or the combination
+  is refused with a clear error;
 - the in-training evaluation runs on the model's own device and leaves the live backbone there;
 - ONNX export of a model on the GPU works and leaves the model there;
-- the DALI loader's GPU follows LOCAL_RANK, not the global rank, and more local ranks than GPUs is a clear error.
+- the DALI loader's GPU follows LOCAL_RANK, not the global rank, and more local ranks than GPUs is a clear error
+  (the portable loader's where DALI is not installed: the choice is the same for both).
 A check that fails is a failed run with its reason; the next checks still run.
 """
 
@@ -17,12 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from facetool.bench.gpu.plan import Job, Part, Setting, Sizes, attempt, error_reason, skipped
+from facetool.bench.gpu.plan import Job, Part, Setting, Sizes, attempt, error_reason
 from facetool.pipeline.errors import FacetoolError
 
 TRAINING_RUNS = ("batches: cpu loader, cuda run", "batches: gpu loader, cpu run", "evaluation: cpu run",
                  "evaluation: cuda run")  # fmt: skip
-RANK_RUNS = ("onnx export from the gpu", "dali device from LOCAL_RANK", "more local ranks than gpus")
+RANK_RUNS = ("onnx export from the gpu", "loader device from LOCAL_RANK", "more local ranks than gpus")
 
 
 @contextlib.contextmanager
@@ -48,14 +50,16 @@ def _devices(tensors) -> set[str]:
     return {str(t.device) for t in tensors}
 
 
-def batches_check(shards: str, sizes: Sizes, run_device: str, loader_device: str) -> dict[str, Any]:
-    """Two steps of a run on ``run_device`` fed by DALI on ``loader_device``: the images reach the backbone and the
-    labels the head on the model's device; a clear refusal passes too."""
+def batches_check(
+    shards: str, sizes: Sizes, run_device: str, loader_device: str, backend: str = "dali"
+) -> dict[str, Any]:
+    """Two steps of a run on ``run_device`` fed by the ``backend`` loader on ``loader_device``: the images reach
+    the backbone and the labels the head on the model's device; a clear refusal passes too."""
     from facetool.bench.gpu.training import train_config
     from facetool.train.engine import Trainer
 
     cfg = train_config(sizes, sizes.devices_model, run_device, "shards", shards, batch=sizes.devices_batch,
-                       loader_device=loader_device, steps=2)  # fmt: skip
+                       loader_device=loader_device, steps=2, backend=backend)  # fmt: skip
     seen: dict[str, set[str]] = {"images": set(), "labels": set()}
     with tempfile.TemporaryDirectory(prefix="facetool-bench-gpu-") as tmp:
         try:
@@ -69,7 +73,8 @@ def batches_check(shards: str, sizes: Sizes, run_device: str, loader_device: str
     wrong = {k: sorted(v - {model_device}) for k, v in seen.items() if v - {model_device}}
     if wrong:
         raise FacetoolError(f"the model is on {model_device} but its batches came on {wrong}")
-    return {"outcome": "moved", "model_device": model_device, "batch_devices": sorted(seen["images"])}
+    return {"outcome": "moved", "model_device": model_device, "batch_devices": sorted(seen["images"]),
+            "backend": backend}  # fmt: skip
 
 
 def evaluation_check(shards: str, sizes: Sizes, run_device: str) -> dict[str, Any]:
@@ -135,8 +140,8 @@ def onnx_check(sizes: Sizes, work: str, device: str) -> dict[str, Any]:
     return {**out, "min_cosine_to_torch": cosine}
 
 
-def local_rank_check(shards: str, sizes: Sizes) -> dict[str, Any]:
-    """Global rank N+1 of N+2 with LOCAL_RANK 0 (N GPUs): the DALI loader must decode on GPU 0."""
+def local_rank_check(shards: str, sizes: Sizes, backend: str = "dali") -> dict[str, Any]:
+    """Global rank N+1 of N+2 with LOCAL_RANK 0 (N GPUs): the ``backend`` loader must deliver on GPU 0."""
     import torch
 
     from facetool.train.data import LoaderConfig, create_loader
@@ -145,17 +150,18 @@ def local_rank_check(shards: str, sizes: Sizes) -> dict[str, Any]:
     rank, world = count + 1, count + 2
     config = LoaderConfig(batch_size=sizes.devices_batch, shuffle_buffer=sizes.shuffle_buffer or 16384)
     with environment(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1"):
-        loader = create_loader(shards, config, rank, world, device="gpu", backend="dali")
+        loader = create_loader(shards, config, rank, world, device="gpu", backend=backend)
         got = str(loader.device)
         del loader
     if got != "cuda:0":
-        raise FacetoolError(f"rank {rank} with LOCAL_RANK 0 decodes on {got}, not cuda:0")
-    return {"gpus": count, "rank": rank, "dali_device": got, "telling": count > 1}  # one GPU: every rank maps to 0
+        raise FacetoolError(f"rank {rank} with LOCAL_RANK 0 gets its batches on {got}, not cuda:0")
+    # telling: with one GPU every rank maps to GPU 0, right or wrong
+    return {"gpus": count, "rank": rank, "backend": backend, "loader_device": got, "telling": count > 1}
 
 
-def too_many_ranks_check(shards: str, sizes: Sizes) -> dict[str, Any]:
-    """LOCAL_RANK N with N GPUs: the DALI loader and the engine's set-up must both refuse it with a clear error
-    (before any process group is joined)."""
+def too_many_ranks_check(shards: str, sizes: Sizes, backend: str = "dali") -> dict[str, Any]:
+    """LOCAL_RANK N with N GPUs: the ``backend`` loader and the engine's set-up must both refuse it with a clear
+    error (before any process group is joined)."""
     import torch
 
     from facetool.bench.gpu.training import train_config
@@ -166,9 +172,10 @@ def too_many_ranks_check(shards: str, sizes: Sizes) -> dict[str, Any]:
     env = {"RANK": str(count), "WORLD_SIZE": str(count + 1), "LOCAL_RANK": str(count),
            "LOCAL_WORLD_SIZE": str(count + 1), "MASTER_ADDR": None, "MASTER_PORT": None}  # fmt: skip
     config = LoaderConfig(batch_size=sizes.devices_batch, shuffle_buffer=sizes.shuffle_buffer or 16384)
-    cfg = train_config(sizes, sizes.devices_model, "cuda", "shards", shards, batch=sizes.devices_batch)
+    cfg = train_config(sizes, sizes.devices_model, "cuda", "shards", shards, batch=sizes.devices_batch,
+                       backend=backend)  # fmt: skip
     attempts = {
-        "loader": lambda: create_loader(shards, config, count, count + 1, device="gpu", backend="dali"),
+        "loader": lambda: create_loader(shards, config, count, count + 1, device="gpu", backend=backend),
         "engine": lambda: setup_distributed(cfg),
     }
     said: dict[str, str] = {}
@@ -188,28 +195,25 @@ def too_many_ranks_check(shards: str, sizes: Sizes) -> dict[str, Any]:
     return {"gpus": count, "errors": said}
 
 
-def _without_dali(name: str) -> dict[str, Any]:
-    return {"name": name, "status": skipped("NVIDIA DALI is not installed (the check feeds the run from it)")}
+def loader_backend() -> str:
+    """The loader the checks feed from: DALI, or the portable one where DALI is not installed."""
+    from facetool.train.data import dali_available
+
+    return "dali" if dali_available() else "wds"
 
 
 def training_checks(shards: str, sizes: Sizes) -> Iterator[dict[str, Any]]:
-    from facetool.train.data import dali_available
-
+    backend = loader_backend()
     for name, run_device, loader_device in zip(TRAINING_RUNS[:2], ("cuda", "cpu"), ("cpu", "gpu"), strict=True):
-        if not dali_available():
-            yield _without_dali(name)
-            continue
-        yield attempt(name, batches_check, shards, sizes, run_device, loader_device)
+        yield attempt(name, batches_check, shards, sizes, run_device, loader_device, backend)
     for name, run_device in zip(TRAINING_RUNS[2:], ("cpu", "cuda"), strict=True):
         yield attempt(name, evaluation_check, shards, sizes, run_device)
 
 
 def rank_checks(shards: str, sizes: Sizes, work: str) -> Iterator[dict[str, Any]]:
-    from facetool.train.data import dali_available
-
     yield attempt(RANK_RUNS[0], onnx_check, sizes, work, "cuda")
     for name, check in zip(RANK_RUNS[1:], (local_rank_check, too_many_ranks_check), strict=True):
-        yield attempt(name, check, shards, sizes) if dali_available() else _without_dali(name)
+        yield attempt(name, check, shards, sizes, loader_backend())
 
 
 def _plan(setting: Setting, results: dict[str, Any]) -> list[Job]:

@@ -28,17 +28,17 @@ LR = 0.01  # small: the figures do not depend on it, and a diverging loss would 
 
 def train_config(
     sizes: Sizes, model: str, device: str, source: str, shards: str, *, batch: int | None = None,
-    loader_device: str = "auto", steps: int | None = None,
+    loader_device: str = "auto", steps: int | None = None, backend: str = "dali",
 ):  # fmt: skip
-    """The engine's config of a benchmark run: ``model`` in bf16 on ``device``, fed from ``source`` (the DALI
-    loader on ``loader_device`` over ``shards``, or synthetic batches), ``steps`` long (default: the timed steps
-    and their warm-up, plus one: the run is stopped after the last timed step)."""
+    """The engine's config of a benchmark run: ``model`` in bf16 on ``device``, fed from ``source`` (the
+    ``backend`` loader, DALI by default, on ``loader_device`` over ``shards``, or synthetic batches), ``steps`` long
+    (default: the timed steps and their warm-up, plus one: the run is stopped after the last timed step)."""
     from facetool.train.engine.config import Config, defaults, merge, validate
 
     data: dict[str, Any] = {"source": source, "batch_size": batch or sizes.train_batch,
                             "synthetic_classes": shard_classes(sizes)}  # fmt: skip
     if source == "shards":
-        data.update(shards=shards, backend="dali", loader_device=loader_device, masked_prob=sizes.masked_prob)
+        data.update(shards=shards, backend=backend, loader_device=loader_device, masked_prob=sizes.masked_prob)
     if sizes.shuffle_buffer is not None:
         data["shuffle_buffer"] = sizes.shuffle_buffer
     steps = steps or sizes.train_warmup + sizes.train_steps + 1

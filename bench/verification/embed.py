@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import itertools
 import os
 import re
 import sys
@@ -300,13 +301,22 @@ def _set_extra(pair_set: PairSet, embed_seconds: float | None, metric_seconds: f
     }
 
 
+def model_device(model: Any) -> str | None:
+    """Where a torch module lives (its first parameter or buffer); None for a model without any (ONNX graphs)."""
+    for tensor in itertools.chain(getattr(model, "parameters", tuple)(), getattr(model, "buffers", tuple)()):
+        return str(tensor.device)
+    return None
+
+
 def evaluate_model(
     model: Any, sets: Sequence[PairSet], batch_size: int | None = None, device: str | None = None
 ) -> dict[str, dict[str, Any]]:
     """The report's ``sets`` object for ``model`` on ``sets``; leaves the model's train/eval mode as it found it.
+    ``device`` None: the model's own device (a live backbone is never moved), else as :func:`resolve_device`.
 
     This is the evaluation the training engine is handed as a callable (e.g. ``functools.partial`` over the sets).
     """
+    device = device or model_device(model)
     was_training = bool(getattr(model, "training", False))
     try:
         return {s.name: evaluate_set(model, s, batch_size, device).to_json() for s in sets}

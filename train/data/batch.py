@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -14,3 +15,12 @@ class Batch(NamedTuple):
     images: torch.Tensor
     labels: torch.Tensor
     masked: torch.Tensor
+
+
+def move_batch(batch: Sequence[torch.Tensor], device: torch.device) -> Batch:
+    """``batch`` on ``device`` (its tensors as they are when already there): a loader may deliver elsewhere than
+    the model lives (DALI decoding on the CPU for a GPU run, say). Copies to a GPU do not block; copies from one do,
+    so the CPU never reads a tensor still being copied."""
+    images, labels, masked = batch
+    blocking = torch.device(device).type != "cuda"
+    return Batch(*(t.to(device, non_blocking=not blocking) for t in (images, labels, masked)))

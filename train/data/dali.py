@@ -44,13 +44,23 @@ _MEAN = 127.5
 _STD = 127.5
 
 
+#: How to get DALI, for the errors that need it (an optional dependency: wheels exist only for Linux x86_64)
+DALI_INSTALL = "pip install 'facetool[dali]' (Linux x86_64)"
+
+
 def dali_available() -> bool:
-    """Whether NVIDIA DALI can be imported here (it is a dependency, but wheels exist only for Linux)."""
+    """Whether NVIDIA DALI can be imported here (the optional ``dali`` extra; wheels exist only for Linux)."""
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def require_dali(what: str) -> None:
+    """A one-line FacetoolError saying that ``what`` needs NVIDIA DALI and how to install it, unless DALI imports."""
+    if not dali_available():
+        raise FacetoolError(f"{what} needs NVIDIA DALI, which is not installed here: {DALI_INSTALL}")
 
 
 def build_pipeline(
@@ -68,6 +78,7 @@ def build_pipeline(
     (1,)) and, when ``masked_prob`` > 0, masked (bool). ``device`` "gpu" decodes with ``device="mixed"`` on
     ``device_id``; "cpu" runs with ``device_id=None``. ``decode_only`` stops after the decoder (uint8 HWC
     images, no augmentation, no normalisation): what `bench loader` times as the cost of reading and decoding."""
+    require_dali("the DALI pipeline")
     from nvidia.dali import fn, pipeline_def, types
 
     _check_split(shards, rank, world_size, device, epoch)
@@ -273,6 +284,7 @@ class DaliLoader:
         device: str = "cpu",
         device_id: int | None = None,
     ) -> None:
+        require_dali("the DALI loader")
         self.shards, self.config, self.rank, self.world_size = shards, config, rank, world_size
         self._device_kind, self._device_id = device, device_id
         self.device = torch.device("cuda", device_id or 0) if device == "gpu" else torch.device("cpu")
@@ -349,4 +361,4 @@ class DaliLoader:
         )
 
 
-__all__ = ["DaliLoader", "build_pipeline", "dali_available"]
+__all__ = ["DALI_INSTALL", "DaliLoader", "build_pipeline", "dali_available", "require_dali"]

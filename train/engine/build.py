@@ -14,7 +14,7 @@ from torch import nn
 
 from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.shards.format import MANIFEST
-from facetool.train.data import DaliLoader, MaskReuseWarning, WdsLoader, create_loader, open_shards
+from facetool.train.data import DaliLoader, MaskReuseWarning, WdsLoader, create_loader, open_shards, require_dali
 from facetool.train.engine.config import SCHEDULE_KEYS, Config, backbone_options, head_options, loader_config
 from facetool.train.engine.context import Context
 from facetool.train.engine.data import SyntheticLoader
@@ -26,12 +26,13 @@ def build_loader(
 ) -> DaliLoader | WdsLoader | SyntheticLoader:
     """This rank's loader: the shard loader ``[data]`` describes, or the synthetic source (model-only rate). The
     loader's :class:`MaskReuseWarning` (q large against the shards' mask fraction) goes to ``notify`` (the run's
-    messages) instead of Python's warnings, where there is one."""
+    messages) instead of Python's warnings, where there is one; so does the note that ``data.backend = "auto"`` fell
+    back to the portable loader for want of DALI."""
     if notify is None:
-        return _build_loader(cfg, ctx)
+        return _build_loader(cfg, ctx, notify)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MaskReuseWarning)
-        loader = _build_loader(cfg, ctx)
+        loader = _build_loader(cfg, ctx, notify)
     for w in caught:
         if issubclass(w.category, MaskReuseWarning):
             notify(f"warning: {w.message}")
@@ -40,8 +41,12 @@ def build_loader(
     return loader
 
 
-def _build_loader(cfg: Config, ctx: Context) -> DaliLoader | WdsLoader | SyntheticLoader:
+def _build_loader(
+    cfg: Config, ctx: Context, notify: Callable[[str], None] | None
+) -> DaliLoader | WdsLoader | SyntheticLoader:
     data = cfg["data"]
+    if data["backend"] == "dali" and data["source"] != "synthetic":
+        require_dali(f"{cfg.source}: data.backend = 'dali'")  # 'auto' takes the portable loader
     if data["source"] == "synthetic":
         return SyntheticLoader(data["synthetic_samples"], data["synthetic_classes"], data["batch_size"], ctx.rank,
                                ctx.world_size, cfg["run"]["seed"], ctx.device)  # fmt: skip
@@ -63,6 +68,7 @@ def _build_loader(cfg: Config, ctx: Context) -> DaliLoader | WdsLoader | Synthet
         device=device,
         backend=data["backend"],
         device_id=ctx.device.index if ctx.device.type == "cuda" else None,
+        notify=notify,
     )
 
 

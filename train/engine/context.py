@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from facetool.pipeline.errors import FacetoolError
+from facetool.train.devices import local_gpu, local_rank
 from facetool.train.engine.config import Config
 
 
@@ -41,13 +42,16 @@ def setup_distributed(cfg: Config) -> Context:
     """Join torchrun's process group when it launched us (WORLD_SIZE > 1), pick the device and the threads."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = launched_rank()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     want = cfg["run"]["device"]
     if want == "cuda" and not torch.cuda.is_available():
         raise FacetoolError(f"{cfg.source}: run.device = 'cuda' but torch sees no GPU")
     use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count())) if use_cuda else torch.device("cpu")
+    device = torch.device("cpu")
     if use_cuda:
+        try:
+            device = torch.device("cuda", local_gpu())  # the local rank's GPU; more ranks than GPUs: an error
+        except FacetoolError as err:
+            raise FacetoolError(f"{cfg.source}: run.device = {want!r}: {err}") from None
         torch.cuda.set_device(device)
     threads = cfg["run"]["threads"]
     if not threads and not use_cuda:
@@ -60,4 +64,4 @@ def setup_distributed(cfg: Config) -> Context:
         if backend == "auto":
             backend = "nccl" if use_cuda else "gloo"
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
-    return Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return Context(rank=rank, world_size=world_size, local_rank=local_rank(), device=device)

@@ -23,7 +23,7 @@ from torch import nn
 
 from facetool.pipeline.atomic import Progress, write_bytes_atomic, write_json_atomic
 from facetool.pipeline.errors import FacetoolError
-from facetool.train.data import Batch
+from facetool.train.data import Batch, move_batch
 from facetool.train.engine import checkpoint as ckpt
 from facetool.train.engine.build import (
     build_backbone,
@@ -229,17 +229,18 @@ class Trainer:
             emb.register_hook(lambda g, w=self.ctx.world_size: g * w)
         return self.head(emb.float(), labels)
 
-    def _batches(self) -> Iterator[Batch]:
-        """The loader's batches from the current step on: the loader starts the step's epoch directly (every
-        loader derives an epoch from the seed and its number alone), and the batches before the position in that
-        epoch are drawn and dropped (the loader draws the same ones again, so the position is exact)."""
+    def batches(self) -> Iterator[Batch]:
+        """The loader's batches from the current step on, on the training device (a loader may deliver elsewhere:
+        ``data.loader_device``): the loader starts the step's epoch directly (every loader derives an epoch from
+        the seed and its number alone), and the batches before the position in that epoch are drawn and dropped
+        (the loader draws the same ones again, so the position is exact)."""
         epoch, skip = self.clock.at(self.step)
         self.loader.epoch = epoch
         while True:
             for i, batch in enumerate(self.loader):
                 if i < skip:
                     continue
-                yield batch
+                yield move_batch(batch, self.ctx.device)
             skip = 0
 
     def train_step(self, batch: Batch, session: Session) -> tuple[float, float]:
@@ -308,7 +309,7 @@ class Trainer:
         found = ckpt.latest(self.ckpt_root)
         session = Session(start_step=self.step, last_good=found[1] if found else None, t_start=time.perf_counter())
         self.report_progress()
-        batches = self._batches() if self.step < self.total else iter(())
+        batches = self.batches() if self.step < self.total else iter(())
         try:
             while self.step < self.total:
                 lr, loss = self.train_step(next(batches), session)

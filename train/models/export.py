@@ -7,6 +7,7 @@ imported from InsightFace_Pytorch) get the channel reversal as the graph's first
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from typing import Any
@@ -54,9 +55,26 @@ def onnx_input_names(model: nn.Module) -> list[str]:
     return ["images", "masked"] if getattr(model, "uses_masked", False) else ["images"]
 
 
+def cpu_float_copy(model: nn.Module) -> nn.Module:
+    """``model`` itself when its floating-point tensors are all float32 on the CPU, else a copy that is (the
+    export traces with CPU float32 inputs); the original, on a GPU or in half precision, stays as it is. The
+    tensors are copied straight to the CPU: the GPU never holds a second copy."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors):
+        return model
+
+    def on_cpu(t: Tensor) -> Tensor:
+        return t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype, copy=True)
+
+    memo: dict[int, Any] = {id(b): on_cpu(b) for b in model.buffers()}
+    memo.update({id(p): nn.Parameter(on_cpu(p), requires_grad=p.requires_grad) for p in model.parameters()})
+    return copy.deepcopy(model, memo)
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, batch_size: int = 2) -> list[str]:
-    """Write ``model`` (put in eval mode) to ``path`` as ONNX with TorchScript tracing; returns the input names."""
-    model = model.eval()
+    """Write ``model`` (put in eval mode) to ``path`` as ONNX with TorchScript tracing; returns the input names.
+    A model on a GPU or in half precision is exported from a CPU float32 copy (it stays where it is)."""
+    model = cpu_float_copy(model.eval())
     names = onnx_input_names(model)
     images = torch.zeros(batch_size, 3, 112, 112)
     if len(names) == 2:
