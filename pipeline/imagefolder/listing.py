@@ -155,7 +155,7 @@ def _decoded(name: bytes, folder: str | os.PathLike, builder: _Builder) -> str |
     try:
         return name.decode("utf-8")
     except UnicodeDecodeError:
-        shown = os.path.join(os.fsdecode(folder), os.fsdecode(name)).encode("utf-8", "backslashreplace").decode()
+        shown = os.path.join(os.fsencode(folder), name).decode("utf-8", "backslashreplace")
         return builder.problem(shown, f"{shown}: the name is not UTF-8 text; rename it")
 
 
