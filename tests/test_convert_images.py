@@ -262,7 +262,8 @@ def test_a_missing_listed_file_is_skipped_and_reported(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case", ["non-utf8-name", "identity-symlink-out", "output-inside", "root-for-folder", "size-for-recordio"]
+    "case",
+    ["non-utf8-name", "identity-symlink-out", "output-inside", "root-for-folder", "size-for-recordio", "neither"],
 )
 def test_bad_folders_and_arguments_are_one_line_errors(small_dataset, tmp_path, case):
     root, out, options = tmp_path / "faces", tmp_path / "out", ConvertOptions()
@@ -281,6 +282,11 @@ def test_bad_folders_and_arguments_are_one_line_errors(small_dataset, tmp_path, 
     elif case == "root-for-folder":
         options = ConvertOptions(root=str(tmp_path))
         pattern = rf"{root}: --root applies to list files only \(an image folder is its own root\)"
+    elif case == "neither":
+        root = tmp_path / "neither"
+        (root / "a").mkdir(parents=True)
+        (root / "a" / "notes.txt").write_text("no faces here")
+        pattern = rf"{root}: neither a RecordIO dataset folder \(with train\.rec\) nor an image folder .*"
     else:
         root, options = small_dataset[0], ConvertOptions(image_size=96)
         pattern = rf"{root}: --image-size and --root apply to image folders and list files only"

@@ -17,7 +17,12 @@ def locate_source(src: str | os.PathLike, out: str | os.PathLike, options: Conve
     not apply to it, and an output folder inside an image folder, are one-line errors."""
     src = Path(src)
     recordio = src.suffix == ".rec" if src.is_file() else (src / "train.rec").exists() or (src / "train.idx").exists()
-    if recordio or (src.is_dir() and not is_image_folder(src)):
+    if src.is_dir() and not recordio and not is_image_folder(src):
+        raise FacetoolError(
+            f"{src}: neither a RecordIO dataset folder (with train.rec) nor an image folder "
+            "(SRC/<identity>/<image>.jpg|png)"
+        )
+    if recordio or not src.exists():
         if options.image_size is not None or options.root is not None:
             raise FacetoolError(f"{src}: --image-size and --root apply to image folders and list files only")
         return Source.locate(src, options.use_index)
