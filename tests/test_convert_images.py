@@ -211,7 +211,7 @@ def test_bad_image_files_fail_or_are_skipped_and_reported(tmp_path):
     assert json.loads((tmp_path / "skipped" / LABEL_MAP).read_text()) == {k: i for i, k in enumerate(IDENTITIES)}
 
 
-def test_image_checks_read_headers_only():
+def test_image_checks_name_the_size_and_a_damaged_header():
     face = render(0, 0, 0)
     assert check_image(face, "f") == "jpg" and check_image(_png(face), "f") == "png"
     with pytest.raises(RecordIOError, match=r"^f: the image is 112x112, not 128x128 \(see --image-size\)$"):
