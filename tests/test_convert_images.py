@@ -170,15 +170,11 @@ def test_a_changed_folder_is_another_plan(faces, tmp_path):
         convert(copy, out, ConvertOptions(samples_per_shard=5, part=(1, 2)))
 
 
-def _bad_png(data: bytes) -> bytes:
-    return data[: len(data) - 20]
-
-
 def _damage_files(root: Path) -> list[str]:
     """Damage a copy of the faces in every way an image file can be bad; the relative names, in key order."""
     write_faces(root)
     (root / "ada" / "0.jpg").write_bytes((root / "ada" / "0.jpg").read_bytes()[:-300])  # truncated JPEG
-    (root / "bo" / "1.png").write_bytes(_bad_png((root / "bo" / "1.png").read_bytes()))  # truncated PNG
+    (root / "bo" / "1.png").write_bytes((root / "bo" / "1.png").read_bytes()[:-20])  # truncated PNG
     small = io.BytesIO()
     Image.new("RGB", (96, 112)).save(small, format="JPEG")
     (root / "cy" / "2.jpg").write_bytes(small.getvalue())  # another size
