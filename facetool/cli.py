@@ -146,9 +146,21 @@ def synth(
     type=click.Choice(["fail", "skip"]),
     default="fail",
     show_default=True,
-    help="On a corrupt record: stop with an error naming it, or skip it and list it in the manifest.",
+    help="On a corrupt record or image file: stop with an error naming it, or skip it and list it in the manifest.",
 )
 @click.option("--no-index", is_flag=True, help="No train.idx: scan train.rec sequentially to find the records.")
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Image folders and lists: the faces' width and height (default 112); another size is an error.",
+)
+@click.option(
+    "--root",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="List files: the folder the listed paths are relative to (default: the list's folder).",
+)
 @click.option(
     "--mask-fraction",
     type=click.FloatRange(0.0, 1.0),
@@ -169,12 +181,16 @@ def convert(
     part: str,
     on_error: str,
     no_index: bool,
+    image_size: int | None,
+    root: str | None,
     mask_fraction: float,
     mask_weights: str | None,
     quiet: bool,
 ) -> None:
-    """Convert an InsightFace RecordIO dataset SRC (a folder with train.rec, train.idx, property; or a .rec file)
-    into WebDataset tar shards in OUT, each with a DALI index, plus manifest.json (format: docs/FORMAT.md).
+    """Convert a dataset SRC into WebDataset tar shards in OUT, each with a DALI index, plus manifest.json (format:
+    docs/FORMAT.md). SRC is an InsightFace RecordIO set (a folder with train.rec, train.idx, property; or a .rec
+    file), an image folder SRC/<identity>/<image>.jpg|png, or a list file of 'relative/path label' lines; for
+    the last two, labels.json beside the manifest maps each identity to its label.
 
     Image bytes pass through untouched; labels are stored as 4-byte int32; --mask-fraction adds masked twins.
     Interrupted? Run the same command again: finished shards are kept and the result is byte-identical to an
@@ -192,6 +208,8 @@ def convert(
         use_index=not no_index,
         mask_fraction=mask_fraction,
         mask_weights=parse_weights_option(mask_weights),
+        image_size=image_size,
+        root=root,
     )
     update, close = progress_bar("convert") if not quiet else (None, lambda: None)
     try:

@@ -215,6 +215,10 @@ class RecordFile:
         _, labels, image = self._unpack(key, offset)
         return tuple(labels.tolist()), image
 
+    def where(self, key: int) -> str:
+        """A record as error messages name it: the file and the record's key."""
+        return f"{self.path}: record {key}"
+
     def index_digest(self) -> str:
         """A sha256 of the index this reader uses (every key and offset): what identifies its records."""
         return index_digest(self._all_keys, self._all_offsets)

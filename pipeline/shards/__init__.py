@@ -1,8 +1,10 @@
-"""RecordIO -> WebDataset tar shards (format v1, see docs/FORMAT.md): shuffled, indexed, parallel, resumable.
+"""RecordIO (or an image folder, or a list file of images) -> WebDataset tar shards (format v1, see
+docs/FORMAT.md): shuffled, indexed, parallel, resumable.
 
 - ``format``: member and file names, DALI index lines, the manifest (``read_manifest``, ``merge_parts``);
 - ``tar``: tar headers, index lines and ``ShardWriter``, which streams one tar;
-- ``plan``: ``ConvertOptions``, ``Source``, the seeded permutation and parts, the plan's identity;
+- ``plan``: ``ConvertOptions``, ``Source`` (and the ``ConvertSource`` protocol), the seeded permutation and parts,
+  the plan's identity; ``sources``: ``locate_source``, which kind of dataset ``convert`` was given;
 - ``state``: the resumable state folder, and the checks that nothing of another plan is reused;
 - ``write``: writing one shard; ``job``: ``convert()``, the whole job over a pool of worker processes;
 """
@@ -13,6 +15,7 @@ from facetool.pipeline.shards.format import (
     FORMAT_VERSION,
     IMAGE_EXTS,
     LABEL_EXT,
+    LABEL_MAP,
     MASK_EXT,
     IndexMember,
     ShardStats,
@@ -28,11 +31,13 @@ from facetool.pipeline.shards.plan import (
     STATE_DIR,
     ConvertJob,
     ConvertOptions,
+    ConvertSource,
     MaskPlan,
     Source,
     part_shards,
     plan_permutation,
 )
+from facetool.pipeline.shards.sources import locate_source
 from facetool.pipeline.shards.tar import ShardWriter, tar_header, tar_headers
 from facetool.pipeline.shards.write import write_shard
 
@@ -42,10 +47,12 @@ __all__ = [
     "FORMAT_VERSION",
     "IMAGE_EXTS",
     "LABEL_EXT",
+    "LABEL_MAP",
     "MASK_EXT",
     "STATE_DIR",
     "ConvertJob",
     "ConvertOptions",
+    "ConvertSource",
     "IndexMember",
     "MaskPlan",
     "ShardStats",
@@ -54,6 +61,7 @@ __all__ = [
     "check_manifest",
     "convert",
     "load_manifest",
+    "locate_source",
     "merge_parts",
     "parse_index_line",
     "part_shards",

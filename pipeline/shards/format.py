@@ -28,8 +28,10 @@ LABEL_DTYPE = "int32-le"
 META_EXT = "json"  # the full label vector, for records that have more than one label
 MASK_EXT = "mask.jpg"  # the masked twin of the image, for the samples chosen by the mask fraction
 MANIFEST = "manifest.json"
-#: What a manifest's ``source.layout`` may say: RecordIO layout A or B, or shards facetool drew itself (benchmarks).
-SOURCE_LAYOUTS = ("A", "B", "synthetic")
+LABEL_MAP = "labels.json"  # identity -> label, beside the manifest of an image folder's or list file's shards
+#: What a manifest's ``source.layout`` may say: RecordIO layout A or B, an image folder, a list file of images, or
+#: shards facetool drew itself (benchmarks).
+SOURCE_LAYOUTS = ("A", "B", "folder", "list", "synthetic")
 INDEX_VERSION = b"v1.2"  # the DALI index version ``wds2idx`` writes
 _INDEX_HEADER = re.compile(rb"v1\.2 (\d+)\n")
 

@@ -19,8 +19,9 @@ from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.lock import LOCK_NAME, folder_lock
 from facetool.pipeline.processes import die_with_parent
 from facetool.pipeline.recordio import RecordFile
-from facetool.pipeline.shards.format import ShardStats, build_manifest, write_manifest
-from facetool.pipeline.shards.plan import ConvertJob, ConvertOptions, Source
+from facetool.pipeline.shards.format import LABEL_MAP, ShardStats, build_manifest, publish, write_manifest
+from facetool.pipeline.shards.plan import ConvertJob, ConvertOptions
+from facetool.pipeline.shards.sources import locate_source
 from facetool.pipeline.shards.state import check_output_dir, claim_plan, clear_state, finished_manifest, load_stats
 from facetool.pipeline.shards.write import write_shard
 
@@ -33,15 +34,16 @@ def convert(
     options: ConvertOptions = ConvertOptions(),
     progress: Progress | None = None,
 ) -> dict:
-    """Convert an InsightFace RecordIO dataset into shards in ``out``; returns the manifest it wrote.
+    """Convert an InsightFace RecordIO dataset, an image folder or a list file (``locate_source``) into shards in
+    ``out``; returns the manifest it wrote.
 
     ``progress(done, total)`` is called as records are processed. Re-running after an interruption skips the
     shards already complete and gives the same bytes as an uninterrupted run; anything in ``out`` that another
     plan left there is refused. The output folder is locked while the command writes into it.
     """
     options.validate()
-    source = Source.locate(src, options.use_index)
-    with RecordFile(source.rec, source.idx, on_index_error=options.on_error) as reader:
+    source = locate_source(src, out, options)
+    with source.open(options.on_error) as reader:
         job = ConvertJob.plan(Path(out), source, reader, options)
         manifest = finished_manifest(job)
         if manifest is None:
@@ -73,6 +75,9 @@ def _convert_locked(job: ConvertJob, reader: RecordFile, progress: Progress | No
             _run_shards(job, reader, todo, _Counter(counted, total, progress))
         with folder_lock(job.out, "convert", wait=CLAIM_WAIT):
             manifest = _manifest(job, [done[s] if s in done else load_stats(job, s) for s in job.mine])
+            label_map = job.source.label_map()
+            if label_map is not None:  # before the manifest, which says the conversion is complete
+                publish(job.out / LABEL_MAP, label_map)
             write_manifest(job.manifest_path, manifest)
             clear_state(job)
         return manifest
@@ -80,11 +85,11 @@ def _convert_locked(job: ConvertJob, reader: RecordFile, progress: Progress | No
 
 def _manifest(job: ConvertJob, shards: list[ShardStats]) -> dict:
     manifest = build_manifest(
-        source=str(job.source.rec.resolve()),
+        source=str(job.source.path.resolve()),
         layout=job.layout,
         records=int(job.perm.size),
         classes=job.num_classes,
-        arguments=job.options.output_arguments(),
+        arguments=job.arguments(),
         part=job.options.part,
         total_shards=job.num_shards,
         shards=shards,
@@ -94,7 +99,7 @@ def _manifest(job: ConvertJob, shards: list[ShardStats]) -> dict:
     classes, records = manifest["source"]["classes"], manifest["source"]["records"]
     if classes > records:
         raise FacetoolError(
-            f"{job.source.rec}: labels reach {classes - 1}, more classes than its {records} image records; give "
+            f"{job.source.path}: labels reach {classes - 1}, more classes than its {records} image records; give "
             "the dataset a property file with its class count"
         )
     return manifest
@@ -158,7 +163,7 @@ def _init_worker(job: ConvertJob, reader: RecordFile | None, value, parent: int)
     die_with_parent(parent)
     _WORKER["job"] = job
     if reader is None:
-        reader = RecordFile(job.source.rec, job.source.idx, on_index_error=job.options.on_error)
+        reader = job.source.open(job.options.on_error)
     _WORKER["reader"] = reader
     _WORKER["tick"] = lambda n: _increment(value, n)
 

@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -37,6 +38,9 @@ class ConvertOptions:
     use_index: bool = True
     mask_fraction: float = 0.0  # share of samples that get a masked twin (``mask.jpg``), chosen by (seed, key)
     mask_weights: tuple[tuple[str, float], ...] | None = None  # (kind, weight) pairs; None: the renderer's defaults
+    # image folders and list files only (their source records them): the faces' size (None: 112) and a list's root
+    image_size: int | None = None
+    root: str | None = None
 
     def validate(self) -> None:
         """Raise a FacetoolError naming the first option out of range (before any work is done)."""
@@ -49,6 +53,8 @@ class ConvertOptions:
         if self.mask_fraction > 0 and self.seed < 0:
             raise FacetoolError(f"--seed must be >= 0 with --mask-fraction, got {self.seed}")
         self.mask_probabilities()  # unknown kinds or bad weights
+        if self.image_size is not None and self.image_size < 1:
+            raise FacetoolError(f"--image-size must be >= 1, got {self.image_size}")
         pi, pn = self.part
         if not (pn >= 1 and 0 <= pi < pn):
             raise FacetoolError(f"--part must be I/N with 0 <= I < N, got {pi}/{pn}")
@@ -119,6 +125,39 @@ class Source:
             )
         return num_classes
 
+    # what every convert source offers (``ConvertSource``); an image folder's is ``facetool.pipeline.imagefolder``
+    @property
+    def path(self) -> Path:
+        """What the manifest names as the source."""
+        return self.rec
+
+    def open(self, on_error: str) -> RecordFile:
+        """The reader of the image records (index entries that cannot be right: an error, or skipped)."""
+        return RecordFile(self.rec, self.idx, on_index_error=on_error)
+
+    def mtime_ns(self) -> int:
+        return os.stat(self.rec).st_mtime_ns
+
+    def arguments(self) -> dict:
+        """Settings of the source that the manifest records among the arguments: none for RecordIO."""
+        return {}
+
+    def label_map(self) -> str | None:
+        """An identity -> label map to write beside the manifest: none for RecordIO (its labels are its own)."""
+        return None
+
+
+class ConvertSource(Protocol):
+    """A dataset ``convert`` reads: a RecordIO ``Source`` or an ``ImageSource`` (image folder or list file)."""
+
+    @property
+    def path(self) -> Path: ...
+    def open(self, on_error: str): ...
+    def num_classes(self, reader) -> int | None: ...
+    def mtime_ns(self) -> int: ...
+    def arguments(self) -> dict: ...
+    def label_map(self) -> str | None: ...
+
 
 def plan_permutation(num_records: int, seed: int, shuffle: bool) -> np.ndarray:
     """Positions of the image records in write order: a seeded global permutation (or identity order)."""
@@ -147,7 +186,7 @@ class ConvertJob:
     """One conversion, planned: everything a shard writer needs, in this process or a worker (sent once)."""
 
     out: Path
-    source: Source
+    source: ConvertSource
     options: ConvertOptions
     num_classes: int | None
     layout: str
@@ -164,15 +203,15 @@ class ConvertJob:
         object.__setattr__(self, "plan_id", hashlib.sha256(text.encode()).hexdigest()[:32])
 
     @classmethod
-    def plan(cls, out: Path, source: Source, reader: RecordFile, options: ConvertOptions) -> ConvertJob:
+    def plan(cls, out: Path, source: ConvertSource, reader: RecordFile, options: ConvertOptions) -> ConvertJob:
         """Plan the conversion of ``reader`` (the open ``source``) into ``out``."""
         num_classes = source.num_classes(reader)
         if len(reader) == 0:
-            raise FacetoolError(f"{source.rec}: no image records to convert")
+            raise FacetoolError(f"{source.path}: no image records to convert")
         weights = options.mask_probabilities()
         masks = MaskPlan(options.mask_fraction, options.seed, weights) if weights is not None else None
         perm = plan_permutation(len(reader), options.seed, options.shuffle)
-        mtime = os.stat(source.rec).st_mtime_ns
+        mtime = source.mtime_ns()
         skipped = tuple(p.as_skipped() for p in reader.index_problems)
         return cls(out, source, options, num_classes, reader.layout, reader.size, perm, masks, mtime,
                    reader.index_digest(), skipped)  # fmt: skip
@@ -208,16 +247,20 @@ class ConvertJob:
         """Where a finished shard's stats wait for the manifest."""
         return self.out / STATE_DIR / f"{shard_name(shard)}.json"
 
+    def arguments(self) -> dict:
+        """The arguments the manifest records: the options' and the source's own settings."""
+        return {**self.options.output_arguments(), **self.source.arguments()}
+
     def record(self) -> dict:
         """What identifies this plan, whichever part carries it out: the source (path, size, modification time, a
         hash of its index), the records and classes, the arguments and the number of parts."""
         return {
-            "source": str(self.source.rec.resolve()),
+            "source": str(self.source.path.resolve()),
             "source_bytes": self.source_bytes,
             "source_mtime_ns": self.source_mtime_ns,
             "index_sha256": self.index_sha256,
             "records": int(self.perm.size),
             "classes": self.num_classes,
-            "arguments": self.options.output_arguments(),
+            "arguments": self.arguments(),
             "parts": self.options.part[1],
         }

@@ -246,7 +246,7 @@ def _render_twin(shard: _Shard, key: int, image: bytes | memoryview) -> bytes:
     try:
         return mask_jpeg(image, masks.seed, key, weights=masks.weights)
     except MaskError as err:
-        raise RecordIOError(f"{shard.reader.path}: record {key}: cannot render its masked twin: {err}") from None
+        raise RecordIOError(f"{shard.reader.where(key)}: cannot render its masked twin: {err}") from None
 
 
 # the checked path
