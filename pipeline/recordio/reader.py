@@ -4,7 +4,8 @@ Layouts: A (MS1MV2-style: record 0 is a header whose label ``[a, b]`` says image
 identity records a..b-1) and B (every record is an image, the label possibly a vector). The layout is told by what
 record 0 *is* (a label range with no image bytes), not by its flag alone.
 
-The index lives in numpy arrays (16 bytes a record), so 42 million records cost ~0.7 GB, not ~5 GB of dicts.
+The index lives in numpy arrays of the smallest dtype (uint32 keys, uint32 offsets in a file under 4 GiB: 8 bytes a
+record; layout A's image records are views of them), so 42 million records cost ~0.35 GB, not ~5 GB of dicts.
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ from facetool.pipeline.recordio.format import (
     read_payload,
     unpack_payload,
 )
-from facetool.pipeline.recordio.index import IndexProblem, check_index, index_digest, parse_index, u32_at
+from facetool.pipeline.recordio.index import (
+    IndexProblem,
+    check_index,
+    compact,
+    index_digest,
+    parse_index,
+    sort_by_key,
+    u32_at,
+)
 
 
 class RecordFile:
@@ -69,8 +78,8 @@ class RecordFile:
             )
             if keys.size == 0:
                 raise RecordIOError(f"{self.idx_path or self.path}: no records")
-            order = np.argsort(keys, kind="stable")
-            self._all_keys, self._all_offsets = keys[order], offsets[order]
+            self._all_keys, self._all_offsets = sort_by_key(keys, offsets)
+            del keys, offsets  # an index out of key order: drop the unsorted arrays before the layout is read
             self._detect_layout()
         except BaseException:
             self.close()
@@ -88,9 +97,8 @@ class RecordFile:
             ids.append(IR_HEADER.unpack_from(payload, 0)[2] if len(payload) >= IR_HEADER.size else -1)
             pos, n = nxt, n + 1
         if len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= 2**63:
-            return np.arange(len(offsets), dtype=np.int64), np.asarray(offsets, dtype=np.int64)
-        keys = np.asarray(ids, dtype=np.int64)
-        return keys, np.asarray(offsets, dtype=np.int64)
+            return compact(np.arange(len(offsets), dtype=np.int64)), compact(np.asarray(offsets, dtype=np.int64))
+        return compact(np.asarray(ids, dtype=np.int64)), compact(np.asarray(offsets, dtype=np.int64))
 
     def _offset_of(self, key: int) -> int | None:
         i = int(np.searchsorted(self._all_keys, key))
@@ -134,6 +142,12 @@ class RecordFile:
                 f"{a + int(np.flatnonzero(~held)[0])} is not in the index"
             )
         self._check_identities(a, lo, offsets)
+        self.layout, self.header_label, self.num_identities = "A", labels, b - a
+        first = int(np.searchsorted(self._all_keys, 1))
+        if a == 1 or (first + a - 1 <= self._all_keys.size and self._all_keys[first + a - 2] == a - 1):
+            # the (sorted, unique) keys from 1 hold a - 1 ... : every image is there, as views of the index
+            self.keys, self.offsets = self._all_keys[first : first + a - 1], self._all_offsets[first : first + a - 1]
+            return
         wanted = np.arange(1, a, dtype=np.int64)
         held, offsets = self._find(wanted)
         if not held.all():
@@ -147,10 +161,7 @@ class RecordFile:
                 IndexProblem(k, f"{where}: record {k}: announced by the header record 0 but not in the index")
                 for k in missing
             ]
-        self.layout = "A"
-        self.header_label = labels
-        self.keys, self.offsets = wanted[held], offsets[held]
-        self.num_identities = b - a
+        self.keys, self.offsets = compact(wanted[held]), offsets[held]
 
     def _check_identities(self, a: int, lo: float, offsets: np.ndarray) -> None:
         """Each identity record holds only a label range ``[first, end)`` with 1 <= first <= end <= a (checked with
