@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -110,6 +111,12 @@ def run_convert_benchmark(
     }
 
 
+def _cpu_seconds() -> float:
+    """User and system CPU seconds of this process and of its children that have been waited for."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def run_convert_memory(
     src: str | os.PathLike,
     workers: int = 2,
@@ -124,10 +131,11 @@ def run_convert_memory(
     base = Path(tmp_dir) if tmp_dir is not None else source.rec.parent
     work = Path(tempfile.mkdtemp(prefix=".facetool-bench-", dir=base))
     options = ConvertOptions(samples_per_shard=samples_per_shard, workers=workers)
-    before = anon_memory(os.getpid())[0]
+    before, cpu = anon_memory(os.getpid())[0], _cpu_seconds()
     try:
         with MemorySampler() as memory:
             seconds, manifest = _timed_convert(source, work / "shards", options)
+        cpu = _cpu_seconds() - cpu  # the pool's workers have been waited for: their time is counted
     finally:
         _drop_tree(work)
     records = manifest["samples"] + manifest["skipped"]
@@ -136,6 +144,8 @@ def run_convert_memory(
         "records": records,
         "seconds": seconds,
         "records_per_s": records / seconds,
+        "cpu_seconds": cpu,
+        "records_per_cpu_s": records / cpu,
         "workers": workers,
         "samples_per_shard": samples_per_shard,
         "parent_rss_anon_before": before,

@@ -53,7 +53,10 @@ def bench_convert_memory_command(
 
     r = run_convert_memory(src, workers=workers, samples_per_shard=samples_per_shard, tmp_dir=tmp_dir)
     mb = 1e6
-    click.echo(f"convert: {r['records']:,} records in {r['seconds']:.2f} s, {r['records_per_s']:,.0f} records/s")
+    click.echo(
+        f"convert: {r['records']:,} records in {r['seconds']:.2f} s, {r['records_per_s']:,.0f} records/s; "
+        f"{r['cpu_seconds']:.2f} CPU s, {r['records_per_cpu_s']:,.0f} records per CPU second"
+    )
     workers_mb = ", ".join(f"{v / mb:.0f}" for v in r["worker_rss_anon"]) or "none"
     click.echo(
         f"peak RssAnon MB: parent {r['parent_rss_anon'] / mb:.0f} (before {r['parent_rss_anon_before'] / mb:.0f}),"

@@ -22,8 +22,8 @@ from facetool.pipeline.recordio.format import LENGTH_MASK, MAGIC, RecordIOError,
 
 _FRAME_BYTES = 8  # magic and lrecord
 _U32_MAX = 2**32 - 1
-_PARSE_BLOCK = 1 << 22  # bytes of index text parsed at a time
-_CHECK_BLOCK = 1 << 18  # records checked at a time (the temporaries of a check are a few arrays of this size)
+_PARSE_BLOCK = 1 << 20  # bytes of index text parsed at a time (the temporaries are ~8 times this)
+CHECK_BLOCK = 1 << 18  #: records checked at a time (the temporaries of a check are a few arrays of this size)
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ def sort_by_key(keys: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.n
         return keys, offsets
     if descents.size == 1 and keys[-1] < keys[0]:
         cut = int(descents[0]) + 1
-        return np.concatenate([keys[cut:], keys[:cut]]), np.concatenate([offsets[cut:], offsets[:cut]])
+        return _rotate(keys, cut), _rotate(offsets, cut)
     order = np.argsort(keys, kind="stable")
     return keys[order], offsets[order]
 
@@ -229,10 +229,30 @@ def _first_pass(
     return found
 
 
+def _rotate(values: np.ndarray, cut: int) -> np.ndarray:
+    """``values[cut:]`` then ``values[:cut]``: in place, a block at a time, when the part moved to the front is
+    short (no second copy of the index), else as a new array."""
+    tail = values[cut:].copy()
+    if tail.size > CHECK_BLOCK:
+        return np.concatenate([tail, values[:cut]])
+    for stop in range(cut, 0, -CHECK_BLOCK):  # back to front, each block shifted right past the tail
+        start = max(stop - CHECK_BLOCK, 0)
+        values[start + tail.size : stop + tail.size] = values[start:stop]
+    values[: tail.size] = tail
+    return values
+
+
 def _repeats(values: np.ndarray) -> bool:
-    """Whether a value appears twice (without an argsort when the values are in order, as in nearly every index)."""
-    if values.size < 2 or bool((values[1:] > values[:-1]).all()):
+    """Whether a value appears twice; without sorting a copy when the values are in order, or in two ordered runs
+    (an index in key order with the header record 0 last), as in nearly every index."""
+    descents = np.flatnonzero(values[1:] <= values[:-1])
+    if descents.size == 0:
         return False
+    if descents.size == 1:
+        cut = int(descents[0]) + 1
+        small, big = sorted((values[:cut], values[cut:]), key=len)
+        if small.size <= CHECK_BLOCK and (big[1:] > big[:-1]).all() and (small[1:] > small[:-1]).all():
+            return bool((big[np.minimum(np.searchsorted(big, small), big.size - 1)] == small).any())
     ordered = np.sort(values)
     return bool((ordered[1:] == ordered[:-1]).any())
 
@@ -268,8 +288,8 @@ def _overlaps(keys, offsets, bad, buf, lines: _Lines, where: str, rec_path) -> l
     order = _offset_order(offsets, bad)
     count, size, u8 = keys.size if order is None else order.size, len(buf), np.frombuffer(buf, dtype=np.uint8)
     found = []
-    for first in range(0, count, _CHECK_BLOCK):
-        last = min(first + _CHECK_BLOCK, count)
+    for first in range(0, count, CHECK_BLOCK):
+        last = min(first + CHECK_BLOCK, count)
         rows = np.arange(first, min(last + 1, count)) if order is None else order[first : last + 1]
         starts = offsets[rows].astype(np.int64)
         end = record_ends(buf, starts[: last - first], rec_path)
@@ -311,6 +331,6 @@ def index_digest(keys: np.ndarray, offsets: np.ndarray) -> str:
     identifies the records a plan was made from."""
     h = hashlib.sha256()
     for values in (keys, offsets):
-        for first in range(0, values.size, _CHECK_BLOCK):
-            h.update(np.ascontiguousarray(values[first : first + _CHECK_BLOCK], dtype="<i8"))
+        for first in range(0, values.size, CHECK_BLOCK):
+            h.update(np.ascontiguousarray(values[first : first + CHECK_BLOCK], dtype="<i8"))
     return h.hexdigest()

@@ -30,6 +30,7 @@ from facetool.pipeline.recordio.format import (
     unpack_payload,
 )
 from facetool.pipeline.recordio.index import (
+    CHECK_BLOCK,
     IndexProblem,
     check_index,
     compact,
@@ -101,7 +102,9 @@ class RecordFile:
         return compact(np.asarray(ids, dtype=np.int64)), compact(np.asarray(offsets, dtype=np.int64))
 
     def _offset_of(self, key: int) -> int | None:
-        i = int(np.searchsorted(self._all_keys, key))
+        if not 0 <= key <= np.iinfo(self._all_keys.dtype).max:
+            return None  # and a probe in the keys' own dtype: another would convert the whole index to search it
+        i = int(np.searchsorted(self._all_keys, self._all_keys.dtype.type(key)))
         if i < self._all_keys.size and self._all_keys[i] == key:
             return int(self._all_offsets[i])
         return None
@@ -118,7 +121,9 @@ class RecordFile:
             self.num_identities = None
 
     def _find(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Which of the sorted ``wanted`` keys the index holds, and their offsets (meaningful where held)."""
+        """Which of the sorted ``wanted`` keys (>= 0) the index holds, and their offsets (meaningful where held)."""
+        if wanted.size and wanted[-1] <= np.iinfo(self._all_keys.dtype).max:
+            wanted = wanted.astype(self._all_keys.dtype)  # searched in another dtype, the index would be converted
         pos = np.minimum(np.searchsorted(self._all_keys, wanted), self._all_keys.size - 1)
         return self._all_keys[pos] == wanted, self._all_offsets[pos]
 
@@ -143,7 +148,7 @@ class RecordFile:
             )
         self._check_identities(a, lo, offsets)
         self.layout, self.header_label, self.num_identities = "A", labels, b - a
-        first = int(np.searchsorted(self._all_keys, 1))
+        first = int(np.searchsorted(self._all_keys, self._all_keys.dtype.type(1)))
         if a == 1 or (first + a - 1 <= self._all_keys.size and self._all_keys[first + a - 2] == a - 1):
             # the (sorted, unique) keys from 1 hold a - 1 ... : every image is there, as views of the index
             self.keys, self.offsets = self._all_keys[first : first + a - 1], self._all_offsets[first : first + a - 1]
@@ -165,22 +170,24 @@ class RecordFile:
 
     def _check_identities(self, a: int, lo: float, offsets: np.ndarray) -> None:
         """Each identity record holds only a label range ``[first, end)`` with 1 <= first <= end <= a (checked with
-        numpy on the mapped bytes: one gather per field, whatever the number of identities)."""
-        inside = offsets + 40 <= self.size
-        at = np.where(inside, offsets, 0)
-        lrecord, flag = u32_at(self._bytes, at + 4), u32_at(self._bytes, at + 8)
-        first = u32_at(self._bytes, at + 32).view(np.float32)
-        end = u32_at(self._bytes, at + 36).view(np.float32)
-        with np.errstate(invalid="ignore"):
-            ok = inside & (u32_at(self._bytes, at) == MAGIC) & (lrecord >> 29 == 0) & (flag >= 2)
-            ok &= ((lrecord & LENGTH_MASK) == IR_HEADER.size + 4 * flag.astype(np.int64)) & (first >= 1)
-            ok &= (first <= end) & (end <= np.float32(lo))
-        if not ok.all():
-            i = int(np.flatnonzero(~ok)[0])
-            raise RecordIOError(
-                f"{self.path}: record {a + i} at byte offset {offsets[i]}: not an identity record (a label range "
-                f"[first, end) within the images 1..{a - 1} that the header record 0 announces)"
-            )
+        numpy on the mapped bytes: one gather per field, a block of identities at a time)."""
+        for block in range(0, offsets.size, CHECK_BLOCK):
+            at = offsets[block : block + CHECK_BLOCK].astype(np.int64)
+            inside = at + 40 <= self.size
+            at[~inside] = 0
+            lrecord, flag = u32_at(self._bytes, at + 4), u32_at(self._bytes, at + 8)
+            first = u32_at(self._bytes, at + 32).view(np.float32)
+            end = u32_at(self._bytes, at + 36).view(np.float32)
+            with np.errstate(invalid="ignore"):
+                ok = inside & (u32_at(self._bytes, at) == MAGIC) & (lrecord >> 29 == 0) & (flag >= 2)
+                ok &= ((lrecord & LENGTH_MASK) == IR_HEADER.size + 4 * flag.astype(np.int64)) & (first >= 1)
+                ok &= (first <= end) & (end <= np.float32(lo))
+            if not ok.all():
+                i = block + int(np.flatnonzero(~ok)[0])
+                raise RecordIOError(
+                    f"{self.path}: record {a + i} at byte offset {offsets[i]}: not an identity record (a label range "
+                    f"[first, end) within the images 1..{a - 1} that the header record 0 announces)"
+                )
 
     def _unpack(self, key: int, offset: int) -> tuple[IRHeader, np.ndarray, bytes]:
         payload, _ = read_payload(self._buf, offset, self.path, key)
