@@ -22,8 +22,8 @@ from facetool.pipeline.recordio.format import LENGTH_MASK, MAGIC, RecordIOError,
 
 _FRAME_BYTES = 8  # magic and lrecord
 _U32_MAX = 2**32 - 1
-_PARSE_BLOCK = 1 << 20  # bytes of index text parsed at a time (the temporaries are ~8 times this)
-CHECK_BLOCK = 1 << 18  #: records checked at a time (the temporaries of a check are a few arrays of this size)
+PARSE_BLOCK = 1 << 20  #: bytes of index text parsed at a time (the temporaries are ~8 times this)
+CHECK_BLOCK = 1 << 16  #: records checked at a time (the temporaries of a check are a few arrays of this size)
 
 
 @dataclass(frozen=True)
@@ -86,13 +86,13 @@ def _parse_plain(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray] |
     """Keys and offsets of an index made only of ``DIGITS<TAB>DIGITS<LF>`` lines; None for any other file."""
     try:
         with open(idx_path, "rb") as f:
-            rows = sum(block.count(b"\n") for block in iter(lambda: f.read(_PARSE_BLOCK), b""))
+            rows = sum(block.count(b"\n") for block in iter(lambda: f.read(PARSE_BLOCK), b""))
             if rows == 0 or f.seek(-1, os.SEEK_END) < 0 or f.read(1) != b"\n":
                 return None
             f.seek(0)
             keys, offsets = np.empty(rows, np.uint32), np.empty(rows, np.uint32)
             done, rest = 0, b""
-            for block in iter(lambda: f.read(_PARSE_BLOCK), b""):
+            for block in iter(lambda: f.read(PARSE_BLOCK), b""):
                 text = rest + block
                 cut = text.rfind(b"\n") + 1
                 parsed = _plain_lines(np.frombuffer(text, np.uint8, cut)) if cut else (np.empty(0, np.int64),) * 2
