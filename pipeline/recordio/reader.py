@@ -4,8 +4,9 @@ Layouts: A (MS1MV2-style: record 0 is a header whose label ``[a, b]`` says image
 identity records a..b-1) and B (every record is an image, the label possibly a vector). The layout is told by what
 record 0 *is* (a label range with no image bytes), not by its flag alone.
 
-The index lives in numpy arrays of the smallest dtype (uint32 keys, uint32 offsets in a file under 4 GiB: 8 bytes a
-record; layout A's image records are views of them), so 42 million records cost ~0.35 GB, not ~5 GB of dicts.
+The index lives in numpy arrays of the smallest dtype (uint32 keys; uint32 offsets in a file under 4 GiB, else int64:
+8 or 12 bytes a record; layout A's image records are views of them): 42 million records cost 0.35-0.5 GB, not ~5 GB
+of dicts.
 """
 
 from __future__ import annotations
