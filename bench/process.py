@@ -26,33 +26,28 @@ def cpu_count() -> int:
 
 
 def process_tree(pid: int | None = None) -> list[int]:
-    """This process (or ``pid``) and its live descendants (DataLoader workers, pool processes); [] where /proc is
-    not available."""
+    """This process (or ``pid``) and its live descendants (DataLoader workers, pool processes), as far as /proc
+    tells them (where it cannot, the process alone)."""
     found, todo = [], [os.getpid() if pid is None else pid]
     while todo:
         pid = todo.pop()
         if pid in found:
             continue
+        found.append(pid)
         try:
             for task in Path(f"/proc/{pid}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # exited meanwhile
         except OSError:
-            return []
-        found.append(pid)
+            continue  # exited meanwhile, or no /proc
     return found
 
 
 def process_tree_cpu_seconds() -> float | None:
     """CPU seconds (user + system) used so far by this process and its live descendants (DataLoader workers,
-    pool processes); None where /proc is not available."""
+    pool processes); 0 where /proc is not available."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    pids = process_tree()
-    if not pids:
-        return None
     total = 0.0
-    for pid in pids:
+    for pid in process_tree():
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
