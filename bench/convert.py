@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -107,4 +108,49 @@ def run_convert_benchmark(
         "all_copy_seconds": copy_times,
         "source_bytes": rec_bytes,
         "shard_bytes": out_bytes,
+    }
+
+
+def _cpu_seconds() -> float:
+    """User and system CPU seconds of this process and of its children that have been waited for."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run_convert_memory(
+    src: str | os.PathLike,
+    workers: int = 2,
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+    tmp_dir: str | os.PathLike | None = None,
+) -> dict:
+    """One full convert of ``src`` (into a temporary folder, removed afterwards): its time and records/s, and the
+    peak anonymous memory of the converting process and of each worker, sampled from /proc as it runs."""
+    from facetool.bench.process import MemorySampler, anon_memory
+
+    source = Source.locate(src)
+    base = Path(tmp_dir) if tmp_dir is not None else source.rec.parent
+    work = Path(tempfile.mkdtemp(prefix=".facetool-bench-", dir=base))
+    options = ConvertOptions(samples_per_shard=samples_per_shard, workers=workers)
+    before, cpu = anon_memory(os.getpid())[0], _cpu_seconds()
+    try:
+        with MemorySampler() as memory:
+            seconds, manifest = _timed_convert(source, work / "shards", options)
+        cpu = _cpu_seconds() - cpu  # the pool's workers have been waited for: their time is counted
+    finally:
+        _drop_tree(work)
+    records = manifest["samples"] + manifest["skipped"]
+    parent = memory.rss_anon.pop(os.getpid(), 0)
+    return {
+        "records": records,
+        "seconds": seconds,
+        "records_per_s": records / seconds,
+        "cpu_seconds": cpu,
+        "records_per_cpu_s": records / cpu,
+        "workers": workers,
+        "samples_per_shard": samples_per_shard,
+        "parent_rss_anon_before": before,
+        "parent_rss_anon": parent,
+        "worker_rss_anon": sorted(memory.rss_anon.values(), reverse=True)[:workers],
+        "tree_pss_anon": memory.pss_anon_total,
+        "tree_pss_anon_per_record": memory.pss_anon_total / records,
     }

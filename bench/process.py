@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import queue as queue_module
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -24,28 +25,88 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def process_tree(pid: int | None = None) -> list[int]:
+    """This process (or ``pid``) and its live descendants (DataLoader workers, pool processes), as far as /proc
+    tells them (where it cannot, the process alone)."""
+    found, todo = [], [os.getpid() if pid is None else pid]
+    while todo:
+        pid = todo.pop()
+        if pid in found:
+            continue
+        found.append(pid)
+        try:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue  # exited meanwhile, or no /proc
+    return found
+
+
 def process_tree_cpu_seconds() -> float | None:
     """CPU seconds (user + system) used so far by this process and its live descendants (DataLoader workers,
-    pool processes); None where /proc is not available."""
+    pool processes); 0 where /proc is not available."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    total, todo, seen = 0.0, [os.getpid()], set()
-    try:
-        while todo:
-            pid = todo.pop()
-            if pid in seen:
-                continue
-            seen.add(pid)
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                fields = stat[stat.rindex(")") + 2 :].split()
-                total += (int(fields[11]) + int(fields[12])) / tick
-                for task in Path(f"/proc/{pid}/task").iterdir():
-                    todo += [int(c) for c in (task / "children").read_text().split()]
-            except (FileNotFoundError, ProcessLookupError):
-                continue  # exited meanwhile
-    except OSError:
-        return None
+    total = 0.0
+    for pid in process_tree():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
     return total
+
+
+class MemorySampler:
+    """Peak anonymous memory of this process and its descendants, sampled from /proc on a thread every
+    ``interval`` s: each process's largest ``RssAnon`` (which counts pages a forked child still shares with its
+    parent) and the largest sum over the tree of ``Pss_Anon`` (shared pages split between their sharers: the
+    memory the tree really holds)."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval, self.rss_anon, self.pss_anon_total = interval, {}, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(self.interval):
+                return
+
+    def sample(self) -> None:
+        """Read every process of the tree once."""
+        total = 0
+        for pid in process_tree():
+            rss, pss = anon_memory(pid)
+            self.rss_anon[pid] = max(self.rss_anon.get(pid, 0), rss)
+            total += pss
+        self.pss_anon_total = max(self.pss_anon_total, total)
+
+
+def anon_memory(pid: int) -> tuple[int, int]:
+    """Bytes of anonymous memory a process holds now: ``RssAnon`` and ``Pss_Anon`` (0 where unknown)."""
+    return _kib(f"/proc/{pid}/status", "RssAnon:"), _kib(f"/proc/{pid}/smaps_rollup", "Pss_Anon:")
+
+
+def _kib(path: str, field: str) -> int:
+    """Bytes of a ``FIELD: N kB`` line of a /proc file (0 when the process is gone or the field absent)."""
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if line.startswith(field.encode()):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 class TimeLimitExceeded(FacetoolError):

@@ -18,6 +18,7 @@ from facetool.cli_loader import bench_loader_command
 from facetool.cli_masks import WEIGHTS_HELP, bench_masks_command, masks_group, parse_weights_option
 from facetool.cli_models import bench_models_command, export_command, import_model_command
 from facetool.cli_options import json_option, progress_bar, write_json
+from facetool.cli_scale import bench_convert_memory_command, make_rec_command
 from facetool.cli_train import bench_train_command, train_command
 from facetool.cli_verification import bench_verification_command, make_bin_command
 from facetool.pipeline import DEFAULT_SAMPLES_PER_SHARD
@@ -336,5 +337,7 @@ bench.add_command(bench_verification_command)
 bench.add_command(bench_train_command)
 bench.add_command(bench_ijb_command)
 bench.add_command(bench_gpu_command)
+bench.add_command(make_rec_command)
+bench.add_command(bench_convert_memory_command)
 main.add_command(align_command)
 main.add_command(synth_ijb_command)

@@ -21,6 +21,9 @@ import numpy as np
 from facetool.pipeline.recordio.format import LENGTH_MASK, MAGIC, RecordIOError, read_payload
 
 _FRAME_BYTES = 8  # magic and lrecord
+_U32_MAX = 2**32 - 1
+PARSE_BLOCK = 1 << 20  #: bytes of index text parsed at a time (the temporaries are ~8 times this)
+CHECK_BLOCK = 1 << 16  #: records checked at a time (the temporaries of a check are a few arrays of this size)
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,12 @@ def load_index(
 
 
 def parse_index(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """The keys and offsets of an index file, in file order (no check beyond the syntax)."""
+    """The keys and offsets of an index file, in file order (no check beyond the syntax), each as ``compact``
+    arrays. Plain ``key<TAB>offset`` lines (what every writer emits) are parsed with numpy a block at a time into
+    arrays allocated once; anything else (blank lines, spaces, signs, an unfinished last line) by ``np.loadtxt``."""
+    plain = _parse_plain(idx_path)
+    if plain is not None:
+        return plain
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # numpy warns on an empty file; we report that ourselves
@@ -57,14 +65,74 @@ def parse_index(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     except OSError as err:
         raise RecordIOError(f"{idx_path}: cannot read ({err.strerror})") from None
     if table.size == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.empty(0, np.uint32), np.empty(0, np.uint32)
     with open(idx_path, "rb") as f:
         f.seek(-1, os.SEEK_END)
         if f.read(1) != b"\n":  # every writer ends each line; a file cut short ends inside one
             raise RecordIOError(f"{idx_path}: the last line is incomplete (no line end): the file was cut short")
     if table.shape[1] != 2:
         raise RecordIOError(f"{idx_path}: expected 2 columns (key, offset), found {table.shape[1]}")
-    return table[:, 0].copy(), table[:, 1].copy()
+    return compact(table[:, 0]), compact(table[:, 1])
+
+
+def compact(values: np.ndarray) -> np.ndarray:
+    """``values`` as uint32 when they all fit (4 bytes a record instead of 8), else as int64."""
+    if values.size and (values.min() < 0 or values.max() > _U32_MAX):
+        return np.asarray(values, dtype=np.int64)
+    return values.astype(np.uint32)
+
+
+def _parse_plain(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray] | None:
+    """Keys and offsets of an index made only of ``DIGITS<TAB>DIGITS<LF>`` lines; None for any other file."""
+    try:
+        with open(idx_path, "rb") as f:
+            rows = sum(block.count(b"\n") for block in iter(lambda: f.read(PARSE_BLOCK), b""))
+            if rows == 0 or f.seek(-1, os.SEEK_END) < 0 or f.read(1) != b"\n":
+                return None
+            f.seek(0)
+            keys, offsets = np.empty(rows, np.uint32), np.empty(rows, np.uint32)
+            done, rest = 0, b""
+            for block in iter(lambda: f.read(PARSE_BLOCK), b""):
+                text = rest + block
+                cut = text.rfind(b"\n") + 1
+                parsed = _plain_lines(np.frombuffer(text, np.uint8, cut)) if cut else (np.empty(0, np.int64),) * 2
+                if parsed is None or done + parsed[0].size > rows:
+                    return None
+                keys, offsets = _put(keys, done, parsed[0]), _put(offsets, done, parsed[1])
+                done, rest = done + parsed[0].size, text[cut:]
+    except OSError:
+        return None  # the general path reports it
+    return (keys, offsets) if done == rows else None
+
+
+def _plain_lines(text: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(keys, offsets) of whole ``DIGITS<TAB>DIGITS<LF>`` lines (int64, at most 18 digits each), else None."""
+    ends, tabs = np.flatnonzero(text == 10), np.flatnonzero(text == 9)
+    if ends.size != tabs.size or np.count_nonzero(text - 48 < 10) != text.size - 2 * ends.size:
+        return None
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    key_digits, offset_digits = tabs - starts, ends - tabs - 1  # one tab a line, digits on both sides of it
+    if key_digits.min() < 1 or offset_digits.min() < 1 or max(key_digits.max(), offset_digits.max()) > 18:
+        return None
+    return _decimal(text, tabs, key_digits), _decimal(text, ends, offset_digits)
+
+
+def _decimal(text: np.ndarray, ends: np.ndarray, digits: np.ndarray) -> np.ndarray:
+    """The numbers written by the ``digits`` ASCII digits before each of ``ends``."""
+    value, scale = np.zeros(ends.size, np.int64), 1
+    for j in range(int(digits.max())):
+        d = text[np.maximum(ends - 1 - j, 0)].astype(np.int64) - 48
+        value += np.where(digits > j, d, 0) * scale
+        scale *= 10
+    return value
+
+
+def _put(into: np.ndarray, at: int, values: np.ndarray) -> np.ndarray:
+    """Store ``values`` at ``into[at:]``, widening ``into`` to int64 first when they do not fit its dtype."""
+    if values.size and into.dtype != np.int64 and values.max() > _U32_MAX:
+        into = into.astype(np.int64)
+    into[at : at + values.size] = values
+    return into
 
 
 class _Lines:
@@ -102,11 +170,11 @@ def check_index(
     found = _first_pass(keys, offsets, len(buf), lines, rec_path)
     bad = np.zeros(keys.size, dtype=bool)
     bad[[row for row, _ in found]] = True
-    ends = np.full(keys.size, -1, dtype=np.int64)
-    ends[~bad] = record_ends(buf, offsets[~bad], rec_path)
-    found += _overlaps(keys, offsets, ends, bad, len(buf), np.frombuffer(buf, dtype=np.uint8), lines, where)
+    found += _overlaps(keys, offsets, bad, buf, lines, where, rec_path)
     if found and not skip:
         raise RecordIOError(min(found, key=lambda f: f[0])[1].error)
+    if not found:
+        return keys, offsets, []
     bad[[row for row, _ in found]] = True
     problems, seen = [], set()
     for _, problem in sorted(found, key=lambda f: f[0]):
@@ -115,6 +183,20 @@ def check_index(
             problems.append(problem)
     bad |= np.isin(keys, np.fromiter(seen, np.int64, len(seen)))  # every entry of a key with a problem goes
     return keys[~bad], offsets[~bad], problems
+
+
+def sort_by_key(keys: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (unique) keys in ascending order with their offsets. An index in key order already, or in key order
+    but for a last stretch of smaller keys (MXNet's layout-A writers add the header record 0 last), needs no
+    argsort: its 8 bytes a record of temporary order are saved."""
+    descents = np.flatnonzero(keys[1:] < keys[:-1])
+    if descents.size == 0:
+        return keys, offsets
+    if descents.size == 1 and keys[-1] < keys[0]:
+        cut = int(descents[0]) + 1
+        return _rotate(keys, cut), _rotate(offsets, cut)
+    order = np.argsort(keys, kind="stable")
+    return keys[order], offsets[order]
 
 
 def _first_pass(
@@ -131,6 +213,8 @@ def _first_pass(
         msg = f"record {keys[row]}: byte offset {offsets[row]} is past the end of {rec_path} ({size} bytes)"
         found.append((row, IndexProblem(int(keys[row]), f"{where}: {lines.where(row)}: {msg}")))
     for values, what in ((keys, "record key"), (offsets, "byte offset")):
+        if not _repeats(values):
+            continue
         order = np.argsort(values, kind="stable")
         twice = np.flatnonzero(np.diff(values[order]) == 0)
         for first, row in zip(order[twice].tolist(), order[twice + 1].tolist(), strict=True):
@@ -143,6 +227,34 @@ def _first_pass(
             found.append((row, IndexProblem(int(keys[row]), f"{where}: {lines.where(row)}: {msg}")))
             found.append((first, IndexProblem(int(keys[first]), f"{where}: {lines.where(row)}: {msg}")))
     return found
+
+
+def _rotate(values: np.ndarray, cut: int) -> np.ndarray:
+    """``values[cut:]`` then ``values[:cut]``: in place, a block at a time, when the part moved to the front is
+    short (no second copy of the index), else as a new array."""
+    tail = values[cut:].copy()
+    if tail.size > CHECK_BLOCK:
+        return np.concatenate([tail, values[:cut]])
+    for stop in range(cut, 0, -CHECK_BLOCK):  # back to front, each block shifted right past the tail
+        start = max(stop - CHECK_BLOCK, 0)
+        values[start + tail.size : stop + tail.size] = values[start:stop]
+    values[: tail.size] = tail
+    return values
+
+
+def _repeats(values: np.ndarray) -> bool:
+    """Whether a value appears twice; without sorting a copy when the values are in order, or in two ordered runs
+    (an index in key order with the header record 0 last), as in nearly every index."""
+    descents = np.flatnonzero(values[1:] <= values[:-1])
+    if descents.size == 0:
+        return False
+    if descents.size == 1:
+        cut = int(descents[0]) + 1
+        small, big = sorted((values[:cut], values[cut:]), key=len)
+        if small.size <= CHECK_BLOCK and (big[1:] > big[:-1]).all() and (small[1:] > small[:-1]).all():
+            return bool((big[np.minimum(np.searchsorted(big, small), big.size - 1)] == small).any())
+    ordered = np.sort(values)
+    return bool((ordered[1:] == ordered[:-1]).any())
 
 
 def record_ends(buf: bytes | mmap.mmap, offsets: np.ndarray, rec_path: str | os.PathLike) -> np.ndarray:
@@ -170,38 +282,55 @@ def u32_at(u8: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return out
 
 
-def _overlaps(keys, offsets, ends, bad, size, u8, lines: _Lines, where: str) -> list[tuple[int, IndexProblem]]:
-    """Records that start inside another, and records whose frames end where no record starts."""
-    rows = np.flatnonzero(~bad)
-    rows = rows[np.argsort(offsets[rows], kind="stable")]
-    starts, end = offsets[rows], ends[rows]
-    reach = np.maximum(end, starts + _FRAME_BYTES)  # a record we cannot frame covers at least its header
+def _overlaps(keys, offsets, bad, buf, lines: _Lines, where: str, rec_path) -> list[tuple[int, IndexProblem]]:
+    """Records that start inside another, and records whose frames end where no record starts: the good rows in
+    offset order, a block at a time (with the next block's first start), so that no array spans the index."""
+    order = _offset_order(offsets, bad)
+    count, size, u8 = keys.size if order is None else order.size, len(buf), np.frombuffer(buf, dtype=np.uint8)
     found = []
-    for i in np.flatnonzero(starts[1:] < reach[:-1]).tolist():
-        a, b = int(rows[i]), int(rows[i + 1])
-        msg = (
-            f"record {keys[b]} at byte offset {offsets[b]} starts inside record {keys[a]} "
-            f"({lines.where(a)}, bytes {offsets[a]}..{reach[i]})"
-        )
-        found += [(b, IndexProblem(int(keys[b]), f"{where}: {lines.where(b)}: {msg}"))]
-        found += [(a, IndexProblem(int(keys[a]), f"{where}: {lines.where(b)}: {msg}"))]
-    inner = (end >= 0) & (end < size)
-    room = inner & (end + 4 <= size)
-    starts_record = np.isin(end, offsets)
-    starts_record[room] |= u32_at(u8, end[room]) == MAGIC
-    for i in np.flatnonzero(inner & ~starts_record).tolist():
-        row = int(rows[i])
-        msg = (
-            f"record {keys[row]} at byte offset {offsets[row]}: its frames end at byte {end[i]}, where no record "
-            "starts (the record's length or its offset is damaged)"
-        )
-        found.append((row, IndexProblem(int(keys[row]), f"{where}: {lines.where(row)}: {msg}")))
+    for first in range(0, count, CHECK_BLOCK):
+        last = min(first + CHECK_BLOCK, count)
+        rows = np.arange(first, min(last + 1, count)) if order is None else order[first : last + 1]
+        starts = offsets[rows].astype(np.int64)
+        end = record_ends(buf, starts[: last - first], rec_path)
+        reach = np.maximum(end, starts[: last - first] + _FRAME_BYTES)  # a record we cannot frame covers its header
+        for i in np.flatnonzero(starts[1:] < reach[: starts.size - 1]).tolist():
+            a, b = int(rows[i]), int(rows[i + 1])
+            msg = (
+                f"record {keys[b]} at byte offset {offsets[b]} starts inside record {keys[a]} "
+                f"({lines.where(a)}, bytes {offsets[a]}..{reach[i]})"
+            )
+            found += [(b, IndexProblem(int(keys[b]), f"{where}: {lines.where(b)}: {msg}"))]
+            found += [(a, IndexProblem(int(keys[a]), f"{where}: {lines.where(b)}: {msg}"))]
+        inner = (end >= 0) & (end < size)
+        room = inner & (end + 4 <= size)
+        starts_record = np.zeros(end.size, dtype=bool)
+        starts_record[room] = u32_at(u8, end[room]) == MAGIC
+        loose = np.flatnonzero(inner & ~starts_record)  # rare: then look the end up among the offsets
+        for i in (loose[~np.isin(end[loose], offsets)] if loose.size else loose).tolist():
+            row = int(rows[i])
+            msg = (
+                f"record {keys[row]} at byte offset {offsets[row]}: its frames end at byte {end[i]}, where no record "
+                "starts (the record's length or its offset is damaged)"
+            )
+            found.append((row, IndexProblem(int(keys[row]), f"{where}: {lines.where(row)}: {msg}")))
     return found
 
 
+def _offset_order(offsets: np.ndarray, bad: np.ndarray) -> np.ndarray | None:
+    """The good rows sorted by offset; None when that is every row in file order (an index written as its records
+    were, nearly always)."""
+    if not bad.any() and (offsets.size < 2 or bool((offsets[1:] > offsets[:-1]).all())):
+        return None
+    rows = np.flatnonzero(~bad)
+    return rows[np.argsort(offsets[rows], kind="stable")]
+
+
 def index_digest(keys: np.ndarray, offsets: np.ndarray) -> str:
-    """A sha256 of an index's entries (in key order): what identifies the records a plan was made from."""
+    """A sha256 of an index's entries (in key order, as little-endian int64 whatever the arrays' dtype): what
+    identifies the records a plan was made from."""
     h = hashlib.sha256()
-    h.update(np.ascontiguousarray(keys, dtype="<i8").tobytes())
-    h.update(np.ascontiguousarray(offsets, dtype="<i8").tobytes())
+    for values in (keys, offsets):
+        for first in range(0, values.size, CHECK_BLOCK):
+            h.update(np.ascontiguousarray(values[first : first + CHECK_BLOCK], dtype="<i8"))
     return h.hexdigest()

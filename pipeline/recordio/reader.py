@@ -4,7 +4,9 @@ Layouts: A (MS1MV2-style: record 0 is a header whose label ``[a, b]`` says image
 identity records a..b-1) and B (every record is an image, the label possibly a vector). The layout is told by what
 record 0 *is* (a label range with no image bytes), not by its flag alone.
 
-The index lives in numpy arrays (16 bytes a record), so 42 million records cost ~0.7 GB, not ~5 GB of dicts.
+The index lives in numpy arrays of the smallest dtype (uint32 keys; uint32 offsets in a file under 4 GiB, else int64:
+8 or 12 bytes a record; layout A's image records are views of them): 42 million records cost 0.35-0.5 GB, not ~5 GB
+of dicts.
 """
 
 from __future__ import annotations
@@ -28,7 +30,16 @@ from facetool.pipeline.recordio.format import (
     read_payload,
     unpack_payload,
 )
-from facetool.pipeline.recordio.index import IndexProblem, check_index, index_digest, parse_index, u32_at
+from facetool.pipeline.recordio.index import (
+    CHECK_BLOCK,
+    IndexProblem,
+    check_index,
+    compact,
+    index_digest,
+    parse_index,
+    sort_by_key,
+    u32_at,
+)
 
 
 class RecordFile:
@@ -69,8 +80,8 @@ class RecordFile:
             )
             if keys.size == 0:
                 raise RecordIOError(f"{self.idx_path or self.path}: no records")
-            order = np.argsort(keys, kind="stable")
-            self._all_keys, self._all_offsets = keys[order], offsets[order]
+            self._all_keys, self._all_offsets = sort_by_key(keys, offsets)
+            del keys, offsets  # an index out of key order: drop the unsorted arrays before the layout is read
             self._detect_layout()
         except BaseException:
             self.close()
@@ -88,12 +99,13 @@ class RecordFile:
             ids.append(IR_HEADER.unpack_from(payload, 0)[2] if len(payload) >= IR_HEADER.size else -1)
             pos, n = nxt, n + 1
         if len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= 2**63:
-            return np.arange(len(offsets), dtype=np.int64), np.asarray(offsets, dtype=np.int64)
-        keys = np.asarray(ids, dtype=np.int64)
-        return keys, np.asarray(offsets, dtype=np.int64)
+            return compact(np.arange(len(offsets), dtype=np.int64)), compact(np.asarray(offsets, dtype=np.int64))
+        return compact(np.asarray(ids, dtype=np.int64)), compact(np.asarray(offsets, dtype=np.int64))
 
     def _offset_of(self, key: int) -> int | None:
-        i = int(np.searchsorted(self._all_keys, key))
+        if not 0 <= key <= np.iinfo(self._all_keys.dtype).max:
+            return None  # and a probe in the keys' own dtype: another would convert the whole index to search it
+        i = int(np.searchsorted(self._all_keys, self._all_keys.dtype.type(key)))
         if i < self._all_keys.size and self._all_keys[i] == key:
             return int(self._all_offsets[i])
         return None
@@ -110,7 +122,9 @@ class RecordFile:
             self.num_identities = None
 
     def _find(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Which of the sorted ``wanted`` keys the index holds, and their offsets (meaningful where held)."""
+        """Which of the sorted ``wanted`` keys (>= 0) the index holds, and their offsets (meaningful where held)."""
+        if wanted.size and wanted[-1] <= np.iinfo(self._all_keys.dtype).max:
+            wanted = wanted.astype(self._all_keys.dtype)  # searched in another dtype, the index would be converted
         pos = np.minimum(np.searchsorted(self._all_keys, wanted), self._all_keys.size - 1)
         return self._all_keys[pos] == wanted, self._all_offsets[pos]
 
@@ -134,6 +148,12 @@ class RecordFile:
                 f"{a + int(np.flatnonzero(~held)[0])} is not in the index"
             )
         self._check_identities(a, lo, offsets)
+        self.layout, self.header_label, self.num_identities = "A", labels, b - a
+        first = int(np.searchsorted(self._all_keys, self._all_keys.dtype.type(1)))
+        if a == 1 or (first + a - 1 <= self._all_keys.size and self._all_keys[first + a - 2] == a - 1):
+            # the (sorted, unique) keys from 1 hold a - 1 ... : every image is there, as views of the index
+            self.keys, self.offsets = self._all_keys[first : first + a - 1], self._all_offsets[first : first + a - 1]
+            return
         wanted = np.arange(1, a, dtype=np.int64)
         held, offsets = self._find(wanted)
         if not held.all():
@@ -147,29 +167,28 @@ class RecordFile:
                 IndexProblem(k, f"{where}: record {k}: announced by the header record 0 but not in the index")
                 for k in missing
             ]
-        self.layout = "A"
-        self.header_label = labels
-        self.keys, self.offsets = wanted[held], offsets[held]
-        self.num_identities = b - a
+        self.keys, self.offsets = compact(wanted[held]), offsets[held]
 
     def _check_identities(self, a: int, lo: float, offsets: np.ndarray) -> None:
         """Each identity record holds only a label range ``[first, end)`` with 1 <= first <= end <= a (checked with
-        numpy on the mapped bytes: one gather per field, whatever the number of identities)."""
-        inside = offsets + 40 <= self.size
-        at = np.where(inside, offsets, 0)
-        lrecord, flag = u32_at(self._bytes, at + 4), u32_at(self._bytes, at + 8)
-        first = u32_at(self._bytes, at + 32).view(np.float32)
-        end = u32_at(self._bytes, at + 36).view(np.float32)
-        with np.errstate(invalid="ignore"):
-            ok = inside & (u32_at(self._bytes, at) == MAGIC) & (lrecord >> 29 == 0) & (flag >= 2)
-            ok &= ((lrecord & LENGTH_MASK) == IR_HEADER.size + 4 * flag.astype(np.int64)) & (first >= 1)
-            ok &= (first <= end) & (end <= np.float32(lo))
-        if not ok.all():
-            i = int(np.flatnonzero(~ok)[0])
-            raise RecordIOError(
-                f"{self.path}: record {a + i} at byte offset {offsets[i]}: not an identity record (a label range "
-                f"[first, end) within the images 1..{a - 1} that the header record 0 announces)"
-            )
+        numpy on the mapped bytes: one gather per field, a block of identities at a time)."""
+        for block in range(0, offsets.size, CHECK_BLOCK):
+            at = offsets[block : block + CHECK_BLOCK].astype(np.int64)
+            inside = at + 40 <= self.size
+            at[~inside] = 0
+            lrecord, flag = u32_at(self._bytes, at + 4), u32_at(self._bytes, at + 8)
+            first = u32_at(self._bytes, at + 32).view(np.float32)
+            end = u32_at(self._bytes, at + 36).view(np.float32)
+            with np.errstate(invalid="ignore"):
+                ok = inside & (u32_at(self._bytes, at) == MAGIC) & (lrecord >> 29 == 0) & (flag >= 2)
+                ok &= ((lrecord & LENGTH_MASK) == IR_HEADER.size + 4 * flag.astype(np.int64)) & (first >= 1)
+                ok &= (first <= end) & (end <= np.float32(lo))
+            if not ok.all():
+                i = block + int(np.flatnonzero(~ok)[0])
+                raise RecordIOError(
+                    f"{self.path}: record {a + i} at byte offset {offsets[i]}: not an identity record (a label range "
+                    f"[first, end) within the images 1..{a - 1} that the header record 0 announces)"
+                )
 
     def _unpack(self, key: int, offset: int) -> tuple[IRHeader, np.ndarray, bytes]:
         payload, _ = read_payload(self._buf, offset, self.path, key)

@@ -160,10 +160,12 @@ class ConvertSource(Protocol):
 
 
 def plan_permutation(num_records: int, seed: int, shuffle: bool) -> np.ndarray:
-    """Positions of the image records in write order: a seeded global permutation (or identity order)."""
-    if not shuffle:
-        return np.arange(num_records, dtype=np.int64)
-    return np.random.default_rng(seed).permutation(num_records).astype(np.int64)
+    """Positions of the image records in write order: a seeded global permutation (or identity order), as uint32
+    below 2**32 records (4 bytes a record). Shuffling ``arange`` in place draws what ``permutation`` draws."""
+    perm = np.arange(num_records, dtype=np.uint32 if num_records <= 2**32 else np.int64)
+    if shuffle:
+        np.random.default_rng(seed).shuffle(perm)
+    return perm
 
 
 def part_shards(num_shards: int, part: tuple[int, int]) -> range:

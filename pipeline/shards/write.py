@@ -66,7 +66,8 @@ def write_shard(job: ConvertJob, shard: int, reader: RecordFile, tick: Callable[
     name = shard_name(shard)
     tar_path = job.out / f"{name}.tar"
     positions = job.positions(shard)
-    keys, offsets = reader.keys[positions], reader.offsets[positions]
+    keys = np.asarray(reader.keys[positions], dtype=np.int64)  # the index's compact dtypes, widened for a shard
+    offsets = np.asarray(reader.offsets[positions], dtype=np.int64)
     with atomic_path(tar_path, tmp=tar_path.with_name(tar_path.name + ".tmp")) as tmp:
         writer = ShardWriter(tmp)
         state = _Shard(job, reader, writer, keys, offsets, _select_masked(keys, job.masks), tick)
