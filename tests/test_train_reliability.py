@@ -62,6 +62,8 @@ def test_progress_and_notify_replace_the_bar(tmp_path, data) -> None:
     with pytest.raises(FacetoolError) as err:
         trainer.run()
     assert seen == [(0, 3), (1, 3), (2, 3)]
+    warnings, notes = [n for n in notes if n.startswith("warning: ")], [n for n in notes if not n.startswith("warning")]
+    assert all("masked_prob q = 0.25" in w for w in warnings)  # the shards hold few masks: said as a note too
     assert notes[0].startswith("training tinynet (classify) on 1 rank(s), cpu: 3 steps of 8 images")
     assert str(err.value) == "step 2: evaluating the tinynet backbone: x.bin: set 'x': embeddings contain NaN or " \
         "infinite values"  # fmt: skip
