@@ -4,13 +4,14 @@ workers), never a traceback."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import struct
 from pathlib import Path
 
 import pytest
-from helpers import error_line, loader_params
+from helpers import descendants, error_line, loader_params
 from shard_edit import read_samples, rewrite_shard, update_manifest_entry
 from test_train import ENV, write_config
 
@@ -81,6 +82,19 @@ def test_loader_names_shard_and_sample(data, tmp_path, kind, backend):
     message = str(err.value)
     assert "\n" not in message and re.search(DAMAGES[kind][1], message), message
     assert message.startswith(f"{shards / VICTIM[0]}: sample {key}"), message
+
+
+def test_a_worker_error_ends_the_workers_before_it_is_raised(data, tmp_path):
+    """The error is raised after the workers are shut down, not when the garbage collector meets their iterator (which,
+    collected with the error's traceback, used to wait out each worker's status-check interval)."""
+    shards, key = damage(data, tmp_path, "undecodable")
+    config = LoaderConfig(batch_size=8, shuffle_buffer=16, threads=1, workers=2)
+    before = set(descendants(os.getpid()))
+    loader = create_loader(open_shards(shards), config, backend="wds", device="cpu")
+    with pytest.raises(FacetoolError, match=f"sample {key}"):
+        for _ in loader:
+            pass
+    assert set(descendants(os.getpid())) <= before  # the traceback is still held here: nothing else keeps them
 
 
 @pytest.mark.parametrize(

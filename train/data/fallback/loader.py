@@ -220,11 +220,16 @@ class WdsLoader:
                 if not _WORKER_DIED.match(str(err)):
                     raise
                 died = str(err).strip().splitlines()[0]
-            if died is not None:  # raised here, not in the handler, so no traceback keeps the old workers alive
+            if died is not None or isinstance(item, str):  # a worker died, or sent its error's message
+                # Shut the workers down now, not when the garbage collector meets the iterator: collected with an
+                # exception's traceback, its queues may be finalised first, and each worker then waits out its
+                # status-check interval before it is terminated. Raised here, not in the handler, so no traceback
+                # keeps the old workers alive.
+                getattr(batches, "_shutdown_workers", lambda: None)()
                 del batches
-                self._loader, self._started = self._data_loader(), False  # the old one shuts its workers down
-                raise FacetoolError(f"{self.shards.root}: a loader worker ended unexpectedly ({died})")
-            if isinstance(item, str):  # a worker's error
+                self._loader, self._started = self._data_loader(), False
+                if died is not None:
+                    raise FacetoolError(f"{self.shards.root}: a loader worker ended unexpectedly ({died})")
                 raise FacetoolError(item)
             yield self.pool.take(item) if isinstance(item, Slot) else item
 
