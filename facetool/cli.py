@@ -17,7 +17,7 @@ from facetool.cli_ijb import align_command, bench_ijb_command, synth_ijb_command
 from facetool.cli_loader import bench_loader_command
 from facetool.cli_masks import WEIGHTS_HELP, bench_masks_command, masks_group, parse_weights_option
 from facetool.cli_models import bench_models_command, export_command, import_model_command
-from facetool.cli_options import json_option, progress_bar, write_json
+from facetool.cli_options import convert_bench_options, json_option, progress_bar, write_json
 from facetool.cli_scale import bench_convert_memory_command, make_rec_command
 from facetool.cli_train import bench_train_command, train_command
 from facetool.cli_verification import bench_verification_command, make_bin_command
@@ -278,20 +278,7 @@ def bench() -> None:
 
 @bench.command("convert")
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
-@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Convert processes.")
-@click.option(
-    "--samples-per-shard",
-    type=click.IntRange(min=1),
-    default=DEFAULT_SAMPLES_PER_SHARD,
-    show_default=True,
-    help="Samples per shard.",
-)
-@click.option(
-    "--tmp-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Where to write (default: a temporary folder beside SRC, on the same disk).",
-)
+@convert_bench_options
 @click.option(
     "--repeats",
     type=click.IntRange(min=1),

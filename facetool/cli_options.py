@@ -19,6 +19,24 @@ import click
 CODEC_LOG = re.compile(rb"^(\x1b\[[0-9;]*m)?\[(FATAL|ERROR|WARNING|INFO|DEBUG|TRACE)\] (\x1b\[0m)?\[[A-Za-z0-9_]+\] ")
 
 
+def convert_bench_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options every convert benchmark takes: ``--workers``, ``--samples-per-shard`` and ``--tmp-dir``."""
+    from facetool.pipeline import DEFAULT_SAMPLES_PER_SHARD
+
+    for option in reversed(
+        [
+            click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+                         help="Convert processes."),
+            click.option("--samples-per-shard", type=click.IntRange(min=1), default=DEFAULT_SAMPLES_PER_SHARD,
+                         show_default=True, help="Samples per shard."),
+            click.option("--tmp-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                         help="Where to write (default: a temporary folder beside SRC, on the same disk)."),
+        ]
+    ):  # fmt: skip
+        command = option(command)
+    return command
+
+
 def json_option(what: str = "result"):
     """``--json FILE``: the command's machine-readable output, written atomically."""
     return click.option(

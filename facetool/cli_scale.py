@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from facetool.cli_options import json_option, progress_or_quiet, write_json
-from facetool.pipeline import DEFAULT_SAMPLES_PER_SHARD
+from facetool.cli_options import convert_bench_options, json_option, progress_or_quiet, write_json
 
 
 @click.command("make-rec")
@@ -30,20 +29,7 @@ def make_rec_command(out: Path, records: int, identities: int, quiet: bool) -> N
 
 @click.command("convert-memory")
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
-@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Convert processes.")
-@click.option(
-    "--samples-per-shard",
-    type=click.IntRange(min=1),
-    default=DEFAULT_SAMPLES_PER_SHARD,
-    show_default=True,
-    help="Samples per shard.",
-)
-@click.option(
-    "--tmp-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Where to write (default: a temporary folder beside SRC, on the same disk).",
-)
+@convert_bench_options
 @json_option()
 def bench_convert_memory_command(
     src: Path, workers: int, samples_per_shard: int, tmp_dir: Path | None, json_path: Path | None
