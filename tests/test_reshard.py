@@ -24,9 +24,10 @@ from train_setup import ENV, make_data, write_config
 
 from facetool.pipeline.errors import FacetoolError
 from facetool.train.data import DaliLoader, LoaderConfig, WdsLoader, batches_per_epoch, open_shards
+from facetool.train.engine.checkpoint import rank_file, read_rank
 from facetool.train.engine.clock import EpochClock
 from facetool.train.engine.optim import create_optimizer, parameter_groups
-from facetool.train.engine.reshard import per_class_keys, recut_head, recut_rows
+from facetool.train.engine.reshard import per_class_keys, recut_head, recut_rows, recut_states
 from facetool.train.engine.state import module_state, restore_loader
 from facetool.train.heads import Head, create_head
 
@@ -161,6 +162,25 @@ def test_one_rank_to_two_keeps_every_class_row(runs, case) -> None:
     assert [next(iter(s.values())).shape[0] for s in sizes] == [4, 3]
 
 
+def test_a_new_rank_maps_the_old_files_and_copies_only_its_rows(runs, tmp_path) -> None:
+    """The old ranks' files are read memory-mapped (nothing read until used) and the new rank's class rows are its
+    own copies: 1 rank's file cut for rank 1 of 2 holds that rank's rows, none of them backed by the file."""
+    state = {**runs["one"][0], "rng": torch.zeros(4), "backbone": {"state_dict": {"w": torch.ones(3)}}}
+    path = rank_file(tmp_path, 0)
+    torch.save(state, path)
+
+    def in_file(t: torch.Tensor) -> bool:  # whether a tensor's memory is a mapping of the file (Linux)
+        lines = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()]
+        spans = [[int(x, 16) for x in f[0].split("-")] for f in lines if len(f) > 5 and f[5] == str(path)]
+        return any(lo <= t.data_ptr() < hi for lo, hi in spans)
+
+    mapped = read_rank(tmp_path, 0, mmap=True)
+    assert in_file(mapped["head"]["weight"]) and not in_file(read_rank(tmp_path, 0)["head"]["weight"])
+    cut = recut_states(lambda r: read_rank(tmp_path, r, mmap=True), 1, C, 1, 2)
+    assert torch.equal(cut["head"]["weight"], state["head"]["weight"][4:])
+    assert not in_file(cut["head"]["weight"])
+
+
 def test_recut_rows_over_uneven_layouts() -> None:
     rows = torch.arange(11)[:, None].float()
     parts = [rows[:4], rows[4:8], rows[8:]]  # 11 classes over 3 ranks: 4, 4, 3
@@ -283,6 +303,24 @@ def test_train_resumes_2_to_1_to_2_ranks_through_the_rest_of_the_epoch(tmp_path,
     assert [s["head"]["weight"].shape[0] for s in last] == [8, 8]
     logged = [json.loads(x) for x in (out / "logs" / "scalars.jsonl").read_text().splitlines()]
     assert [x["step"] for x in logged if "train/loss" in x] == list(range(1, 11))
+
+
+@pytest.mark.dali
+def test_train_with_dali_resumes_2_to_1_rank_through_the_rest_of_the_epoch(tmp_path, shards) -> None:
+    """The DALI loader: 2 steps on 2 ranks (32 samples of DALI's reader), then the 96 left of epoch 0 on 1 rank
+    (12 steps), then epoch 1 whole."""
+    data = {"backend": "dali", "masked_prob": 0.0}
+    config = write_config(tmp_path / "c.toml", shards.parent, run={"steps": 2, "seed": 1, "threads": 1}, data=data)
+    out = tmp_path / "run"
+    torchrun(config, out, "--quiet")
+    one = run_cli("train", str(config), "--output", str(out), "--resume", "--set", "run.steps=15", env=ENV, timeout=300)
+    assert one.returncode == 0, one.stderr
+    assert "resuming a 2-rank checkpoint on 1 rank" in one.stdout
+    assert "epoch 0 continues with 12 batch(es) of 8 images over what it had not yet seen" in one.stdout
+    cut = torch.load(out / "checkpoints" / f"step-{15:08d}" / "rank-00000.pt", weights_only=True)["loader"]
+    assert (cut["backend"], cut["epoch"], cut["batch"], cut["before"], cut["reader"]) == ("dali", 1, 1, None, "dali")
+    logged = [json.loads(x) for x in (out / "logs" / "scalars.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logged if "train/loss" in x] == list(range(1, 16))
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@ webdataset fallback does in that epoch. The remainder is handled by ``last_batch
 nothing), ``"drop"`` returns only full batches (all ranks stop after ``floor(smallest part / batch_size)``
 batches; the rest of the epoch's samples, fewer than ``world_size * (batch_size + 1)``, are skipped, and since
 the order changes, different ones each epoch). Building a pipeline costs well under a second on the CPU (more
-for the GPU decoder's buffers), once per epoch.
+for the GPU decoder's buffers), once per epoch. The rest of an epoch interrupted on another layout is the one
+exception: its samples come from an external source (:mod:`.source`) into the same graph.
 """
 
 from __future__ import annotations
