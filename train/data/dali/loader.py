@@ -134,7 +134,7 @@ class DaliLoader:
             yield Batch(data["images"], labels, masked)
         del iterator
         source = self._source(epoch)
-        for _ in range(len(source.sizes) if source is not None else 0, self.batches(epoch)):
+        for _ in range(len(source.sizes), source.total) if source is not None else ():
             yield self._empty()  # this rank's part of the rest ran out before the others': the same batch count
         self.epoch += 1
 
