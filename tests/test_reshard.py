@@ -23,10 +23,11 @@ from torch import nn
 from train_setup import ENV, make_data, write_config
 
 from facetool.pipeline.errors import FacetoolError
-from facetool.train.data import LoaderConfig, WdsLoader, batches_per_epoch, open_shards
+from facetool.train.data import DaliLoader, LoaderConfig, WdsLoader, batches_per_epoch, open_shards
+from facetool.train.engine.checkpoint import rank_file, read_rank
 from facetool.train.engine.clock import EpochClock
 from facetool.train.engine.optim import create_optimizer, parameter_groups
-from facetool.train.engine.reshard import per_class_keys, recut_head, recut_rows
+from facetool.train.engine.reshard import per_class_keys, recut_head, recut_rows, recut_states
 from facetool.train.engine.state import module_state, restore_loader
 from facetool.train.heads import Head, create_head
 
@@ -161,6 +162,25 @@ def test_one_rank_to_two_keeps_every_class_row(runs, case) -> None:
     assert [next(iter(s.values())).shape[0] for s in sizes] == [4, 3]
 
 
+def test_a_new_rank_maps_the_old_files_and_copies_only_its_rows(runs, tmp_path) -> None:
+    """The old ranks' files are read memory-mapped (nothing read until used) and the new rank's class rows are its
+    own copies: 1 rank's file cut for rank 1 of 2 holds that rank's rows, none of them backed by the file."""
+    state = {**runs["one"][0], "rng": torch.zeros(4), "backbone": {"state_dict": {"w": torch.ones(3)}}}
+    path = rank_file(tmp_path, 0)
+    torch.save(state, path)
+
+    def in_file(t: torch.Tensor) -> bool:  # whether a tensor's memory is a mapping of the file (Linux)
+        lines = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()]
+        spans = [[int(x, 16) for x in f[0].split("-")] for f in lines if len(f) > 5 and f[5] == str(path)]
+        return any(lo <= t.data_ptr() < hi for lo, hi in spans)
+
+    mapped = read_rank(tmp_path, 0, mmap=True)
+    assert in_file(mapped["head"]["weight"]) and not in_file(read_rank(tmp_path, 0)["head"]["weight"])
+    cut = recut_states(lambda r: read_rank(tmp_path, r, mmap=True), 1, C, 1, 2)
+    assert torch.equal(cut["head"]["weight"], state["head"]["weight"][4:])
+    assert not in_file(cut["head"]["weight"])
+
+
 def test_recut_rows_over_uneven_layouts() -> None:
     rows = torch.arange(11)[:, None].float()
     parts = [rows[:4], rows[4:8], rows[8:]]  # 11 classes over 3 ranks: 4, 4, 3
@@ -175,7 +195,7 @@ def shards(tmp_path_factory) -> Path:
     return make_data(tmp_path_factory.mktemp("reshard_data")) / "shards"
 
 
-def seen(loaders: list[WdsLoader], epoch: int, batches: int | None) -> list[bytes]:
+def seen(loaders: list, epoch: int, batches: int | None) -> list[bytes]:
     """The images (as bytes) of the first ``batches`` batches (all: None) of ``epoch`` on each loader."""
     out = []
     for loader in loaders:
@@ -210,6 +230,41 @@ def test_the_rest_of_an_epoch_on_other_layouts_reads_each_sample_once(shards, la
         assert len(got) == 32 + 24 + 2 * 8 * ((128 - 56) // 16)
     assert third[0].batches(1) == batches_per_epoch(128 - 56, 2, 8, last_batch)
     assert seen(third[:1], 2, 1) == seen([WdsLoader(set_, cfg, 0, 2, workers=0)], 2, 1)  # the next epoch is whole
+
+
+@pytest.mark.dali
+@pytest.mark.parametrize("last_batch", ["partial", "drop"])
+def test_the_rest_of_a_dali_epoch_on_other_layouts_reads_each_sample_once(shards, last_batch) -> None:
+    """DALI: 2 ranks read 2 batches from DALI's reader, then 1 rank 3 batches of the rest (its order replayed),
+    then 2 ranks what is left; the fallback continues a DALI reader's cut the same way (the same samples)."""
+    set_ = open_shards(shards)
+    cfg = LoaderConfig(batch_size=8, flip_prob=0.0, shuffle_buffer=16, last_batch=last_batch, seed=3)
+    whole = seen([DaliLoader(set_, cfg)], 1, None)
+    assert len(set(whole)) == len(whole) == 128
+
+    first = [DaliLoader(set_, cfg, r, 2) for r in range(2)]
+    got = seen(first, 1, 2)
+    second = DaliLoader(set_, cfg)
+    assert second.resume_epoch(first[0].cut(1, 2)) == (1, 0)
+    assert second.batches(1) == (128 - 32) // 8
+    fallback = WdsLoader(set_, cfg, workers=0)  # reads the same samples as ``second``, decoded by torchvision
+    assert fallback.resume_epoch(first[0].cut(1, 2)) == (1, 0)
+    assert len(seen([fallback], 1, None)) == 128 - 32
+    got += seen([second], 1, 3)
+    assert second.cut(1, 3)["before"]["reader"] == "dali"
+    third = [DaliLoader(set_, cfg, r, 2) for r in range(2)]
+    for loader in third:
+        assert loader.resume_epoch(second.cut(1, 3)) == (1, 0)
+    got += seen(third, 1, None)
+    assert len(set(got)) == len(got)  # no sample twice
+    if last_batch == "partial":
+        assert sorted(got) == sorted(whole)  # and every sample of the epoch once
+    else:
+        assert len(got) == 32 + 24 + 2 * 8 * ((128 - 56) // 16)
+    again = DaliLoader(set_, cfg, 1, 2)  # the same layout continues its stream: batch 1 of the rest, then on
+    assert again.resume_epoch(third[1].cut(1, 1)) == (1, 1)
+    assert seen([again], 1, None) == seen(third[1:], 1, None)
+    assert seen(third[:1], 2, 1) == seen([DaliLoader(set_, cfg, 0, 2)], 2, 1)  # the next epoch is whole
 
 
 # -- end to end: `facetool train` on 2 ranks, resumed on 1, then on 2 again --------------------------------------
@@ -250,6 +305,24 @@ def test_train_resumes_2_to_1_to_2_ranks_through_the_rest_of_the_epoch(tmp_path,
     assert [x["step"] for x in logged if "train/loss" in x] == list(range(1, 11))
 
 
+@pytest.mark.dali
+def test_train_with_dali_resumes_2_to_1_rank_through_the_rest_of_the_epoch(tmp_path, shards) -> None:
+    """The DALI loader: 2 steps on 2 ranks (32 samples of DALI's reader), then the 96 left of epoch 0 on 1 rank
+    (12 steps), then epoch 1 whole."""
+    data = {"backend": "dali", "masked_prob": 0.0}
+    config = write_config(tmp_path / "c.toml", shards.parent, run={"steps": 2, "seed": 1, "threads": 1}, data=data)
+    out = tmp_path / "run"
+    torchrun(config, out, "--quiet")
+    one = run_cli("train", str(config), "--output", str(out), "--resume", "--set", "run.steps=15", env=ENV, timeout=300)
+    assert one.returncode == 0, one.stderr
+    assert "resuming a 2-rank checkpoint on 1 rank" in one.stdout
+    assert "epoch 0 continues with 12 batch(es) of 8 images over what it had not yet seen" in one.stdout
+    cut = torch.load(out / "checkpoints" / f"step-{15:08d}" / "rank-00000.pt", weights_only=True)["loader"]
+    assert (cut["backend"], cut["epoch"], cut["batch"], cut["before"], cut["reader"]) == ("dali", 1, 1, None, "dali")
+    logged = [json.loads(x) for x in (out / "logs" / "scalars.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logged if "train/loss" in x] == list(range(1, 16))
+
+
 @pytest.mark.parametrize(
     "state",
     [
@@ -259,9 +332,11 @@ def test_train_resumes_2_to_1_to_2_ranks_through_the_rest_of_the_epoch(tmp_path,
     ids=["dali", "no-loader-state"],
 )
 def test_other_loaders_refuse_the_middle_of_an_epoch_on_other_ranks(tmp_path, state) -> None:
+    """A loader that cannot say which samples it read (no ``resume_epoch``), or a checkpoint without the loader's
+    position, refuses the middle of an epoch on another number of ranks; an epoch's start is fine."""
     cfg = {"data": {"source": "shards"}, "run": {"steps": 0, "epochs": 2.0}}
     trainer = SimpleNamespace(steps_per_epoch=8, loader=object(), ctx=SimpleNamespace(world_size=1), cfg=cfg, total=16)
-    with pytest.raises(FacetoolError, match=r"written in the middle of epoch 1 by 2 ranks; only the webdataset loader"):
+    with pytest.raises(FacetoolError, match=r"written in the middle of epoch 1 by 2 ranks, and this loader cannot"):
         restore_loader(trainer, {**state, "step": 11, "world_size": 2}, tmp_path)
     at_start = {"loader": {"backend": "DaliLoader", "epoch": 1, "batch": 0, "world_size": 2}, "epoch": 1}
     restore_loader(trainer, {**at_start, "step": 8, "world_size": 2}, tmp_path)

@@ -84,6 +84,23 @@ def test_loader_names_shard_and_sample(data, tmp_path, kind, backend):
     assert message.startswith(f"{shards / VICTIM[0]}: sample {key}"), message
 
 
+@pytest.mark.dali
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_the_dali_loader_names_shard_and_sample_in_the_rest_of_an_epoch(data, tmp_path, kind):
+    """The rest of an epoch interrupted on 2 ranks, read by the DALI loader's external source on 1."""
+    shards, key = damage(data, tmp_path, kind)
+    config = LoaderConfig(batch_size=8, shuffle_buffer=16, threads=1)
+    loader = create_loader(open_shards(shards), config, backend="dali", device="cpu")
+    cut = {"backend": "wds", "epoch": 0, "world_size": 2, "workers": 1, "batch": 1, "before": None}
+    assert loader.resume_epoch(cut) == (0, 0) and loader.batches(0) == (128 - 16) // 8
+    with pytest.raises(FacetoolError) as err:
+        for _ in loader:
+            pass
+    message = str(err.value)
+    assert "\n" not in message and re.search(DAMAGES[kind][1], message), message
+    assert message.startswith(f"{shards / VICTIM[0]}: sample {key}"), message
+
+
 def test_a_worker_error_ends_the_workers_before_it_is_raised(data, tmp_path):
     """The error is raised after the workers are shut down, not when the garbage collector meets their iterator (which,
     collected with the error's traceback, used to wait out each worker's status-check interval)."""

@@ -8,18 +8,23 @@ reads the epoch's other samples, in the same order minus the consumed ones, cut 
 no sample of the epoch is seen twice, none is left out (except what ``last_batch = "drop"`` drops).
 
 A *cut* is where an epoch's stream stopped: ``{"world_size", "workers", "batch", "before"}`` (``before``: the cut
-of the stream this one continued, or None for a whole epoch); the checkpoint stores it as the loader state.
+of the stream this one continued, or None for a whole epoch); the checkpoint stores it as the loader state. The
+DALI loader's own reader shuffles in C++, in an order no formula here gives; its cuts say ``"reader": "dali"``, and
+which samples they had handed out is found by replaying that reader (a ``replay`` function, from
+:mod:`facetool.train.data.dali.replay`). The rest of an epoch is read by either loader as a stream of this module's
+kind with one worker per rank.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from facetool.pipeline.errors import FacetoolError
 from facetool.train.data.config import LoaderConfig
 from facetool.train.data.epochs import batches_per_epoch, derive_seed, tar_order
 
@@ -95,19 +100,31 @@ def assemble(items: Iterable[tuple[torch.Tensor, ...]], total: int, batch_size: 
             yield None
 
 
-def remaining_ids(counts: list[int], cfg: LoaderConfig, epoch: int, before: dict[str, Any] | None) -> np.ndarray:
+#: ``replay(epoch, cut)``: which samples (a bool per id) a reader cut (``"reader"`` set) had handed out
+Replay = Callable[[int, dict[str, Any]], np.ndarray]
+
+
+def remaining_ids(
+    counts: list[int], cfg: LoaderConfig, epoch: int, before: dict[str, Any] | None, replay: Replay | None = None
+) -> np.ndarray:
     """The ids an epoch reads after the cut ``before`` (all of them when None), in the epoch's order."""
     ids = epoch_ids(counts, cfg.seed, epoch)
-    return ids if before is None else ids[~consumed_mask(counts, cfg, epoch, before)[ids]]
+    return ids if before is None else ids[~consumed_mask(counts, cfg, epoch, before, replay)[ids]]
 
 
-def consumed_mask(counts: list[int], cfg: LoaderConfig, epoch: int, cut: dict[str, Any]) -> np.ndarray:
+def consumed_mask(
+    counts: list[int], cfg: LoaderConfig, epoch: int, cut: dict[str, Any], replay: Replay | None = None
+) -> np.ndarray:
     """Which samples (a bool per id) an epoch's streams up to ``cut`` had handed out."""
+    if cut.get("reader") is not None:
+        if replay is None:
+            raise FacetoolError(f"a cut of the {cut['reader']} reader needs that reader to be replayed")
+        return replay(epoch, cut)
     ids = epoch_ids(counts, cfg.seed, epoch)
     if cut["before"] is None:
         mask = np.zeros(sum(counts), dtype=bool)
     else:
-        mask = consumed_mask(counts, cfg, epoch, cut["before"])
+        mask = consumed_mask(counts, cfg, epoch, cut["before"], replay)
         ids = ids[~mask[ids]]
     world, workers, B = int(cut["world_size"]), max(1, int(cut["workers"])), cfg.batch_size
     total = batches_per_epoch(len(ids), world, B, cfg.last_batch)
@@ -131,3 +148,30 @@ def worker_chunks(
     shuffle = wds.filters.shuffle(buf, initial=buf, seed=shuffle_seed(cfg.seed, epoch, rank, worker))
     order = list(shuffle(iter(slice_ids(ids, rank, world_size, worker, workers).tolist())))
     return [(chunk,) for chunk in torch.tensor(order, dtype=torch.int64).split(cfg.batch_size)] if order else []
+
+
+STREAM_KEYS = ("world_size", "workers", "batch", "before", "reader")
+
+
+def normalise_cut(cut: Any) -> Any:
+    """A checkpoint's loader state in the form above: the DALI loader's state from before it kept cuts
+    (``{"backend": "DaliLoader", "epoch", "batch", "world_size"}``) is a cut of DALI's reader; others as they are."""
+    if isinstance(cut, dict) and cut.get("backend") == "DaliLoader":
+        return {"backend": "dali", "epoch": cut["epoch"], "world_size": cut["world_size"], "workers": 0,
+                "reader": "dali", "batch": cut["batch"], "before": None}  # fmt: skip
+    return cut
+
+
+def resume_plan(
+    cut: dict[str, Any], layout: dict[str, Any], counts: list[int], cfg: LoaderConfig, replay: Replay | None = None
+) -> tuple[int, int, dict[str, Any] | None, np.ndarray | None]:
+    """Where a loader whose stream has ``layout`` (``world_size``, ``workers``, ``reader``) goes on from a
+    checkpoint's ``cut``: (epoch, batches of it to skip, the cut its stream continues (None: the whole epoch), the
+    ids left to read (None: all)). A cut of the same layout goes on where it stood; another's leaves the epoch's
+    samples it had not yet handed out."""
+    epoch, batch = int(cut["epoch"]), int(cut["batch"])
+    stream = {k: cut.get(k) for k in STREAM_KEYS}
+    same = all(stream[k] == v for k, v in layout.items())
+    before = cut["before"] if same or batch == 0 else stream
+    ids = None if before is None else remaining_ids(counts, cfg, epoch, before, replay)
+    return epoch, batch if same else 0, before, ids

@@ -97,11 +97,12 @@ def written_ranks(folder: Path) -> int:
     return written
 
 
-def read_rank(folder: Path, rank: int) -> dict[str, Any]:
-    """Rank ``rank``'s state from a complete checkpoint folder."""
+def read_rank(folder: Path, rank: int, mmap: bool = False) -> dict[str, Any]:
+    """Rank ``rank``'s state from a complete checkpoint folder; ``mmap``: its tensors mapped from the file, read
+    only where used (a resume on another number of ranks takes a few rows of each old rank's class shards)."""
     path = rank_file(folder, rank)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except OSError as err:
         raise FacetoolError(f"{path}: cannot read ({err.strerror or err})") from None
     except Exception as err:

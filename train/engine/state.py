@@ -6,6 +6,7 @@ The files themselves (one folder per step, one file per rank, committed atomical
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from facetool.pipeline.errors import FacetoolError
+from facetool.train.data.remainder import normalise_cut
 from facetool.train.engine import checkpoint as ckpt
 from facetool.train.engine.clock import EpochClock
 from facetool.train.engine.reshard import describe_ranks, recut_states
@@ -141,8 +143,8 @@ def read_state(trainer: Trainer, folder: Path) -> tuple[dict[str, Any], int]:
     another number of ranks, the state this rank would have written (:func:`.reshard.recut_states`)."""
     ctx = trainer.ctx
 
-    def load(rank: int) -> dict[str, Any]:
-        state = ckpt.read_rank(folder, rank)
+    def load(rank: int, mmap: bool = False) -> dict[str, Any]:
+        state = ckpt.read_rank(folder, rank, mmap)
         check_state(state, ckpt.rank_file(folder, rank), trainer.task, rank == 0)
         return state
 
@@ -151,7 +153,8 @@ def read_state(trainer: Trainer, folder: Path) -> tuple[dict[str, Any], int]:
         return load(ctx.rank), written
     classes = trainer.head.num_classes if trainer.head is not None else None
     try:
-        return recut_states(load, written, classes, ctx.rank, ctx.world_size), written
+        # every old rank's file at once, mapped: only this rank's class rows are read and copied
+        return recut_states(functools.partial(load, mmap=True), written, classes, ctx.rank, ctx.world_size), written
     except (KeyError, TypeError, ValueError) as err:
         raise FacetoolError(f"{folder}: the class shards of {written} ranks cannot be cut for {ctx.world_size} "
                             f"({type(err).__name__}: {str(err)[:200]})") from None  # fmt: skip
@@ -189,11 +192,11 @@ def reshard_note(trainer: Trainer, written: int) -> str:
 
 def restore_loader(trainer: Trainer, state: dict[str, Any], folder: Path) -> None:
     """Where the loader goes on: the checkpoint's loader state, given to a loader that can continue it (the
-    webdataset one, on any layout); another loader continues on the same number of ranks, or at an epoch's start
-    (the synthetic source: from the step)."""
-    cut, step, written = state.get("loader"), int(state["step"]), int(state["world_size"])
+    webdataset and DALI loaders, on any layout); another loader continues on the same number of ranks, or at an
+    epoch's start (the synthetic source: from the step)."""
+    cut, step, written = normalise_cut(state.get("loader")), int(state["step"]), int(state["world_size"])
     clock = EpochClock(trainer.steps_per_epoch)
-    if isinstance(cut, dict) and cut.get("backend") == "wds" and hasattr(trainer.loader, "resume_epoch"):
+    if isinstance(cut, dict) and cut.get("backend") in ("wds", "dali") and hasattr(trainer.loader, "resume_epoch"):
         epoch, skip = trainer.loader.resume_epoch(cut)
         clock = EpochClock(trainer.steps_per_epoch, epoch, step - skip, trainer.loader.batches(epoch))
     elif written != trainer.ctx.world_size and trainer.cfg["data"]["source"] != "synthetic":
@@ -201,9 +204,8 @@ def restore_loader(trainer: Trainer, state: dict[str, Any], folder: Path) -> Non
             state.get("epoch"), state.get("batch_in_epoch"))  # fmt: skip
         if batch:
             raise FacetoolError(
-                f"{folder}: written in the middle of epoch {epoch} by {written} ranks; only the webdataset loader "
-                f'(data.backend = "wds") continues an epoch on another number of ranks: resume on {written} ranks, '
-                "or with the wds backend"
+                f"{folder}: written in the middle of epoch {epoch} by {written} ranks, and this loader cannot tell "
+                f"which of its samples were read: resume on {written} ranks"
             )
     trainer.clock = clock
     if not trainer.cfg["run"]["steps"]:

@@ -23,7 +23,7 @@ from facetool.train.data.epochs import batches_per_epoch, derive_seed
 from facetool.train.data.fallback.batches import fill_batch
 from facetool.train.data.fallback.pool import Slot, SlotPool
 from facetool.train.data.fallback.reader import epoch_segments, read_samples
-from facetool.train.data.remainder import assemble, remaining_ids, runs_of, shuffle_seed, slice_ids
+from facetool.train.data.remainder import assemble, resume_plan, runs_of, shuffle_seed, slice_ids
 from facetool.train.data.shardset import ShardSet, warn_mask_reuse
 
 PREFETCH = 2  # batches each worker builds ahead
@@ -194,15 +194,15 @@ class WdsLoader:
 
     def resume_epoch(self, cut: dict) -> tuple[int, int]:
         """Continue from a checkpoint's loader state ``cut``: (its epoch, the batches of it to skip). Written by
-        this layout (ranks and workers), the stream goes on where it stood; by another, this epoch reads only the
-        samples the other had not yet handed out. Called before the first epoch is read (workers persist)."""
-        epoch, before = int(cut["epoch"]), cut["before"]
-        same = (int(cut["world_size"]), int(cut["workers"])) == (self.world_size, self.workers)
-        skip = int(cut["batch"]) if same else 0
-        if not same and int(cut["batch"]) > 0:
-            before = {k: cut[k] for k in ("world_size", "workers", "batch", "before")}
+        this layout (ranks and workers), the stream goes on where it stood; by another (or by the DALI loader,
+        whose reader is replayed to learn what it had read), this epoch reads only the samples not yet handed out.
+        Called before the first epoch is read (workers persist)."""
+        from facetool.train.data.dali.replay import replay_for
+
+        layout = {"world_size": self.world_size, "workers": self.workers, "reader": None}
+        counts = [s.samples for s in self.shards.shards]
+        epoch, skip, before, ids = resume_plan(cut, layout, counts, self.config, replay_for(self.shards, self.config))
         if before is not None:
-            ids = remaining_ids([s.samples for s in self.shards.shards], self.config, epoch, before)
             self.dataset.remainder = (epoch, ids, before)
         return epoch, skip
 

@@ -16,30 +16,24 @@ webdataset fallback does in that epoch. The remainder is handled by ``last_batch
 nothing), ``"drop"`` returns only full batches (all ranks stop after ``floor(smallest part / batch_size)``
 batches; the rest of the epoch's samples, fewer than ``world_size * (batch_size + 1)``, are skipped, and since
 the order changes, different ones each epoch). Building a pipeline costs well under a second on the CPU (more
-for the GPU decoder's buffers), once per epoch.
+for the GPU decoder's buffers), once per epoch. The rest of an epoch interrupted on another layout is the one
+exception: its samples come from an external source (:mod:`.source`) into the same graph.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
-from collections.abc import Callable, Iterator
-from typing import TypeVar
 
 import numpy as np
-import torch
 
 from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.shards.format import IMAGE_EXTS, LABEL_EXT, MASK_EXT
-from facetool.train.data.batch import Batch
 from facetool.train.data.checks import check_label, decode_rgb
 from facetool.train.data.config import LoaderConfig
-from facetool.train.data.epochs import batches_per_epoch, derive_seed, tar_order
-from facetool.train.data.shardset import ShardSet, warn_mask_reuse
+from facetool.train.data.epochs import derive_seed, tar_order
+from facetool.train.data.shardset import ShardSet
 
 READER_NAME = "Reader"
-T = TypeVar("T")
 _MEAN = 127.5
 _STD = 127.5
 
@@ -73,11 +67,13 @@ def build_pipeline(
     *,
     epoch: int = 0,
     decode_only: bool = False,
+    source=None,
 ):
     """The DALI pipeline (not yet built) for one rank and one ``epoch``: outputs images (NCHW), labels (int32,
     (1,)) and, when ``masked_prob`` > 0, masked (bool). ``device`` "gpu" decodes with ``device="mixed"`` on
     ``device_id``; "cpu" runs with ``device_id=None``. ``decode_only`` stops after the decoder (uint8 HWC
-    images, no augmentation, no normalisation): what `bench loader` times as the cost of reading and decoding."""
+    images, no augmentation, no normalisation): what `bench loader` times as the cost of reading and decoding.
+    ``source`` (a :class:`~.source.RemainderSource`) replaces the reader: the rest of an interrupted epoch."""
     require_dali("the DALI pipeline")
     from nvidia.dali import fn, pipeline_def, types
 
@@ -95,7 +91,10 @@ def build_pipeline(
         enable_conditionals=True,
     )
     def graph():
-        outputs = _reader(shards, config, rank, world_size, epoch, with_masks=pick > 0)
+        if source is None:
+            outputs = epoch_reader(shards, config, rank, world_size, epoch, sample_exts(pick > 0))
+        else:
+            outputs = source.outputs(with_masks=pick > 0)
         if pick > 0:
             encoded, mask, label = outputs
             has_mask = mask.shape()[0] > 0
@@ -155,15 +154,16 @@ def _decode(encoded, config: LoaderConfig, gpu: bool):
     )
 
 
-def _reader(shards: ShardSet, config: LoaderConfig, rank: int, world_size: int, epoch: int, with_masks: bool):
-    """The webdataset reader of an epoch's pipeline (inside a pipeline definition): encoded image, (mask,) label.
-    The tar files come in an order drawn from (seed, epoch), the same on every rank: one global order."""
+def epoch_reader(
+    shards: ShardSet, config: LoaderConfig, rank: int, world_size: int, epoch: int, exts: list[str]
+) -> list:
+    """The webdataset reader of an epoch (inside a pipeline definition): one output per entry of ``exts``, the
+    last the label. The tar files come in an order drawn from (seed, epoch), the same on every rank: one global
+    order. Which samples it hands out, in which order, depends on these settings alone, not on ``exts``."""
     from nvidia.dali import fn, types
 
     order = tar_order(len(shards.shards), config.seed, epoch)
-    images = ";".join(IMAGE_EXTS)
-    exts = [images, MASK_EXT, LABEL_EXT] if with_masks else [images, LABEL_EXT]
-    return fn.readers.webdataset(
+    outputs = fn.readers.webdataset(
         paths=[str(shards.shards[i].tar) for i in order],
         index_paths=[str(shards.shards[i].index) for i in order],
         ext=exts,
@@ -179,6 +179,13 @@ def _reader(shards: ShardSet, config: LoaderConfig, rank: int, world_size: int, 
         tensor_init_bytes=config.tensor_init_bytes,
         name=READER_NAME,
     )
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def sample_exts(with_masks: bool) -> list[str]:
+    """The members a training pipeline reads: the image, the masked twin (when masks are drawn), the label."""
+    images = ";".join(IMAGE_EXTS)
+    return [images, MASK_EXT, LABEL_EXT] if with_masks else [images, LABEL_EXT]
 
 
 def find_bad_sample(
@@ -191,7 +198,7 @@ def find_bad_sample(
 
     @pipeline_def(batch_size=config.batch_size, num_threads=1, device_id=None, prefetch_queue_depth=1)
     def reread():
-        return tuple(_reader(shards, config, rank, world_size, epoch, with_masks=config.masked_prob > 0))
+        return tuple(epoch_reader(shards, config, rank, world_size, epoch, sample_exts(config.masked_prob > 0)))
 
     pipe = reread()
     pipe.build()
@@ -219,7 +226,7 @@ def _source(info: str) -> tuple[str, str]:
     return tar, member.split(".", 1)[0]
 
 
-def _summary(err: BaseException) -> str:
+def error_line(err: BaseException) -> str:
     """The line of a DALI error that says what failed (its message is a page of pipeline traceback)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip() and "no longer valid" not in line]
     return lines[-1] if lines else type(err).__name__
@@ -264,101 +271,3 @@ def _augment(images, config: LoaderConfig, fn, types):
             images = fn.resize(images, resize_x=small, resize_y=small, interp_type=types.INTERP_LINEAR)
             images = fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR)
     return images
-
-
-class DaliLoader:
-    """Iterate epochs of :class:`Batch` from the DALI pipeline; ``for batch in loader`` is one epoch, the one
-    ``loader.epoch`` names (set it to start anywhere: a resumed run sets it to its checkpoint's epoch).
-
-    Tensors are on the training device (``cuda:device_id`` for the GPU pipeline, else the CPU). The images of a
-    batch stay valid after the next one is drawn (DALI hands each batch over as its own torch tensor). The first
-    epoch's pipeline is built at construction, so configuration errors surface there.
-    """
-
-    def __init__(
-        self,
-        shards: ShardSet,
-        config: LoaderConfig,
-        rank: int = 0,
-        world_size: int = 1,
-        device: str = "cpu",
-        device_id: int | None = None,
-    ) -> None:
-        require_dali("the DALI loader")
-        self.shards, self.config, self.rank, self.world_size = shards, config, rank, world_size
-        self._device_kind, self._device_id = device, device_id
-        self.device = torch.device("cuda", device_id or 0) if device == "gpu" else torch.device("cpu")
-        self._with_masks = config.masked_prob > 0
-        self.epoch = 0
-        warn_mask_reuse(shards, config.masked_prob, rank)
-        self._ready: tuple[int, object] | None = None  # (epoch, iterator not yet drawn from)
-        self._guarded(0, 0, lambda: self._prepare(0))
-
-    def _prepare(self, epoch: int):
-        """The iterator over ``epoch``'s pipeline, built now unless an unused one for that epoch is ready."""
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
-        if self._ready is not None and self._ready[0] == epoch:
-            return self._ready[1]
-        self._ready = None  # the previous pipeline goes before the next is built (threads, buffers)
-        pipe = build_pipeline(
-            self.shards, self.config, self.rank, self.world_size, self._device_kind, self._device_id, epoch=epoch
-        )
-        pipe.build()
-        policy = LastBatchPolicy.PARTIAL if self.config.last_batch == "partial" else LastBatchPolicy.DROP
-        iterator = DALIGenericIterator(
-            [pipe],
-            ["images", "labels", "masked"] if self._with_masks else ["images", "labels"],
-            reader_name=READER_NAME,
-            last_batch_policy=policy,
-        )
-        self._ready = (epoch, iterator)
-        return iterator
-
-    def __len__(self) -> int:
-        """Batches per epoch on this rank (the same on every rank)."""
-        return batches_per_epoch(self.shards.samples, self.world_size, self.config.batch_size, self.config.last_batch)
-
-    def __iter__(self) -> Iterator[Batch]:
-        epoch = self.epoch
-        iterator = self._guarded(epoch, 0, lambda: self._prepare(epoch))
-        self._ready = None  # drawn from now: a later epoch, or this one again, gets a fresh pipeline
-        for batch in itertools.count():
-            out = self._guarded(epoch, batch, functools.partial(next, iterator, None))
-            if out is None:
-                break
-            data = out[0]
-            labels = data["labels"].view(-1).long()
-            if bool(((labels < 0) | (labels >= self.shards.classes)).any()):  # one sync; the step syncs anyway
-                raise self._culprit(epoch, batch, None)
-            if self._with_masks:
-                masked = data["masked"].view(-1).bool()
-            else:
-                masked = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
-            yield Batch(data["images"], labels, masked)
-        del iterator
-        self.epoch += 1
-
-    def _guarded(self, epoch: int, batch: int, step: Callable[[], T]) -> T:
-        """Run ``step`` (building, or drawing from, the pipeline); a DALI failure (a RuntimeError carrying a page
-        of pipeline traceback) becomes one line naming the sample at fault."""
-        try:
-            return step()
-        except RuntimeError as err:
-            raise self._culprit(epoch, batch, err) from None
-
-    def _culprit(self, epoch: int, batch: int, err: RuntimeError | None) -> FacetoolError:
-        """The error for a failure at ``batch`` of ``epoch``: the bad sample, found by re-reading the batches the
-        failure can belong to (the pipeline runs ahead by its prefetch depths) on the CPU."""
-        ahead = 1 if err is None else self.config.prefetch + self.config.reader_prefetch + 2
-        found = find_bad_sample(self.shards, self.config, self.rank, self.world_size, epoch, batch, ahead)
-        if found is not None:
-            return found
-        what = f"a label outside [0, {self.shards.classes})" if err is None else _summary(err)
-        return FacetoolError(
-            f"{self.shards.root}: the DALI pipeline failed in epoch {epoch}, batch {batch} ({what}), and no sample "
-            "of that batch fails when read again on the CPU"
-        )
-
-
-__all__ = ["DALI_INSTALL", "DaliLoader", "build_pipeline", "dali_available", "require_dali"]
