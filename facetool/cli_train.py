@@ -92,7 +92,8 @@ def train_command(
         from facetool.bench.verification import training_evaluation
 
         with progress_or_quiet("eval sets", "img", quiet) as progress:  # every image decoded before training
-            evaluate = training_evaluation(cfg["eval"]["bins"], cfg["eval"]["batch_size"], progress=progress)
+            ev = cfg["eval"]
+            evaluate = training_evaluation(ev["bins"], ev["batch_size"], progress=progress, protocol=ev["protocol"])
     # DALI's image codec logs a line of its own before the loader's one-line error (the fallback's forked workers
     # would hold the filter's pipe open: it is only for DALI)
     dali = cfg["data"]["source"] != "synthetic" and cfg["data"]["backend"] != "wds"

@@ -11,11 +11,14 @@ import pytest
 import torch
 from train_setup import make_data, write_config
 
-from facetool.bench.verification import training_evaluation
+from facetool.bench.verification import load_sets, training_evaluation
+from facetool.bench.verification.embed import evaluate_set
+from facetool.bench.verification.protocol import PROTOCOLS
 from facetool.pipeline.errors import FacetoolError
 from facetool.train.data import FALLBACK_NOTE, DaliLoader, LoaderConfig, WdsLoader, create_loader, open_shards
 from facetool.train.engine import Trainer, load_config
 from facetool.train.engine.build import build_loader
+from facetool.train.engine.config import CHOICES
 from facetool.train.engine.context import Context, setup_distributed
 from facetool.train.models import create_backbone
 
@@ -113,6 +116,18 @@ def test_evaluation_runs_on_the_backbone_device_and_leaves_it_there(data, gpus) 
     result = training_evaluation([data / "src/synth.bin"])(backbone)
     assert result["synth"]["pairs"] == 20 and backbone.training
     assert {p.device.type for p in backbone.parameters()} == {"cpu"}
+    assert len(result["synth"]["fold_accuracies"]) == 10
+
+
+def test_training_evaluation_scores_under_eval_protocol(data) -> None:
+    """``eval.protocol`` takes the verification protocols, and "facet" scores as FaceT does (5 folds, no flip)."""
+    assert CHOICES[("eval", "protocol")] == tuple(PROTOCOLS)
+    torch.manual_seed(0)
+    backbone = create_backbone("tinynet", width=4)
+    facet = training_evaluation([data / "src/synth.bin"], protocol="facet")(backbone)["synth"]
+    assert len(facet["fold_accuracies"]) == 5
+    unflipped = evaluate_set(backbone, load_sets(bins=[data / "src/synth.bin"])[0], protocol=PROTOCOLS["facet"])
+    assert facet["accuracy"] == unflipped.accuracy
 
 
 def test_auto_falls_back_to_the_portable_loader_without_dali_and_says_so_once(tmp_path, data, without_dali) -> None:

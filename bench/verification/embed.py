@@ -309,17 +309,22 @@ def model_device(model: Any) -> str | None:
 
 
 def evaluate_model(
-    model: Any, sets: Sequence[PairSet], batch_size: int | None = None, device: str | None = None
+    model: Any,
+    sets: Sequence[PairSet],
+    batch_size: int | None = None,
+    device: str | None = None,
+    protocol: Protocol = INSIGHTFACE,
 ) -> dict[str, dict[str, Any]]:
-    """The report's ``sets`` object for ``model`` on ``sets``; leaves the model's train/eval mode as it found it.
-    ``device`` None: the model's own device (a live backbone is never moved), else as :func:`resolve_device`.
+    """The report's ``sets`` object for ``model`` on ``sets`` under ``protocol``; leaves the model's train/eval
+    mode as it found it. ``device`` None: the model's own device (a live backbone is never moved), else as
+    :func:`resolve_device`.
 
     This is the evaluation the training engine is handed as a callable (e.g. ``functools.partial`` over the sets).
     """
     device = device or model_device(model)
     was_training = bool(getattr(model, "training", False))
     try:
-        return {s.name: evaluate_set(model, s, batch_size, device).to_json() for s in sets}
+        return {s.name: evaluate_set(model, s, batch_size, device, protocol=protocol).to_json() for s in sets}
     finally:
         model.train(was_training)
 

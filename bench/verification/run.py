@@ -88,14 +88,19 @@ def run_verification(
 
 
 def training_evaluation(
-    bins: Sequence[PathLike], batch_size: int | None = None, progress: Progress | None = None
+    bins: Sequence[PathLike],
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+    protocol: str = INSIGHTFACE.name,
 ) -> Callable[[Any], dict[str, dict[str, Any]]]:
     """The evaluation a training run is handed (``evaluate(backbone) -> {set name: metrics}``) on the ``.bin``
-    sets ``bins``: each is read (an untrusted pickle refused), its pairs counted and every image decoded once now,
-    so a damaged set fails before the first step rather than after training. ``progress`` counts the images."""
+    sets ``bins``, scored under ``protocol`` (``eval.protocol``): each set is read (an untrusted pickle refused),
+    its pairs counted and every image decoded once now, so a damaged set fails before the first step rather than
+    after training. ``progress`` counts the images."""
+    chosen = get_protocol(protocol)
     sets = load_sets(bins=bins)
-    embed.check_sets(sets, decode=True, progress=progress)
-    return functools.partial(embed.evaluate_model, sets=sets, batch_size=batch_size)
+    embed.check_sets(sets, decode=True, progress=progress, folds=chosen.folds)
+    return functools.partial(embed.evaluate_model, sets=sets, batch_size=batch_size, protocol=chosen)
 
 
 def _features_report(

@@ -124,12 +124,14 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "bins": ("list[str]", []),  # verification .bin files (relative paths: to the config file)
         "every": (int, 0),  # steps between evaluations (0: only at the end)
         "batch_size": (int, 64),
+        "protocol": (str, "insightface"),  # how the sets are scored: "insightface" (10 folds, flip) or "facet"
     },
     "mae": keys_of(MAE),  # mask_ratio, decoder_depth, decoder_dim, decoder_heads, decoder_mlp_ratio
 }
 OPEN_TABLES = ("model", "head")  # tables that take the backbone's or head's own options too
 CHOICES = {
     ("run", "task"): ("classify", "mae"),
+    ("eval", "protocol"): ("insightface", "facet"),  # the verification protocols (a test keeps them in step)
     ("run", "device"): ("auto", "cpu", "cuda"),
     ("run", "amp"): ("none", "bf16", "fp16"),
     ("run", "dist_backend"): ("auto", "nccl", "gloo"),
