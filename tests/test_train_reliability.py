@@ -190,8 +190,14 @@ def test_allow_change_names_a_key(finished, tmp_path, pattern, message) -> None:
         (lambda s: s.update(model=5), "(model is int '5', expected dict)"),
         (lambda s: s["rng"].update(torch=5), "damaged training checkpoint (TypeError: "),
         (lambda s: s["backbone"]["state_dict"].update({"linear.weight": torch.zeros(2)}), "(RuntimeError: "),
+        (lambda s: s["loader"].update(batch=10**12), "(ValueError: a loader position of 1000000000000 batches"),
+        (lambda s: s["loader"].update(world_size=10**12, batch=1), "batches on 1000000000000 ranks"),
+        (lambda s: s["loader"].pop("before"), "(KeyError: "),
     ],
-    ids=["no-step", "step-str", "history", "no-rng", "head-int", "model-int", "rng-int", "backbone-shape"],
+    ids=(
+        "no-step step-str history no-rng head-int model-int rng-int backbone-shape loader-batch loader-ranks "
+        "loader-keys"
+    ).split(),
 )
 def test_a_damaged_training_checkpoint_is_one_line(finished, tmp_path, edit, message) -> None:
     out = copy_run(finished, tmp_path)

@@ -126,7 +126,8 @@ def consumed_mask(
     else:
         mask = consumed_mask(counts, cfg, epoch, cut["before"], replay)
         ids = ids[~mask[ids]]
-    world, workers, B = int(cut["world_size"]), max(1, int(cut["workers"])), cfg.batch_size
+    world, workers, _ = check_cut(cut, len(ids), cfg)
+    workers, B = max(1, workers), cfg.batch_size
     total = batches_per_epoch(len(ids), world, B, cfg.last_batch)
     for rank in range(world):
         streams = [iter(worker_chunks(ids, cfg, epoch, rank, world, worker, workers)) for worker in range(workers)]
@@ -135,6 +136,17 @@ def consumed_mask(
             if batch is not None:
                 mask[batch[0].numpy()] = True
     return mask
+
+
+def check_cut(cut: dict[str, Any], samples: int, cfg: LoaderConfig) -> tuple[int, int, int]:
+    """(ranks, workers, batches) of a cut of a stream over ``samples``, checked to fit it (a damaged checkpoint's
+    counts must not start a billion streams): a ValueError saying what does not."""
+    world, workers, batch = int(cut["world_size"]), int(cut["workers"]), int(cut["batch"])
+    total = batches_per_epoch(samples, world, cfg.batch_size, cfg.last_batch) if 1 <= world <= samples else -1
+    if not (0 <= workers <= samples and 0 <= batch <= total):
+        raise ValueError(f"a loader position of {batch} batches on {world} ranks x {workers} workers does not fit "
+                         f"the {samples} samples left of the epoch in batches of {cfg.batch_size}")  # fmt: skip
+    return world, workers, batch
 
 
 def worker_chunks(
@@ -174,4 +186,6 @@ def resume_plan(
     same = all(stream[k] == v for k, v in layout.items())
     before = cut["before"] if same or batch == 0 else stream
     ids = None if before is None else remaining_ids(counts, cfg, epoch, before, replay)
+    if same:  # (another layout's cut was checked while its samples were found)
+        check_cut(cut, sum(counts) if ids is None else len(ids), cfg)
     return epoch, batch if same else 0, before, ids

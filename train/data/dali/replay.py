@@ -21,6 +21,7 @@ from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.shards.format import LABEL_EXT
 from facetool.train.data.config import LoaderConfig
 from facetool.train.data.dali.pipeline import epoch_reader, require_dali
+from facetool.train.data.remainder import check_cut
 from facetool.train.data.shardset import ShardSet
 
 _LABEL_AT = re.compile(rb"(?:^|(?<=\s))" + re.escape(LABEL_EXT.encode()) + rb" (\d+) ", re.M)
@@ -39,8 +40,8 @@ def reader_consumed(shards: ShardSet, config: LoaderConfig, epoch: int, cut: dic
 
     if cut.get("reader") != "dali" or cut.get("before") is not None:
         raise FacetoolError(f"{shards.root}: not a cut of DALI's reader: {cut}")
-    world, batches = int(cut["world_size"]), int(cut["batch"])
     counts = [s.samples for s in shards.shards]
+    world, _, batches = check_cut(cut, sum(counts), config)
     starts = np.concatenate([[0], np.cumsum(counts)])
     offsets = [label_offsets(str(s.index), s.samples) for s in shards.shards]
     shard_of = {str(s.tar): k for k, s in enumerate(shards.shards)}
