@@ -5,8 +5,8 @@ order nothing outside DALI computes. It is, though, a function of the reader's s
 buffer size, seed), not of the members it reads: a reader of the same settings that reads only each sample's
 4-byte label hands out the same samples in the same order, and names each one (its tar and the label member's
 offset there). :func:`reader_consumed` runs such a reader for every rank of the interrupted layout, as far as the
-cut, and marks what it hands out: what a resume on another layout must not read again. Reading labels only, it
-costs a fraction of a second per 100,000 samples, and no decoding.
+cut, and marks what it hands out: what a resume on another layout must not read again. It reads 4 bytes a sample
+and decodes nothing: about a second for the 100,000 samples of a test set, mostly the per-sample bookkeeping.
 """
 
 from __future__ import annotations
