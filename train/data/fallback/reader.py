@@ -107,16 +107,29 @@ def _samples(data: bytes, start: int, tar: str, index: str, run: IndexRun, n: in
     """The samples ``n .. stop - 1`` of ``run`` from ``data``, the tar's bytes from ``start``: a dict each."""
     exts, offsets, sizes, names = run.exts, run.offsets, run.sizes, run.names
     for i in range(n, stop):
-        m, width = run.starts[i], run.widths[i]
+        m = run.starts[i]
+        end = m + run.widths[i]
         key = names[m].split(".", 1)[0]
         sample = {"__key__": key, "__url__": tar}
-        for j in range(m, m + width):
+        for j in range(m, end):
             o = offsets[j] - start
             sample[exts[j]] = data[o : o + sizes[j]]
-        if len(sample) != width + 2 or any(names[j].split(".", 1)[0] != key for j in range(m + 1, m + width)):
+        if len(sample) != end - m + 2 or not all_of_key(names, m + 1, end, key):
             raise FacetoolError(f"{index}: the line of sample {key} lists members of other samples or twice")
-        _check_sample(sample, tar)
+        label = sample.get(LABEL_EXT)
+        if label is None or len(label) != 4:
+            raise FacetoolError(f"{tar}: sample {key} has no 4-byte label member ({LABEL_EXT})")
+        if sample.keys().isdisjoint(IMAGE_EXTS):
+            raise FacetoolError(f"{tar}: sample {key} has no image member (jpg or png)")
         yield sample
+
+
+def all_of_key(names: list[str], lo: int, hi: int, key: str) -> bool:
+    """Whether the member names ``names[lo:hi]`` all belong to the sample ``key`` (a loop: no generator per sample)."""
+    for j in range(lo, hi):
+        if names[j].split(".", 1)[0] != key:
+            return False
+    return True
 
 
 def plain_headers_match(headers: np.ndarray, names: list[str], sizes: np.ndarray) -> np.ndarray:
@@ -190,11 +203,3 @@ def _parse_each(raw: list[bytes], index: str, first: int) -> None:
             members = []
         if not members:
             raise FacetoolError(f"{index}: malformed line for sample {first + i}")
-
-
-def _check_sample(sample: dict, tar: str) -> None:
-    key = sample.get("__key__")
-    if LABEL_EXT not in sample or len(sample[LABEL_EXT]) != 4:
-        raise FacetoolError(f"{tar}: sample {key} has no 4-byte label member ({LABEL_EXT})")
-    if not any(e in sample for e in IMAGE_EXTS):
-        raise FacetoolError(f"{tar}: sample {key} has no image member (jpg or png)")
