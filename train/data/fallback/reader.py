@@ -95,12 +95,19 @@ def _read_block(f, tar: str, index: str, run: IndexRun, n: int, stop: int, first
         ends = offsets[last_members] + sizes[last_members]  # where each sample's last member ends
         complete = int(np.searchsorted(ends, start + len(data), side="right"))
         raise FacetoolError(f"{tar}: ended after {first + n + complete} samples, its index lists {last}")
-    blocks = np.frombuffer(data, dtype=np.uint8, count=len(data) // BLOCK * BLOCK).reshape(-1, BLOCK)
-    headers = blocks[(offsets - BLOCK - start) // BLOCK]  # each header starts a block: the members follow each other
+    headers = _headers(data, offsets - BLOCK - start, bool((sizes >= 0).all()))
     for j in np.flatnonzero(~plain_headers_match(headers, run.names[lo:hi], sizes)).tolist():
         member = IndexMember(run.exts[lo + j], run.offsets[lo + j], run.sizes[lo + j], run.names[lo + j])
         _check_header(headers[j].tobytes(), member, tar, index, first + n + int(sample_of[j]))
     yield from _samples(data, start, tar, index, run, n, stop)
+
+
+def _headers(data: bytes, at: np.ndarray, aligned: bool) -> np.ndarray:
+    """The (n, 512) tar headers at the positions ``at`` of ``data``: whole blocks of it where the members follow
+    each other with no negative size (each header then starts a block, in order, inside ``data``)."""
+    if aligned:
+        return np.frombuffer(data, dtype=np.uint8, count=len(data) // BLOCK * BLOCK).reshape(-1, BLOCK)[at // BLOCK]
+    return np.frombuffer(data, dtype=np.uint8)[at[:, None] + np.arange(BLOCK)]
 
 
 def _samples(data: bytes, start: int, tar: str, index: str, run: IndexRun, n: int, stop: int) -> Iterator[dict]:
