@@ -78,7 +78,7 @@ class SampleStream(IterableDataset):
         samples = wds.filters.shuffle(bufsize, initial=bufsize, seed=seed)(samples)
         rng = np.random.default_rng(derive_seed(cfg.seed, 4, epoch, self.rank, worker))
         B, S = cfg.batch_size, cfg.image_size
-        scratch = torch.empty((B, 3, S, S), dtype=torch.uint8)  # decoded pixels, reused batch after batch
+        scratch = torch.empty((B, S, S, 3), dtype=torch.uint8)  # decoded pixels, reused batch after batch
         while True:
             chunk = list(itertools.islice(samples, B))
             if not chunk:
