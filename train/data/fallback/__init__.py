@@ -6,7 +6,8 @@ Used where DALI is not available (macOS, machines without NVIDIA wheels) and as 
 Splitting mirrors DALI's reader: each epoch the tar files are put in an order drawn from the seed (the same on
 every rank), the concatenated samples are cut into ``world_size`` contiguous parts (rank r takes part r) and each
 part into contiguous slices, one per DataLoader worker. A worker seeks straight to its slice's first sample (the
-offset comes from the DALI index), reads it with webdataset's tar iterator, shuffles it in a buffer, and builds
+offset comes from the DALI index), reads its samples there a block at a time with every tar header checked,
+shuffles them in a buffer, and builds
 batches: without pixel augmentations a whole batch at a time (masked and flip choices in one draw, JPEGs decoded
 by torchvision's libjpeg-turbo binding, flip and normalisation over the batch, written into a reused
 shared-memory buffer), with them one sample at a time in Pillow; both give the same batches for the same seed.
