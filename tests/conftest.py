@@ -7,6 +7,8 @@ import gc
 import io
 import os
 import signal
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +54,16 @@ _INTERPRETER_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.for
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _session_temp(tmp_path_factory) -> None:
-    """Remember the session's temporary folder: a process whose command line names it belongs to this session."""
+def _session_temp(tmp_path_factory) -> Iterator[None]:
+    """Remember the session's temporary folder: a process whose command line names it belongs to this session.
+    The temporary files of the processes the tests start (DALI's generated code, multiprocessing's folders, which
+    a killed process leaves behind) go into it too, through TMPDIR: pytest prunes it with the runs it keeps."""
     _SESSION["basetemp"] = str(tmp_path_factory.getbasetemp())
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+    patch.setattr(tempfile, "tempdir", None)  # tempfile reads TMPDIR again
+    yield
+    patch.undo()
 
 
 def leftover_processes() -> dict[int, str]:
