@@ -7,6 +7,8 @@ from typing import NamedTuple
 
 import torch
 
+from facetool.train.data.config import LoaderConfig
+
 
 class Batch(NamedTuple):
     """One batch on the training device: images (N, 3, H, W) float32/float16 in [-1, 1] ((x - 127.5) / 127.5,
@@ -15,6 +17,15 @@ class Batch(NamedTuple):
     images: torch.Tensor
     labels: torch.Tensor
     masked: torch.Tensor
+
+
+def empty_batch(config: LoaderConfig, device: torch.device | str = "cpu") -> Batch:
+    """A batch of no samples, of ``config``'s image size and dtype: what a rank yields when its part of an epoch
+    ran out before the other ranks', so every rank takes the same number of steps."""
+    S = config.image_size
+    images = torch.empty((0, 3, S, S), dtype=getattr(torch, config.dtype), device=device)
+    empty = [torch.empty(0, dtype=kind, device=device) for kind in (torch.int64, torch.bool)]
+    return Batch(images, *empty)
 
 
 def move_batch(batch: Sequence[torch.Tensor], device: torch.device) -> Batch:

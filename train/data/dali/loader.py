@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import torch
 
 from facetool.pipeline.errors import FacetoolError
-from facetool.train.data.batch import Batch
+from facetool.train.data.batch import Batch, empty_batch
 from facetool.train.data.config import LoaderConfig
 from facetool.train.data.dali.pipeline import (
     READER_NAME,
@@ -135,16 +135,8 @@ class DaliLoader:
         del iterator
         source = self._source(epoch)
         for _ in range(len(source.sizes), source.total) if source is not None else ():
-            yield self._empty()  # this rank's part of the rest ran out before the others': the same batch count
+            yield empty_batch(self.config, self.device)  # this rank's part of the rest ran out before the others'
         self.epoch += 1
-
-    def _empty(self) -> Batch:
-        S, dtype = self.config.image_size, torch.float16 if self.config.dtype == "float16" else torch.float32
-        return Batch(
-            torch.empty((0, 3, S, S), dtype=dtype, device=self.device),
-            torch.empty(0, dtype=torch.int64, device=self.device),
-            torch.empty(0, dtype=torch.bool, device=self.device),
-        )
 
     def _guarded(self, epoch: int, batch: int, step: Callable[[], T]) -> T:
         """Run ``step`` (building, or drawing from, the pipeline); a DALI failure (a RuntimeError carrying a page

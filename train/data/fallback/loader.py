@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from facetool.pipeline.errors import FacetoolError
 from facetool.pipeline.processes import worker_init
-from facetool.train.data.batch import Batch
+from facetool.train.data.batch import Batch, empty_batch
 from facetool.train.data.config import LoaderConfig
 from facetool.train.data.epochs import batches_per_epoch, derive_seed
 from facetool.train.data.fallback.batches import fill_batch
@@ -176,7 +176,7 @@ class WdsLoader:
         self.pool.begin_pass()
         total, partial = self.batches(self.epoch), self.config.last_batch == "partial"
         for batch in assemble(self._items() if total else iter(()), total, self.config.batch_size, partial):
-            yield self._empty() if batch is None else self._to_device(*batch)
+            yield empty_batch(self.config, self.device) if batch is None else self._to_device(*batch)
         self.epoch += 1
 
     def batches(self, epoch: int) -> int:
@@ -239,10 +239,4 @@ class WdsLoader:
             images.to(self.device, non_blocking=nb),
             labels.to(self.device, non_blocking=nb),
             masked.to(self.device, non_blocking=nb),
-        )
-
-    def _empty(self) -> Batch:
-        S, dtype = self.config.image_size, torch.float16 if self.config.dtype == "float16" else torch.float32
-        return self._to_device(
-            torch.empty((0, 3, S, S), dtype=dtype), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.bool)
         )
